@@ -1,0 +1,8 @@
+//! Stable Diffusion 1.x/2.x and XL in candle, with a typed attention seam, DDIM (and inversion),
+//! and StyleAligned shared attention. Pure compute: no jobs, queues or storage.
+
+pub mod error;
+pub mod noise;
+pub mod weights;
+
+pub use error::{DiffusionError, Result};
