@@ -334,26 +334,30 @@ fn query_chunk(batch: usize, heads: usize, queries: usize, keys: usize) -> usize
     (MAX_LOGITS_PER_CHUNK / per_query).clamp(1, queries.max(1))
 }
 
-/// The plain kernel; probabilities are computed in f32 whatever the model dtype.
+/// The plain kernel over `[.., N, d]` inputs (any leading dims); probabilities are computed in
+/// f32 whatever the model dtype.
 pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, n, _) = q.dims4()?;
-    let m = k.dim(2)?;
+    let rank = q.rank();
+    let n = q.dim(rank - 2)?;
+    let m = k.dim(rank - 2)?;
+    let lead: usize = q.dims()[..rank - 2].iter().product();
     let kt = k.t()?;
-    let chunk = query_chunk(b, h, n, m);
+    // Scaling the queries is cheaper than scaling the logits.
+    let q = (q * scale)?;
+    let chunk = query_chunk(lead, 1, n, m);
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
-        let logits = (qc.matmul(&kt)? * scale)?;
-        let probs = softmax_f32(&logits)?;
+        let qc = if len == n { q.clone() } else { q.narrow(rank - 2, start, len)? };
+        let probs = softmax_f32(&qc.matmul(&kt)?)?;
         outs.push(probs.matmul(v)?);
         start += len;
     }
     if outs.len() == 1 {
         return Ok(outs.remove(0));
     }
-    Ok(Tensor::cat(&outs, 2)?)
+    Ok(Tensor::cat(&outs, rank - 2)?)
 }
 
 /// Attention probabilities `[B, H, N, M]` (for hooks that read cross-attention maps).

@@ -25,6 +25,9 @@ pub enum DiffusionError {
         #[source]
         source: std::io::Error,
     },
+    /// A model location (`--model`) that is neither a model folder nor a hub repo id.
+    #[error("model `{spec}`: {message}")]
+    ModelSpec { spec: String, message: String },
     #[error("model folder {path}: {message}")]
     ModelLayout { path: PathBuf, message: String },
     #[error("tensor `{name}` is missing from {location}")]

@@ -2,11 +2,20 @@
 //! and StyleAligned shared attention. Pure compute: no jobs, queues or storage.
 
 pub mod attention;
+pub mod component;
+pub mod device;
 pub mod error;
+pub mod image_io;
+pub mod layers;
+pub mod model;
 pub mod noise;
+pub mod pipeline;
 pub mod scheduler;
 pub mod style_aligned;
+pub mod text;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;
 
 pub use error::{DiffusionError, Result};

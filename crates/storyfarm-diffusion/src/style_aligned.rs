@@ -6,14 +6,15 @@
 //! its trajectory never depends on the targets: that is what lets a farm render every frame
 //! separately against a stored reference trajectory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{
     AttentionHook, AttentionId, AttentionInputs, AttentionKind, AttentionSite, BatchLayout,
-    ExtraKeys, NormHook, NormId, Qkv, StepContext,
+    ExtraKeys, GuidanceHalf, NormHook, NormId, Qkv, StepContext,
 };
 use crate::error::{DiffusionError, Result};
 use crate::unet::UNet;
@@ -99,10 +100,61 @@ pub fn unshared_layers(total: usize, level: f64) -> Vec<bool> {
     (0..total).map(|i| (i % period == 0) != flip).collect()
 }
 
+/// What the batch of a StyleAligned forward pass holds.
+#[derive(Clone)]
+pub enum StyleRole {
+    /// Image 0 is the reference, images 1.. the targets (the official layout).
+    InBatch,
+    /// The batch is the reference alone; its keys, values and statistics are recorded.
+    CaptureReference(Arc<ReferenceFeatures>),
+    /// The batch holds only targets, styled by features captured from the reference at the
+    /// same step: the reference's cost is paid once per step, whatever the number of targets.
+    Targets(Arc<ReferenceFeatures>),
+}
+
+/// The reference's self-attention keys/values, AdaIN statistics and GroupNorm statistics of one
+/// forward pass, per guidance half (row 0 unconditional, row 1 conditional under guidance).
+#[derive(Default)]
+pub struct ReferenceFeatures {
+    attention: Mutex<HashMap<AttentionId, CapturedAttention>>,
+    norms: Mutex<HashMap<NormId, (Tensor, Tensor)>>,
+}
+
+#[derive(Clone)]
+struct CapturedAttention {
+    k: Tensor,
+    v: Tensor,
+    stats: [(Tensor, Tensor); 3],
+}
+
+impl ReferenceFeatures {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn captured_layers(&self) -> usize {
+        self.attention.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn attention(&self, id: &AttentionId) -> Result<CapturedAttention> {
+        self.attention
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DiffusionError::invalid_argument("style_aligned.reference", format!("no captured features for {id}")))
+    }
+}
+
+fn poisoned() -> DiffusionError {
+    DiffusionError::invalid_argument("style_aligned.reference", "feature store poisoned by a panic")
+}
+
 /// The StyleAligned hook set for one UNet.
 pub struct StyleAligned {
     options: StyleAlignedOptions,
     shared: HashSet<AttentionId>,
+    role: StyleRole,
 }
 
 impl StyleAligned {
@@ -120,7 +172,12 @@ impl StyleAligned {
             .filter(|(_, plain)| !plain)
             .map(|(id, _)| id)
             .collect();
-        Ok(Self { options, shared })
+        Ok(Self { options, shared, role: StyleRole::InBatch })
+    }
+
+    /// The same hook set playing another role.
+    pub fn with_role(&self, role: StyleRole) -> Self {
+        Self { options: self.options.clone(), shared: self.shared.clone(), role }
     }
 
     pub fn options(&self) -> &StyleAlignedOptions {
@@ -150,31 +207,110 @@ fn index(values: Vec<u32>, device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, n, device)?)
 }
 
-/// AdaIN over the token axis of `[B, H, N, d]` toward the items in `style` (unbiased variance,
+/// Mean and standard deviation over the token axis of `[B, H, N, d]` (unbiased variance,
 /// epsilon 1e-5 added before the square root, as the official `calc_mean_std`).
-fn adain(feat: &Tensor, style: &Tensor) -> Result<Tensor> {
+fn mean_std(feat: &Tensor) -> Result<(Tensor, Tensor)> {
     let n = feat.dim(2)?;
     let mean = feat.mean_keepdim(2)?;
-    let centered = feat.broadcast_sub(&mean)?;
-    let var = (centered.sqr()?.sum_keepdim(2)? / (n.max(2) - 1) as f64)?;
-    let std = (var + 1e-5)?.sqrt()?;
-    let style_mean = mean.index_select(style, 0)?;
-    let style_std = std.index_select(style, 0)?;
-    Ok(centered
+    let var = (feat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(2)? / (n.max(2) - 1) as f64)?;
+    Ok((mean, (var + 1e-5)?.sqrt()?))
+}
+
+/// AdaIN of `feat` toward per-item style statistics (`[B, H, 1, d]` each).
+fn adain_toward(feat: &Tensor, style: &(Tensor, Tensor)) -> Result<Tensor> {
+    let (mean, std) = mean_std(feat)?;
+    Ok(feat
+        .broadcast_sub(&mean)?
         .broadcast_div(&std)?
-        .broadcast_mul(&style_std)?
-        .broadcast_add(&style_mean)?)
+        .broadcast_mul(&style.1)?
+        .broadcast_add(&style.0)?)
+}
+
+/// AdaIN toward the items in `style` of the same batch.
+fn adain(feat: &Tensor, style: &Tensor) -> Result<Tensor> {
+    let (mean, std) = mean_std(feat)?;
+    let target = (mean.index_select(style, 0)?, std.index_select(style, 0)?);
+    Ok(feat
+        .broadcast_sub(&mean)?
+        .broadcast_div(&std)?
+        .broadcast_mul(&target.1)?
+        .broadcast_add(&target.0)?)
+}
+
+/// For each item of a targets-only batch, the row of the captured reference of its half.
+fn reference_rows(layout: &BatchLayout) -> Vec<u32> {
+    (0..layout.batch_size())
+        .map(|item| match layout.half_of(item) {
+            GuidanceHalf::Conditional if layout.guidance => 1,
+            _ => 0,
+        })
+        .collect()
 }
 
 impl AttentionHook for StyleAligned {
     fn applies_to(&self, site: &AttentionSite, ctx: &StepContext) -> bool {
+        let batch_ok = match self.role {
+            StyleRole::InBatch => ctx.layout.images > 1,
+            StyleRole::CaptureReference(_) | StyleRole::Targets(_) => true,
+        };
         self.options.share_attention
-            && ctx.layout.images > 1
+            && batch_ok
             && site.id.kind == AttentionKind::SelfAttention
             && self.shared.contains(&site.id)
     }
 
-    fn prepare(&self, _site: &AttentionSite, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
+    fn prepare(&self, site: &AttentionSite, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
+        match &self.role {
+            StyleRole::InBatch => self.prepare_in_batch(ctx, qkv),
+            StyleRole::CaptureReference(store) => {
+                let captured = CapturedAttention {
+                    k: qkv.k.clone(),
+                    v: qkv.v.clone(),
+                    stats: [mean_std(&qkv.q)?, mean_std(&qkv.k)?, mean_std(&qkv.v)?],
+                };
+                store.attention.lock().map_err(|_| poisoned())?.insert(site.id, captured);
+                Ok(AttentionInputs { qkv, extra: Vec::new() })
+            }
+            StyleRole::Targets(store) => {
+                let reference = store.attention(&site.id)?;
+                let rows = index(reference_rows(&ctx.layout), qkv.q.device())?;
+                let toward = |i: usize| -> Result<(Tensor, Tensor)> {
+                    let (m, s) = &reference.stats[i];
+                    Ok((m.index_select(&rows, 0)?, s.index_select(&rows, 0)?))
+                };
+                let Qkv { mut q, mut k, mut v } = qkv;
+                if self.options.adain_queries {
+                    q = adain_toward(&q, &toward(0)?)?;
+                }
+                if self.options.adain_keys {
+                    k = adain_toward(&k, &toward(1)?)?;
+                }
+                if self.options.adain_values {
+                    v = adain_toward(&v, &toward(2)?)?;
+                }
+                let mut keys = reference.k.index_select(&rows, 0)?;
+                if self.options.shared_score_scale != 1.0 {
+                    keys = (keys * self.options.shared_score_scale as f64)?;
+                }
+                let values = reference.v.index_select(&rows, 0)?;
+                let items = (0..ctx.layout.batch_size()).collect();
+                Ok(AttentionInputs {
+                    qkv: Qkv { q, k, v },
+                    extra: vec![ExtraKeys {
+                        items,
+                        keys,
+                        values,
+                        logit_bias: self.options.shared_score_shift,
+                        key_mask: None,
+                    }],
+                })
+            }
+        }
+    }
+}
+
+impl StyleAligned {
+    fn prepare_in_batch(&self, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
         let layout = &ctx.layout;
         let device = qkv.q.device().clone();
         let style = index(Self::style_items(layout), &device)?;
@@ -216,7 +352,11 @@ impl AttentionHook for StyleAligned {
 
 impl NormHook for StyleAligned {
     fn applies_to(&self, _id: &NormId, ctx: &StepContext) -> bool {
-        self.options.share_group_norm && ctx.layout.images > 1
+        let batch_ok = match self.role {
+            StyleRole::InBatch => ctx.layout.images > 1,
+            StyleRole::CaptureReference(_) | StyleRole::Targets(_) => true,
+        };
+        self.options.share_group_norm && batch_ok
     }
 
     /// Statistics over the union of item i's and its reference's values: the mean of the two
@@ -224,14 +364,29 @@ impl NormHook for StyleAligned {
     /// means. The reference pools with itself, which leaves it unchanged.
     fn pool_statistics(
         &self,
-        _id: &NormId,
+        id: &NormId,
         ctx: &StepContext,
         mean: Tensor,
         var: Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let style = index(Self::style_items(&ctx.layout), mean.device())?;
-        let style_mean = mean.index_select(&style, 0)?;
-        let style_var = var.index_select(&style, 0)?;
+        let (style_mean, style_var) = match &self.role {
+            StyleRole::InBatch => {
+                let style = index(Self::style_items(&ctx.layout), mean.device())?;
+                (mean.index_select(&style, 0)?, var.index_select(&style, 0)?)
+            }
+            StyleRole::CaptureReference(store) => {
+                store.norms.lock().map_err(|_| poisoned())?.insert(*id, (mean.clone(), var.clone()));
+                return Ok((mean, var));
+            }
+            StyleRole::Targets(store) => {
+                let norms = store.norms.lock().map_err(|_| poisoned())?;
+                let (m, v) = norms.get(id).ok_or_else(|| {
+                    DiffusionError::invalid_argument("style_aligned.reference", format!("no captured statistics for {id:?}"))
+                })?;
+                let rows = index(reference_rows(&ctx.layout), mean.device())?;
+                (m.index_select(&rows, 0)?, v.index_select(&rows, 0)?)
+            }
+        };
         let pooled_mean = ((&mean + &style_mean)? * 0.5)?;
         let spread = ((&mean - &style_mean)? * 0.5)?.sqr()?;
         let pooled_var = (((var + style_var)? * 0.5)? + spread)?;

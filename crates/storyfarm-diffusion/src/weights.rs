@@ -17,8 +17,9 @@ enum Source {
     /// Every tensor is a broadcast scalar zero: building a model costs no memory, running it
     /// computes nothing useful. For enumerating the structure of real-size configs.
     Zeros,
-    /// Seeded normal values with a small deviation; benchmark speed does not depend on values.
-    Random { seed: u64 },
+    /// Normal values scaled by fan-in: benchmark speed does not depend on values, so these are
+    /// neither seeded nor reproducible.
+    Random,
 }
 
 /// A view of a weight source under a name prefix (`down_blocks.1.attentions.0`), with the dtype
@@ -75,9 +76,9 @@ impl Weights {
         }
     }
 
-    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+    pub fn random(dtype: DType, device: &Device) -> Self {
         Self {
-            source: Arc::new(Source::Random { seed }),
+            source: Arc::new(Source::Random),
             prefix: String::new(),
             dtype,
             device: device.clone(),
@@ -118,7 +119,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match self.source.as_ref() {
             Source::Safetensors { files, .. } => files.get(&self.path(name)).is_ok(),
-            Source::Zeros | Source::Random { .. } => true,
+            Source::Zeros | Source::Random => true,
         }
     }
 
@@ -145,26 +146,14 @@ impl Weights {
             Source::Zeros => {
                 Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?)
             }
-            Source::Random { seed } => {
-                // Per-tensor seed from the name keeps weights stable whatever the load order.
-                let mut h: u64 = *seed ^ 0xcbf2_9ce4_8422_2325;
-                for b in full.bytes() {
-                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-                }
+            Source::Random => {
                 let fan_in = shape.iter().skip(1).product::<usize>().max(1);
-                let std = if name.ends_with("weight") && shape.len() > 1 {
-                    (1.0 / fan_in as f64).sqrt()
+                let t = if shape.len() > 1 {
+                    Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &Device::Cpu)?
                 } else if name.ends_with("weight") {
-                    1.0 // norm scales
+                    Tensor::ones(shape, DType::F32, &Device::Cpu)? // norm scales
                 } else {
-                    0.0 // biases
-                };
-                let values = crate::noise::NoiseGenerator::new(h).normal_vec(shape.iter().product());
-                let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
-                let t = if std == 1.0 && shape.len() == 1 {
-                    (t * 0.0)?.affine(1.0, 1.0)?
-                } else {
-                    (t * std)?
+                    Tensor::zeros(shape, DType::F32, &Device::Cpu)? // biases
                 };
                 Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
             }

@@ -9,6 +9,7 @@ use crate::attention::{
     NormLayer, Qkv, UNetBlock,
 };
 use crate::error::Result;
+use crate::layers::{layer_norm, linear, linear_no_bias, split_heads};
 use crate::weights::Weights;
 
 pub(crate) struct Conv2d {
@@ -42,16 +43,6 @@ impl Conv2d {
             None => y,
         })
     }
-}
-
-pub(crate) fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = w.get(&[out_dim, in_dim], "weight")?;
-    let bias = if bias { Some(w.get(&[out_dim], "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
-}
-
-pub(crate) fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(w.get(&[dim], "weight")?, w.get(&[dim], "bias")?, eps))
 }
 
 /// GroupNorm whose per-group statistics a [`crate::attention::NormHook`] may replace.
@@ -146,7 +137,7 @@ impl ResnetBlock {
                 s.eps,
             )?,
             conv1: Conv2d::new(&w.pp("conv1"), s.in_channels, s.out_channels, 3, 1, 1)?,
-            time_emb_proj: linear(&w.pp("time_emb_proj"), s.temb_channels, s.out_channels, true)?,
+            time_emb_proj: linear(&w.pp("time_emb_proj"), s.temb_channels, s.out_channels)?,
             norm2: GroupNorm::new(
                 &w.pp("norm2"),
                 id(NormLayer::ResnetNorm2 { block: s.block, resnet: s.index }),
@@ -197,10 +188,10 @@ impl Attention {
     ) -> Result<Self> {
         Ok(Self {
             id,
-            to_q: linear(&w.pp("to_q"), query_dim, query_dim, false)?,
-            to_k: linear(&w.pp("to_k"), context_dim, query_dim, false)?,
-            to_v: linear(&w.pp("to_v"), context_dim, query_dim, false)?,
-            to_out: linear(&w.pp("to_out.0"), query_dim, query_dim, true)?,
+            to_q: linear_no_bias(&w.pp("to_q"), query_dim, query_dim)?,
+            to_k: linear_no_bias(&w.pp("to_k"), context_dim, query_dim)?,
+            to_v: linear_no_bias(&w.pp("to_v"), context_dim, query_dim)?,
+            to_out: linear(&w.pp("to_out.0"), query_dim, query_dim)?,
             heads,
             scale: 1.0 / ((query_dim / heads) as f64).sqrt(),
         })
@@ -211,8 +202,7 @@ impl Attention {
     }
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, c / self.heads))?.transpose(1, 2)?.contiguous()?)
+        split_heads(x, self.heads)
     }
 
     /// `x`: `[B, N, C]` tokens of an `height x width` map; `context`: text tokens for `attn2`.
@@ -266,8 +256,8 @@ impl FeedForward {
     fn new(w: &Weights, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: linear(&w.pp("net.0.proj"), dim, 2 * inner, true)?,
-            proj_out: linear(&w.pp("net.2"), inner, dim, true)?,
+            proj_in: linear(&w.pp("net.0.proj"), dim, 2 * inner)?,
+            proj_out: linear(&w.pp("net.2"), inner, dim)?,
         })
     }
 
@@ -336,7 +326,7 @@ impl Transformer2D {
         let c = s.channels;
         let projection = |name: &str| -> Result<Projection> {
             Ok(if s.linear_projection {
-                Projection::Linear(linear(&w.pp(name), c, c, true)?)
+                Projection::Linear(linear(&w.pp(name), c, c)?)
             } else {
                 Projection::Conv(Conv2d::new(&w.pp(name), c, c, 1, 0, 1)?)
             })
@@ -381,6 +371,13 @@ impl Transformer2D {
             blocks,
             proj_out: projection("proj_out")?,
         })
+    }
+
+    pub fn attention(&self, id: &AttentionId) -> Option<&Attention> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.attn1, &b.attn2])
+            .find(|a| a.id() == *id)
     }
 
     pub fn attention_ids(&self) -> impl Iterator<Item = AttentionId> + '_ {
@@ -449,8 +446,8 @@ pub(crate) struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: linear(&w.pp("linear_1"), in_dim, out_dim, true)?,
-            linear_2: linear(&w.pp("linear_2"), out_dim, out_dim, true)?,
+            linear_1: linear(&w.pp("linear_1"), in_dim, out_dim)?,
+            linear_2: linear(&w.pp("linear_2"), out_dim, out_dim)?,
         })
     }
 

@@ -243,6 +243,30 @@ impl UNet {
         down.chain(up).chain(mid).flat_map(|t| t.attention_ids()).collect()
     }
 
+    /// Runs one attention layer on its input `x` `[B, N, C]` (the output of the norm before it),
+    /// hooks included: for checking a method against reference tensors of a single layer.
+    pub fn run_attention(
+        &self,
+        id: &AttentionId,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        height: usize,
+        width: usize,
+        ctx: &ForwardContext,
+    ) -> Result<Tensor> {
+        let transformers = self
+            .down_blocks
+            .iter()
+            .flat_map(|b| b.attentions.iter())
+            .chain(self.up_blocks.iter().flat_map(|b| b.attentions.iter()))
+            .chain(self.mid_block.attentions.iter());
+        let layer = transformers
+            .filter_map(|t| t.attention(id))
+            .next()
+            .ok_or_else(|| DiffusionError::invalid_argument("attention", format!("no layer {id}")))?;
+        layer.forward(&x.to_dtype(self.dtype)?, context, height, width, ctx)
+    }
+
     /// `temb` (before SDXL's added embedding) and the added embedding, for debugging and goldens.
     pub fn time_embeddings(
         &self,

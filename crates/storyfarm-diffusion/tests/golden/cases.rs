@@ -3,7 +3,15 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use storyfarm_diffusion::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
+use storyfarm_diffusion::attention::{AttentionKind, BatchLayout, ForwardContext, Hooks, StepContext};
+use storyfarm_diffusion::model::{HubOptions, ModelFolder};
+use storyfarm_diffusion::pipeline::{
+    FrameInput, GenerationSettings, ReferenceInput, ReferenceLatents, StableDiffusion,
+};
+use storyfarm_diffusion::style_aligned::{StyleAligned, StyleAlignedOptions};
+use storyfarm_diffusion::text::TextConditioner;
+use storyfarm_diffusion::tokenizer::PromptTokenizer;
+use storyfarm_diffusion::vae::AutoencoderKl;
 use storyfarm_diffusion::scheduler::{DdimConfig, DdimScheduler};
 use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
@@ -14,6 +22,12 @@ pub fn run(case: &mut Case) -> Result<()> {
     match case.kind.as_str() {
         "unet_forward" => unet_forward(case),
         "scheduler" => scheduler(case),
+        "tokenizer" => tokenizer(case),
+        "text_encoder" => text_encoder(case),
+        "vae" => vae(case),
+        "txt2img" => txt2img(case),
+        "ddim_inversion" => inversion(case),
+        "style_aligned" => style_aligned(case),
         other => bail!("unknown case kind `{other}`"),
     }
 }
@@ -71,5 +85,197 @@ fn scheduler(case: &mut Case) -> Result<()> {
     case.check("step_prev_sample", &s10.step(&eps, t, &sample)?, Tol::Abs(1e-5))?;
     // The inversion example moves the same sample up from t - 1000/N to t with the same eps.
     case.check("inv_step_next_sample", &s10.inversion_step(&eps, t, &sample)?, Tol::Abs(1e-5))?;
+    Ok(())
+}
+
+fn load_pipeline(case: &Case) -> Result<StableDiffusion> {
+    let folder = ModelFolder::open(&case.model_dir()?.display().to_string(), &HubOptions::default())?;
+    Ok(StableDiffusion::load(&folder, DType::F32, &Device::Cpu)?)
+}
+
+fn tokenizer(case: &mut Case) -> Result<()> {
+    let prompts: Vec<String> = case.setting("prompts")?;
+    for (golden, dir) in [("ids_pad_eos", "models/tiny-sd15/tokenizer"), ("ids_pad_bang", "models/tiny-sdxl/tokenizer_2")] {
+        let tok = PromptTokenizer::from_dir(&case.root.join(dir))?;
+        let ids = prompts.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>, _>>()?;
+        case.check_ids(golden, &ids)?;
+    }
+    Ok(())
+}
+
+fn text_encoder(case: &mut Case) -> Result<()> {
+    let prompts: Vec<String> = case.setting("prompts")?;
+    let text = TextConditioner::load(&case.model_dir()?, DType::F32, &Device::Cpu)?;
+    let mut contexts = Vec::new();
+    let mut pooled = Vec::new();
+    for p in &prompts {
+        let e = text.encode(p)?;
+        contexts.push(e.context);
+        if let Some(x) = e.pooled {
+            pooled.push(x);
+        }
+    }
+    let context = Tensor::cat(&contexts, 0)?;
+    if text.is_xl() {
+        case.check("prompt_embeds", &context, Tol::Abs(1e-4))?;
+        case.check("te2_text_embeds", &Tensor::cat(&pooled, 0)?, Tol::Abs(1e-4))?;
+    } else {
+        case.check("last_hidden_state", &context, Tol::Abs(1e-4))?;
+    }
+    Ok(())
+}
+
+fn vae(case: &mut Case) -> Result<()> {
+    let vae = AutoencoderKl::load(&case.model_dir()?.join("vae"), DType::F32, &Device::Cpu)?;
+    let image = case.tensor("image")?;
+    let dist = vae.encode(&image)?;
+    case.check("latent_mean", &dist.mean, Tol::Abs(5e-4))?;
+    case.check("latent_logvar", &dist.logvar, Tol::Abs(1e-4))?;
+    case.check("latent_std", &dist.std()?, Tol::Abs(1e-4))?;
+    case.check("decode_out", &vae.decode(&case.tensor("decode_in")?)?, Tol::Abs(1e-4))?;
+    case.check("recon_out", &vae.decode(&case.tensor("latent_mean")?)?, Tol::Abs(1e-4))?;
+    Ok(())
+}
+
+fn settings_of(case: &Case) -> Result<GenerationSettings> {
+    let (height, width) = case.hw()?;
+    Ok(GenerationSettings {
+        height,
+        width,
+        steps: case.setting("steps")?,
+        guidance_scale: case.setting("guidance_scale")?,
+    })
+}
+
+fn no_progress() -> impl FnMut(storyfarm_diffusion::pipeline::Progress) -> storyfarm_diffusion::Result<()> {
+    |_| Ok(())
+}
+
+/// The conditioning the pipeline feeds the UNet, in CFG order, against the golden.
+fn check_conditioning(case: &mut Case, sd: &StableDiffusion, prompts: &[String], negative: Option<&str>, guidance: bool) -> Result<()> {
+    let mut cond = Vec::new();
+    let mut uncond = Vec::new();
+    for p in prompts {
+        cond.push(sd.text.encode(p)?);
+        uncond.push(sd.text.encode_negative(negative)?);
+    }
+    let ordered: Vec<_> = if guidance { uncond.iter().chain(cond.iter()).collect() } else { cond.iter().collect() };
+    let ctx = Tensor::cat(&ordered.iter().map(|e| e.context.clone()).collect::<Vec<_>>(), 0)?;
+    case.check("unet_encoder_hidden_states", &ctx, Tol::Abs(1e-4))?;
+    if case.tensors.contains_key("unet_text_embeds") {
+        let pooled: Vec<Tensor> = ordered.iter().filter_map(|e| e.pooled.clone()).collect();
+        case.check("unet_text_embeds", &Tensor::cat(&pooled, 0)?, Tol::Abs(1e-4))?;
+    }
+    Ok(())
+}
+
+fn txt2img(case: &mut Case) -> Result<()> {
+    let sd = load_pipeline(case)?;
+    let settings = settings_of(case)?;
+    let prompt: String = case.setting("prompt")?;
+    let negative: Option<String> = case.setting("negative_prompt")?;
+    check_conditioning(case, &sd, std::slice::from_ref(&prompt), negative.as_deref(), settings.uses_guidance())?;
+    let ts = storyfarm_diffusion::scheduler::DdimScheduler::new(&sd.scheduler, settings.steps)?;
+    let ts: Vec<i64> = ts.timesteps().iter().map(|&t| t as i64).collect();
+    case.check("timesteps", &Tensor::new(ts.as_slice(), &Device::Cpu)?, Tol::Exact)?;
+    let frame = FrameInput { prompt, negative_prompt: negative, init_latents: case.tensor("init_noise")? };
+    let out = sd.txt2img(&settings, &[frame], &mut no_progress())?;
+    case.check("unet_out_step0", &out.first_unet_output, Tol::Abs(1e-4))?;
+    case.check("latents_per_step", &Tensor::stack(&out.latents_per_step, 0)?, Tol::Trajectory)?;
+    case.check("final_latents", &out.final_latents, Tol::Trajectory)?;
+    case.check("decoded", &sd.decode(&case.tensor("final_latents")?)?, Tol::Abs(1e-3))?;
+    Ok(())
+}
+
+fn inversion(case: &mut Case) -> Result<()> {
+    let sd = load_pipeline(case)?;
+    let prompt: String = case.setting("prompt")?;
+    let steps: usize = case.setting("steps")?;
+    let guidance: f64 = case.setting("guidance_scale")?;
+    let inv = sd.invert(&case.tensor("image")?, &prompt, steps, guidance, &mut no_progress())?;
+    case.check("z0", &inv.z0, Tol::Abs(5e-4))?;
+    case.check("zts", &inv.zts, Tol::Abs(5e-4))?;
+    case.check("inv_eps", &inv.eps, Tol::Abs(5e-4))?;
+    let forward: Vec<Tensor> = (0..=steps).rev().map(|k| inv.zts.get(k)).collect::<Result<_, _>>()?;
+    case.check("trajectory_forward", &Tensor::stack(&forward, 0)?.squeeze(1).or_else(|_| Tensor::stack(&forward, 0))?, Tol::Abs(5e-4))?;
+    // Plain DDIM sampling from the golden zts[0] with the same prompt, guidance 1.
+    let settings = GenerationSettings { height: inv.z0.dim(2)? * 8, width: inv.z0.dim(3)? * 8, steps, guidance_scale: guidance };
+    let frame = FrameInput { prompt, negative_prompt: None, init_latents: case.tensor("zts")?.get(0)?.unsqueeze(0)? };
+    let recon = sd.txt2img(&settings, &[frame], &mut no_progress())?;
+    case.check("recon_latents", &recon.final_latents, Tol::Trajectory)?;
+    Ok(())
+}
+
+fn style_aligned(case: &mut Case) -> Result<()> {
+    let sd = load_pipeline(case)?;
+    let settings = settings_of(case)?;
+    let prompts: Vec<String> = case.setting("prompts")?;
+    let negative: Option<String> = case.setting("negative_prompt")?;
+    let options: StyleAlignedOptions = case.setting("style_aligned")?;
+    let init = case.tensor("init_latents")?;
+    check_conditioning(case, &sd, &prompts, negative.as_deref(), settings.uses_guidance())?;
+
+    // The first shared self-attention layer, fed the golden input.
+    let layer_name: String = case.setting("first_shared_self_attn_layer")?;
+    let hook = StyleAligned::new(options.clone(), &sd.unet)?;
+    let id = sd
+        .unet
+        .attention_ids()
+        .into_iter()
+        .find(|id| id.kind == AttentionKind::SelfAttention && id.to_string() == layer_name)
+        .ok_or_else(|| anyhow::anyhow!("no attention layer {layer_name}"))?;
+    let x = case.tensor("attn1_first_in")?;
+    let side = ((x.dim(1)? as f64).sqrt()) as usize;
+    let (h, w) = (settings.height / 8, settings.width / 8);
+    let scale = (h * w / x.dim(1)?) as f64;
+    let (lh, lw) = if scale == 1.0 { (h, w) } else { let f = scale.sqrt() as usize; (h / f, w / f) };
+    let _ = side;
+    let ctx = ForwardContext {
+        step: StepContext { step: 0, steps: settings.steps, timestep: 0, layout: BatchLayout { images: prompts.len(), guidance: settings.uses_guidance() } },
+        hooks: Hooks { attention: Some(&hook), norm: Some(&hook) },
+    };
+    let out = sd.unet.run_attention(&id, &x, None, lh, lw, &ctx)?;
+    case.check("attn1_first_out", &out, Tol::Abs(1e-4))?;
+
+    let reference_latents = match case.settings.get("inversion_file").and_then(|v| v.as_str()) {
+        Some(file) => {
+            let file = file.split(" (").next().unwrap_or(file);
+            let zts = candle_core::safetensors::load(case.root.join(file), &Device::Cpu)?
+                .remove("zts")
+                .ok_or_else(|| anyhow::anyhow!("{file}: no zts"))?;
+            ReferenceLatents::Replay { trajectory: zts, offset: case.setting("inversion_offset")? }
+        }
+        None => ReferenceLatents::Generate(init.get(0)?.unsqueeze(0)?),
+    };
+    let reference = ReferenceInput { prompt: prompts[0].clone(), negative_prompt: negative.clone(), latents: reference_latents };
+    let targets: Vec<FrameInput> = prompts[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok(FrameInput { prompt: p.clone(), negative_prompt: negative.clone(), init_latents: init.get(i + 1)?.unsqueeze(0)? }))
+        .collect::<Result<_>>()?;
+
+    // The official layout (reference in the batch) ...
+    let batch = sd.style_aligned_batch(&settings, &options, &reference, &targets, &mut no_progress())?;
+    case.check("latents_per_step", &Tensor::stack(&batch.latents_per_step, 0)?, Tol::Trajectory)?;
+    case.check("final_latents", &batch.final_latents, Tol::Trajectory)?;
+    // ... and the farm's (reference features captured per step, targets batched on their own).
+    let farm = sd.style_aligned(&settings, &options, &reference, &targets, &mut no_progress())?;
+    let golden = case.tensor("latents_per_step")?;
+    case.check_against("farm:latents_per_step", &Tensor::stack(&farm.latents_per_step, 0)?, &golden, Tol::Trajectory)?;
+    let golden = case.tensor("final_latents")?;
+    case.check_against("farm:final_latents", &farm.final_latents, &golden, Tol::Trajectory)?;
+    if case.tensors.contains_key("decoded") {
+        case.check("decoded", &sd.decode(&case.tensor("final_latents")?)?, Tol::Abs(1e-3))?;
+    }
+    // Without StyleAligned: independent images.
+    let frames: Vec<FrameInput> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok(FrameInput { prompt: p.clone(), negative_prompt: negative.clone(), init_latents: init.get(i)?.unsqueeze(0)? }))
+        .collect::<Result<_>>()?;
+    if matches!(reference.latents, ReferenceLatents::Generate(_)) {
+        let plain = sd.txt2img(&settings, &frames, &mut no_progress())?;
+        case.check("baseline_final_latents", &plain.final_latents, Tol::Trajectory)?;
+    }
     Ok(())
 }

@@ -193,7 +193,9 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                println!("FAIL {rel} ({kind}): {e:#}");
+                // Candle errors may carry a backtrace; the first line names the problem.
+                let message = format!("{e:#}");
+                println!("FAIL {rel} ({kind}): {}", message.lines().next().unwrap_or(""));
                 failed.push(rel);
             }
         }

@@ -1,0 +1,98 @@
+//! Times one UNet forward of a real-size config with random weights, plain and with
+//! StyleAligned, the way ../shared/BASELINES.md timed PyTorch (f32, CPU, 1 warm-up, median of
+//! the runs). Prints wall and process CPU seconds and peak RSS.
+//!
+//! `cargo run -p storyfarm-diffusion --example bench_unet -- <unet config.json> [runs] [modes]`
+//! modes: comma list of `plain`, `sa-batch` (reference + target in one CFG batch).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use storyfarm_diffusion::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
+use storyfarm_diffusion::style_aligned::{StyleAligned, StyleAlignedOptions};
+use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
+use storyfarm_diffusion::weights::Weights;
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_gib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let config_path = args.get(1).context("usage: bench_unet <unet config.json> [runs] [modes]")?;
+    let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let modes = args.get(3).cloned().unwrap_or_else(|| "plain,sa-batch".into());
+    let config = UNetConfig::from_file(std::path::Path::new(config_path))?;
+    let device = Device::Cpu;
+    let started = Instant::now();
+    let unet = UNet::new(config.clone(), &Weights::random(DType::F32, &device))?;
+    eprintln!("random weights ready in {:.1}s", started.elapsed().as_secs_f64());
+    let xl = config.text_time.is_some();
+    let side = if xl { 128 } else { 64 };
+    let ctx_dim = config.context_dim();
+
+    for mode in modes.split(',') {
+        let (images, hooks_on) = match mode {
+            "plain" => (1, false),
+            "sa-batch" => (2, true),
+            other => anyhow::bail!("unknown mode {other}"),
+        };
+        let batch = 2 * images;
+        let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), &device)?;
+        let context = Tensor::randn(0f32, 1.0, (batch, 77, ctx_dim), &device)?;
+        let added = match &config.text_time {
+            Some(tt) => Some((
+                Tensor::randn(0f32, 1.0, (batch, tt.projection_input_dim - 6 * tt.time_embed_dim), &device)?,
+                Tensor::new(&[side as f32 * 8.0, side as f32 * 8.0, 0.0, 0.0, side as f32 * 8.0, side as f32 * 8.0], &device)?
+                    .unsqueeze(0)?
+                    .repeat((batch, 1))?,
+            )),
+            None => None,
+        };
+        let cond = UNetConditioning { context: &context, added: added.as_ref().map(|(a, b)| (a, b)) };
+        let sa = StyleAligned::new(StyleAlignedOptions::default(), &unet)?;
+        let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa) } } else { Hooks::none() };
+        let ctx = ForwardContext {
+            step: StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } },
+            hooks,
+        };
+        let mut walls = Vec::new();
+        let mut cpus = Vec::new();
+        for run in 0..=runs {
+            let (w0, c0) = (Instant::now(), cpu_seconds());
+            let out = unet.forward(&sample, 501.0, &cond, &ctx)?;
+            let _ = out.sum_all()?.to_scalar::<f32>()?;
+            let (wall, cpu) = (w0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            eprintln!("{mode} run {run}{}: wall {wall:.2}s cpu {cpu:.2}s", if run == 0 { " (warm-up)" } else { "" });
+            if run > 0 {
+                walls.push(wall);
+                cpus.push(cpu);
+            }
+        }
+        walls.sort_by(f64::total_cmp);
+        cpus.sort_by(f64::total_cmp);
+        println!(
+            "{mode:<9} batch {batch}x4x{side}x{side}: best {:.2}s median {:.2}s cpu(median) {:.2}s peak RSS {:.1} GiB",
+            walls[0],
+            walls[walls.len() / 2],
+            cpus[cpus.len() / 2],
+            peak_rss_gib()
+        );
+    }
+    Ok(())
+}
