@@ -177,6 +177,12 @@ impl StableDiffusion {
         self.vae.decode_scaled(latents)
     }
 
+    /// Decodes image `index` of `latents` `[n, 4, h, w]` and writes it as an 8-bit PNG.
+    pub fn write_png(&self, latents: &Tensor, index: usize, path: &std::path::Path) -> Result<()> {
+        let image = self.decode(&latents.narrow(0, index, 1)?)?;
+        crate::image_io::save_png(&image, path)
+    }
+
     fn batch_conditioning(
         &self,
         cond: &[PromptEmbedding],
