@@ -2,6 +2,8 @@
 
 mod generate;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -18,7 +20,7 @@ enum Command {
     Generate(generate::GenerateArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -26,7 +28,15 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let result: Result<()> = match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming what went wrong; a backtrace helps nobody who passed a bad flag.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
