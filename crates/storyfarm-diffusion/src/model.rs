@@ -13,6 +13,7 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use serde::de::DeserializeOwned;
 
+use crate::component::read_json;
 use crate::error::{DiffusionError, Result};
 use crate::weights::Weights;
 
@@ -168,11 +169,10 @@ impl ModelFolder {
             Some(component) => self.component_dir(component).join(file),
             None => self.root.join(file),
         };
-        read_json_file(&path)
+        read_json(&path)
     }
 
-    /// The safetensors files of `component`: the `.fp16` variant for f16/bf16 and the plain
-    /// one for f32, falling back to whichever exists; a sharded index gives all its shards.
+    /// The safetensors files of `component`: see [`weight_files_in`].
     pub fn weight_files(&self, component: &str, dtype: DType) -> Result<Vec<PathBuf>> {
         let dir = self.component_dir(component);
         if !dir.is_dir() {
@@ -181,37 +181,42 @@ impl ModelFolder {
                 message: format!("missing component folder `{component}`"),
             });
         }
-        let names = file_names(&dir)?;
-        let choice = choose_weights(&names, dtype).ok_or_else(|| DiffusionError::ModelLayout {
-            path: dir.clone(),
-            message: no_weights_message(&names),
-        })?;
-        match choice {
-            WeightChoice::Single(name) => Ok(vec![dir.join(name)]),
-            WeightChoice::Index(index) => {
-                let index_path = dir.join(&index);
-                let shards = shard_names(&index_path)?;
-                shards
-                    .into_iter()
-                    .map(|shard| {
-                        let path = dir.join(&shard);
-                        if path.is_file() {
-                            Ok(path)
-                        } else {
-                            Err(DiffusionError::ModelLayout {
-                                path: dir.clone(),
-                                message: format!("shard `{shard}` listed in {index} is missing"),
-                            })
-                        }
-                    })
-                    .collect()
-            }
-        }
+        weight_files_in(&dir, dtype)
     }
 
     /// Memory-maps the weights of `component` for a model running in `dtype` on `device`.
     pub fn weights(&self, component: &str, dtype: DType, device: &Device) -> Result<Weights> {
         Weights::from_safetensors(&self.weight_files(component, dtype)?, dtype, device)
+    }
+}
+
+/// The safetensors files of one component folder: the `.fp16` variant for f16/bf16 and the plain
+/// one for f32, falling back to whichever exists; a sharded index gives all its shards.
+pub fn weight_files_in(dir: &Path, dtype: DType) -> Result<Vec<PathBuf>> {
+    let names = file_names(dir)?;
+    let choice = choose_weights(&names, dtype).ok_or_else(|| DiffusionError::ModelLayout {
+        path: dir.to_path_buf(),
+        message: no_weights_message(&names),
+    })?;
+    match choice {
+        WeightChoice::Single(name) => Ok(vec![dir.join(name)]),
+        WeightChoice::Index(index) => {
+            let index_path = dir.join(&index);
+            shard_names(&index_path)?
+                .into_iter()
+                .map(|shard| {
+                    let path = dir.join(&shard);
+                    if path.is_file() {
+                        Ok(path)
+                    } else {
+                        Err(DiffusionError::ModelLayout {
+                            path: dir.to_path_buf(),
+                            message: format!("shard `{shard}` listed in {index} is missing"),
+                        })
+                    }
+                })
+                .collect()
+        }
     }
 }
 
@@ -272,7 +277,7 @@ fn is_repo_id(spec: &str) -> bool {
 }
 
 fn detect_family(root: &Path) -> Result<ModelFamily> {
-    let index: serde_json::Value = read_json_file(&root.join("model_index.json"))?;
+    let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
     match index.get("_class_name") {
         Some(serde_json::Value::String(class)) => match class.as_str() {
             "StableDiffusionPipeline" => Ok(ModelFamily::StableDiffusion),
@@ -307,16 +312,6 @@ fn declares_component(index: &serde_json::Value, component: &str) -> bool {
         .is_some_and(|pair| pair.iter().any(|v| !v.is_null()))
 }
 
-fn read_json_file<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| DiffusionError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| DiffusionError::ConfigFile {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
 
 /// Names of the regular files (symlinks followed, as in hub snapshots) directly in `dir`.
 fn file_names(dir: &Path) -> Result<BTreeSet<String>> {
@@ -395,7 +390,7 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     struct ShardIndex {
         weight_map: BTreeMap<String, String>,
     }
-    let index: ShardIndex = read_json_file(index_path)?;
+    let index: ShardIndex = read_json(index_path)?;
     let shards: BTreeSet<String> = index.weight_map.into_values().collect();
     if shards.is_empty() {
         return Err(DiffusionError::ConfigFile {
@@ -419,7 +414,7 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
 /// What a pipeline needs that `root` lacks, described for an error message; empty when the
 /// folder is complete for loading in `dtype` (any weight variant counts).
 fn missing_pipeline_files(root: &Path, dtype: DType) -> Vec<String> {
-    let index: serde_json::Value = match read_json_file(&root.join("model_index.json")) {
+    let index: serde_json::Value = match read_json(&root.join("model_index.json")) {
         Ok(index) => index,
         Err(_) => return vec!["model_index.json".into()],
     };

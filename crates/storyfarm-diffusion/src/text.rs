@@ -7,7 +7,8 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 use serde::Deserialize;
 
-use crate::component::{read_json, weight_files};
+use crate::component::read_json;
+use crate::model::weight_files_in;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{
     causal_mask, layer_norm, linear, linear_no_bias, merge_heads, scaled_dot_product_attention,
@@ -402,7 +403,7 @@ impl PromptEncoder {
             });
         }
         let weights =
-            Weights::from_safetensors(&weight_files(encoder_dir, "model")?, dtype, device)?;
+            Weights::from_safetensors(&weight_files_in(encoder_dir, dtype)?, dtype, device)?;
         let model = ClipTextModel::new(&config, weights, with_projection)?;
         Ok(Self { tokenizer, model })
     }

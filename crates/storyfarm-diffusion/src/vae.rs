@@ -6,7 +6,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear};
 use serde::Deserialize;
 
-use crate::component::{read_json, weight_files};
+use crate::component::read_json;
+use crate::model::weight_files_in;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{conv2d, group_norm, linear, scaled_dot_product_attention};
 use crate::weights::Weights;
@@ -615,7 +616,7 @@ impl AutoencoderKl {
     /// (`diffusion_pytorch_model.safetensors`, else the `.fp16` variant).
     pub fn load(vae_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = VaeConfig::load(&vae_dir.join("config.json"))?;
-        let files = weight_files(vae_dir, "diffusion_pytorch_model")?;
+        let files = weight_files_in(vae_dir, dtype)?;
         let weights = Weights::from_safetensors(&files, dtype, device)?;
         Self::new(&config, &weights)
     }
