@@ -218,21 +218,20 @@ fn mean_std(feat: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// AdaIN of `feat` toward per-item style statistics (`[B, H, 1, d]` each).
 fn adain_toward(feat: &Tensor, style: &(Tensor, Tensor)) -> Result<Tensor> {
-    let (mean, std) = mean_std(feat)?;
-    Ok(feat
-        .broadcast_sub(&mean)?
-        .broadcast_div(&std)?
-        .broadcast_mul(&style.1)?
-        .broadcast_add(&style.0)?)
+    restyle(feat, &mean_std(feat)?, style)
 }
 
 /// AdaIN toward the items in `style` of the same batch.
 fn adain(feat: &Tensor, style: &Tensor) -> Result<Tensor> {
-    let (mean, std) = mean_std(feat)?;
-    let target = (mean.index_select(style, 0)?, std.index_select(style, 0)?);
+    let own = mean_std(feat)?;
+    let target = (own.0.index_select(style, 0)?, own.1.index_select(style, 0)?);
+    restyle(feat, &own, &target)
+}
+
+fn restyle(feat: &Tensor, own: &(Tensor, Tensor), target: &(Tensor, Tensor)) -> Result<Tensor> {
     Ok(feat
-        .broadcast_sub(&mean)?
-        .broadcast_div(&std)?
+        .broadcast_sub(&own.0)?
+        .broadcast_div(&own.1)?
         .broadcast_mul(&target.1)?
         .broadcast_add(&target.0)?)
 }
