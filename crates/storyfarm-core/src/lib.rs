@@ -1,0 +1,9 @@
+//! storyfarm's domain: ids, the storyboard (file format, validation, defaults) and the content
+//! keys that make inversions and artifacts reusable. Shared by the farm and the local mode.
+
+pub mod ids;
+pub mod keys;
+pub mod storyboard;
+
+pub use ids::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
+pub use storyboard::{FrameSpec, StoryboardSpec, StyleOptions, StyleSpec, ValidationError};
