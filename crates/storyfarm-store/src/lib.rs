@@ -1,0 +1,56 @@
+//! storyfarm's metadata store: the truth about projects, references, storyboards, jobs, frames
+//! and tasks. Every state change of the farm is one transaction here; messages to workers are
+//! written to an outbox in the same transaction and published afterwards.
+//!
+//! Architecture invariant: only this crate touches sqlx.
+
+mod error;
+mod postgres;
+mod types;
+
+pub use error::{Result, StoreError};
+pub use postgres::{PgStore, MIGRATOR};
+pub use types::*;
+
+use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId};
+
+/// The metadata store. Postgres in the farm; the local mode adds SQLite behind the same trait.
+#[async_trait::async_trait]
+pub trait MetadataStore: Send + Sync {
+    async fn create_project(&self, name: &str) -> Result<Project>;
+    async fn get_project(&self, id: ProjectId) -> Result<Project>;
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+
+    async fn create_reference(&self, reference: &Reference) -> Result<Reference>;
+    async fn get_reference(&self, id: ReferenceId) -> Result<Reference>;
+
+    async fn create_storyboard(
+        &self,
+        project_id: ProjectId,
+        name: &str,
+        stored: &StoredStoryboard,
+    ) -> Result<Storyboard>;
+    async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard>;
+
+    /// Writes the job, its frames and tasks, claims or reuses the inversion, and queues what can
+    /// run now (outbox rows), in one transaction.
+    async fn submit_job(&self, job: &NewJob) -> Result<Job>;
+    async fn get_job(&self, id: JobId) -> Result<Job>;
+    async fn list_frames(&self, job_id: JobId) -> Result<Vec<Frame>>;
+    /// Cancels what has not run; returns the job and whether tasks were running (workers must
+    /// be told to stop).
+    async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)>;
+    /// Jobs that are not finished (for watchers after a restart).
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>>;
+
+    /// Outbox rows not yet confirmed by the broker, oldest first.
+    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>>;
+    async fn mark_published(&self, ids: &[i64]) -> Result<()>;
+    /// Failed attempts whose backoff has passed become new attempts (with outbox rows).
+    async fn release_due_retries(&self) -> Result<u32>;
+
+    /// Applies one worker event, once: a redelivered event is a no-op.
+    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome>;
+    /// Whether an inversion is ready, and its trajectory.
+    async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>>;
+}

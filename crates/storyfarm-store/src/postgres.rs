@@ -1,0 +1,700 @@
+//! The Postgres metadata store (sqlx), migrations in `migrations/`.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
+use uuid::Uuid;
+
+use crate::error::{Result, StoreError};
+use crate::types::*;
+use crate::MetadataStore;
+
+/// The migrations of `migrations/`, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects (`postgres://...`) without migrating.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies pending migrations (the coordinator does this at start, and `storyfarm migrate`).
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Backend { message: format!("migration failed: {e}") })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn corrupt(what: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { what, message: message.into() }
+}
+
+fn project_from(row: &PgRow) -> Result<Project> {
+    Ok(Project {
+        id: ProjectId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn reference_from(row: &PgRow) -> Result<Reference> {
+    Ok(Reference {
+        id: ReferenceId(row.try_get("id")?),
+        project_id: ProjectId(row.try_get("project_id")?),
+        prompt: row.try_get("prompt")?,
+        image_sha256: row.try_get("image_sha256")?,
+        image_key: row.try_get("image_key")?,
+        width: row.try_get::<i32, _>("width")? as u32,
+        height: row.try_get::<i32, _>("height")? as u32,
+        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn frame_from(row: &PgRow) -> Result<Frame> {
+    let state: String = row.try_get("state")?;
+    Ok(Frame {
+        job_id: JobId(row.try_get("job_id")?),
+        index: row.try_get::<i32, _>("frame_index")? as u32,
+        prompt: row.try_get("prompt")?,
+        negative_prompt: row.try_get("negative_prompt")?,
+        seed: row.try_get::<i64, _>("seed")? as u64,
+        state: FrameState::parse(&state).ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
+        task_id: row.try_get::<Option<Uuid>, _>("task_id")?.map(TaskId),
+        png_key: row.try_get("png_key")?,
+        latents_key: row.try_get("latents_key")?,
+        error: row.try_get("error")?,
+        attempts: row.try_get::<i32, _>("attempts")? as u32,
+    })
+}
+
+const JOB_SELECT: &str = "SELECT j.id, j.storyboard_id, j.state, j.frames_total, j.error, j.created_at, j.finished_at,
+    (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'succeeded') AS frames_succeeded,
+    (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'failed') AS frames_failed,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'invert') AS inversion_tasks,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'render') AS render_tasks
+    FROM jobs j WHERE j.id = $1";
+
+fn job_from(row: &PgRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    Ok(Job {
+        id: JobId(row.try_get("id")?),
+        storyboard_id: StoryboardId(row.try_get("storyboard_id")?),
+        state: JobState::parse(&state).ok_or_else(|| corrupt("job", format!("state {state:?}")))?,
+        frames_total: row.try_get::<i32, _>("frames_total")? as u32,
+        frames_succeeded: row.try_get::<i64, _>("frames_succeeded")? as u32,
+        frames_failed: row.try_get::<i64, _>("frames_failed")? as u32,
+        inversion_tasks: row.try_get::<i64, _>("inversion_tasks")? as u32,
+        render_tasks: row.try_get::<i64, _>("render_tasks")? as u32,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get::<Option<DateTime<Utc>>, _>("finished_at")?,
+    })
+}
+
+async fn job_in(tx: &mut Transaction<'_, Postgres>, id: JobId) -> Result<Job> {
+    let row = sqlx::query(JOB_SELECT)
+        .bind(id.0)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::not_found("job", id))?;
+    job_from(&row)
+}
+
+async fn insert_task(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: JobId,
+    task: &PlannedTask,
+    state: &str,
+    inversion_key: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload)
+         VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8)",
+    )
+    .bind(task.id.0)
+    .bind(job_id.0)
+    .bind(task.kind.as_str())
+    .bind(state)
+    .bind(&task.family)
+    .bind(task.max_attempts as i32)
+    .bind(inversion_key)
+    .bind(&task.payload)
+    .execute(&mut **tx)
+    .await?;
+    if !task.frames.is_empty() {
+        let frames: Vec<i32> = task.frames.iter().map(|&f| f as i32).collect();
+        sqlx::query("UPDATE frames SET task_id = $1 WHERE job_id = $2 AND frame_index = ANY($3)")
+            .bind(task.id.0)
+            .bind(job_id.0)
+            .bind(&frames)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn enqueue(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], attempts: &[i32]) -> Result<()> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("INSERT INTO outbox (task_id, attempt) SELECT * FROM UNNEST($1::uuid[], $2::int[])")
+        .bind(task_ids)
+        .bind(attempts)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Marks the job finished when none of its frames can change any more.
+async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result<()> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE state IN ('pending', 'rendering')) AS open,
+                count(*) FILTER (WHERE state = 'failed') AS failed,
+                min(error) FILTER (WHERE state = 'failed') AS first_error
+         FROM frames WHERE job_id = $1",
+    )
+    .bind(job_id.0)
+    .fetch_one(&mut **tx)
+    .await?;
+    let open: i64 = row.try_get("open")?;
+    if open > 0 {
+        return Ok(());
+    }
+    let failed: i64 = row.try_get("failed")?;
+    let error: Option<String> = row.try_get("first_error")?;
+    let state = if failed > 0 { "failed" } else { "succeeded" };
+    sqlx::query(
+        "UPDATE jobs SET state = $2, finished_at = now(), error = $3
+         WHERE id = $1 AND state IN ('queued', 'running')",
+    )
+    .bind(job_id.0)
+    .bind(state)
+    .bind(if failed > 0 { error.map(|e| format!("{failed} frame(s) failed; first: {e}")) } else { None })
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Fails every frame of `task_ids` that is not finished, with `reason`.
+async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reason: &str) -> Result<Vec<JobId>> {
+    let rows = sqlx::query(
+        "UPDATE frames SET state = 'failed', error = $2
+         WHERE task_id = ANY($1) AND state IN ('pending', 'rendering')
+         RETURNING job_id",
+    )
+    .bind(task_ids)
+    .bind(reason)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut jobs: Vec<JobId> = rows.iter().map(|r| r.try_get("job_id").map(JobId)).collect::<Result<_, _>>()?;
+    jobs.sort();
+    jobs.dedup();
+    Ok(jobs)
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for PgStore {
+    async fn create_project(&self, name: &str) -> Result<Project> {
+        let row = sqlx::query("INSERT INTO projects (id, name) VALUES ($1, $2) RETURNING id, name, created_at")
+            .bind(ProjectId::new().0)
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        project_from(&row)
+    }
+
+    async fn get_project(&self, id: ProjectId) -> Result<Project> {
+        let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("project", id))?;
+        project_from(&row)
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM projects ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(project_from).collect()
+    }
+
+    async fn create_reference(&self, r: &Reference) -> Result<Reference> {
+        let row = sqlx::query(
+            "INSERT INTO style_references (id, project_id, kind, prompt, image_sha256, image_key, width, height, size_bytes)
+             SELECT $1, $2, 'style', $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM projects WHERE id = $2)
+             RETURNING *",
+        )
+        .bind(r.id.0)
+        .bind(r.project_id.0)
+        .bind(&r.prompt)
+        .bind(&r.image_sha256)
+        .bind(&r.image_key)
+        .bind(r.width as i32)
+        .bind(r.height as i32)
+        .bind(r.size_bytes as i64)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found("project", r.project_id))?;
+        reference_from(&row)
+    }
+
+    async fn get_reference(&self, id: ReferenceId) -> Result<Reference> {
+        let row = sqlx::query("SELECT * FROM style_references WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("reference", id))?;
+        reference_from(&row)
+    }
+
+    async fn create_storyboard(&self, project_id: ProjectId, name: &str, stored: &StoredStoryboard) -> Result<Storyboard> {
+        let spec = serde_json::to_value(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
+        let row = sqlx::query(
+            "INSERT INTO storyboards (id, project_id, name, spec)
+             SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM projects WHERE id = $2)
+             RETURNING id, created_at",
+        )
+        .bind(StoryboardId::new().0)
+        .bind(project_id.0)
+        .bind(name)
+        .bind(spec)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found("project", project_id))?;
+        Ok(Storyboard {
+            id: StoryboardId(row.try_get("id")?),
+            project_id,
+            name: name.to_string(),
+            stored: stored.clone(),
+            created_at: row.try_get("created_at")?,
+        })
+    }
+
+    async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard> {
+        let row = sqlx::query("SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("storyboard", id))?;
+        let spec: serde_json::Value = row.try_get("spec")?;
+        Ok(Storyboard {
+            id,
+            project_id: ProjectId(row.try_get("project_id")?),
+            name: row.try_get("name")?,
+            stored: serde_json::from_value(spec).map_err(|e| corrupt("storyboard", e.to_string()))?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+
+    async fn submit_job(&self, job: &NewJob) -> Result<Job> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO jobs (id, storyboard_id, state, frames_total) VALUES ($1, $2, 'queued', $3)")
+            .bind(job.id.0)
+            .bind(job.storyboard_id.0)
+            .bind(job.frames.len() as i32)
+            .execute(&mut *tx)
+            .await?;
+        let indices: Vec<i32> = job.frames.iter().map(|f| f.index as i32).collect();
+        let prompts: Vec<&str> = job.frames.iter().map(|f| f.prompt.as_str()).collect();
+        let negatives: Vec<&str> = job.frames.iter().map(|f| f.negative_prompt.as_str()).collect();
+        let seeds: Vec<i64> = job.frames.iter().map(|f| f.seed as i64).collect();
+        sqlx::query(
+            "INSERT INTO frames (job_id, frame_index, prompt, negative_prompt, seed, state)
+             SELECT $1, * , 'pending' FROM UNNEST($2::int[], $3::text[], $4::text[], $5::bigint[])",
+        )
+        .bind(job.id.0)
+        .bind(&indices)
+        .bind(&prompts)
+        .bind(&negatives)
+        .bind(&seeds)
+        .execute(&mut *tx)
+        .await?;
+
+        // Render tasks run now unless their inversion is still to be computed.
+        let mut render_state = "queued";
+        let mut inversion_key = None;
+        let mut runnable: Vec<Uuid> = Vec::new();
+        if let Some(inv) = &job.inversion {
+            inversion_key = Some(inv.cache_key.as_str());
+            let claimed = sqlx::query(
+                "INSERT INTO inversions (cache_key, state) VALUES ($1, 'pending') ON CONFLICT (cache_key) DO NOTHING",
+            )
+            .bind(&inv.cache_key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            let state: String = if claimed {
+                "pending".into()
+            } else {
+                sqlx::query_scalar("SELECT state FROM inversions WHERE cache_key = $1 FOR UPDATE")
+                    .bind(&inv.cache_key)
+                    .fetch_one(&mut *tx)
+                    .await?
+            };
+            let must_invert = match state.as_str() {
+                "ready" => false,
+                "pending" => claimed,
+                // A failed inversion is tried again for a new job.
+                "failed" => {
+                    sqlx::query("UPDATE inversions SET state = 'pending', error = NULL, updated_at = now() WHERE cache_key = $1")
+                        .bind(&inv.cache_key)
+                        .execute(&mut *tx)
+                        .await?;
+                    true
+                }
+                other => return Err(corrupt("inversion", format!("state {other:?}"))),
+            };
+            if state != "ready" {
+                render_state = "waiting";
+            }
+            if must_invert {
+                insert_task(&mut tx, job.id, &inv.task, "queued", Some(&inv.cache_key)).await?;
+                runnable.push(inv.task.id.0);
+            }
+        }
+        for task in &job.render_tasks {
+            insert_task(&mut tx, job.id, task, render_state, inversion_key).await?;
+            if render_state == "queued" {
+                runnable.push(task.id.0);
+            }
+        }
+        let attempts = vec![1; runnable.len()];
+        enqueue(&mut tx, &runnable, &attempts).await?;
+        let stored = job_in(&mut tx, job.id).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Job> {
+        let row = sqlx::query(JOB_SELECT)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("job", id))?;
+        job_from(&row)
+    }
+
+    async fn list_frames(&self, job_id: JobId) -> Result<Vec<Frame>> {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)")
+            .bind(job_id.0)
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Err(StoreError::not_found("job", job_id));
+        }
+        let rows = sqlx::query("SELECT * FROM frames WHERE job_id = $1 ORDER BY frame_index")
+            .bind(job_id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(frame_from).collect()
+    }
+
+    async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let state = state.ok_or_else(|| StoreError::not_found("job", id))?;
+        if JobState::parse(&state).is_some_and(JobState::is_terminal) {
+            let job = job_in(&mut tx, id).await?;
+            tx.commit().await?;
+            return Ok((job, false));
+        }
+        // An inversion other jobs wait for keeps running; everything else of this job stops.
+        let cancelled = sqlx::query(
+            "UPDATE tasks t SET state = 'cancelled', updated_at = now()
+             WHERE t.job_id = $1 AND t.state IN ('waiting', 'queued', 'retry_wait', 'running')
+               AND NOT (t.kind = 'invert' AND EXISTS (
+                   SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key
+                     AND w.state = 'waiting' AND w.job_id <> $1))
+             RETURNING t.id, t.kind, t.inversion_key",
+        )
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM task_events e JOIN tasks t ON t.id = e.task_id
+             WHERE t.job_id = $1 AND t.state = 'cancelled' AND e.kind = 'started'
+               AND e.attempt = t.attempt
+               AND NOT EXISTS (SELECT 1 FROM task_events d WHERE d.task_id = e.task_id
+                               AND d.attempt = e.attempt AND d.kind IN ('succeeded', 'failed'))",
+        )
+        .bind(id.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        for row in &cancelled {
+            let kind: String = row.try_get("kind")?;
+            if kind == "invert" {
+                // Nobody computes it now: the next job that needs it claims it again.
+                let key: Option<String> = row.try_get("inversion_key")?;
+                sqlx::query("DELETE FROM inversions WHERE cache_key = $1 AND state = 'pending'")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let ids: Vec<Uuid> = cancelled.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        sqlx::query("DELETE FROM outbox WHERE task_id = ANY($1) AND published_at IS NULL")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE frames SET state = 'cancelled' WHERE job_id = $1 AND state IN ('pending', 'rendering')")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        let job = job_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok((job, running > 0))
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().map(JobId).collect())
+    }
+
+    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.task_id, o.attempt, t.family, t.payload FROM outbox o JOIN tasks t ON t.id = o.task_id
+             WHERE o.published_at IS NULL ORDER BY o.id LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxMessage {
+                    id: r.try_get("id")?,
+                    task_id: TaskId(r.try_get("task_id")?),
+                    attempt: r.try_get::<i32, _>("attempt")? as u32,
+                    family: r.try_get("family")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_published(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_due_retries(&self) -> Result<u32> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE tasks SET state = 'queued', attempt = attempt + 1, not_before = NULL, updated_at = now()
+             WHERE state = 'retry_wait' AND not_before <= now() RETURNING id, attempt",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        let attempts: Vec<i32> = rows.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+        enqueue(&mut tx, &ids, &attempts).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u32)
+    }
+
+    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO task_events (task_id, attempt, seq, kind, worker_id) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(event.task_id.0)
+        .bind(event.attempt as i32)
+        .bind(event.seq as i64)
+        .bind(event.kind.as_str())
+        .bind(&event.worker_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.commit().await?;
+            return Ok(EventOutcome::Duplicate);
+        }
+        let task = sqlx::query(
+            "SELECT job_id, kind, state, attempt, max_attempts, inversion_key FROM tasks WHERE id = $1 FOR UPDATE",
+        )
+        .bind(event.task_id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::not_found("task", event.task_id))?;
+        let job_id = JobId(task.try_get("job_id")?);
+        let kind: String = task.try_get("kind")?;
+        let state: String = task.try_get("state")?;
+        let attempt = task.try_get::<i32, _>("attempt")? as u32;
+        let max_attempts = task.try_get::<i32, _>("max_attempts")? as u32;
+        let inversion_key: Option<String> = task.try_get("inversion_key")?;
+        if event.attempt != attempt || matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            tx.commit().await?;
+            return Ok(EventOutcome::Stale { job_id, cancelled: state == "cancelled" });
+        }
+        let task_ids = [event.task_id.0];
+        let mut affected = vec![job_id];
+        match &event.kind {
+            TaskEventKind::Started | TaskEventKind::Heartbeat | TaskEventKind::Progress => {
+                let first = state != "running";
+                sqlx::query("UPDATE tasks SET state = 'running', worker_id = $2, heartbeat_at = now(), updated_at = now() WHERE id = $1")
+                    .bind(event.task_id.0)
+                    .bind(&event.worker_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if first {
+                    sqlx::query("UPDATE frames SET state = 'rendering', attempts = attempts + 1 WHERE task_id = $1 AND state = 'pending'")
+                        .bind(event.task_id.0)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'")
+                        .bind(job_id.0)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            TaskEventKind::Succeeded { frames, trajectory_key } => {
+                sqlx::query("UPDATE tasks SET state = 'succeeded', heartbeat_at = now(), updated_at = now() WHERE id = $1")
+                    .bind(event.task_id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'")
+                    .bind(job_id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                if kind == "invert" {
+                    let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    let trajectory = trajectory_key.clone().ok_or_else(|| corrupt("event", "inversion succeeded without a trajectory"))?;
+                    sqlx::query("UPDATE inversions SET state = 'ready', trajectory_key = $2, error = NULL, updated_at = now() WHERE cache_key = $1")
+                        .bind(&key)
+                        .bind(&trajectory)
+                        .execute(&mut *tx)
+                        .await?;
+                    let released = sqlx::query(
+                        "UPDATE tasks SET state = 'queued', updated_at = now() WHERE inversion_key = $1 AND state = 'waiting'
+                         RETURNING id, attempt, job_id",
+                    )
+                    .bind(&key)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let ids: Vec<Uuid> = released.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+                    let attempts: Vec<i32> = released.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+                    for r in &released {
+                        affected.push(JobId(r.try_get("job_id")?));
+                    }
+                    enqueue(&mut tx, &ids, &attempts).await?;
+                } else {
+                    for f in frames {
+                        sqlx::query(
+                            "UPDATE frames SET state = 'succeeded', png_key = $3, latents_key = $4, error = NULL
+                             WHERE job_id = $1 AND frame_index = $2 AND task_id = $5 AND state IN ('pending', 'rendering')",
+                        )
+                        .bind(job_id.0)
+                        .bind(f.index as i32)
+                        .bind(&f.png_key)
+                        .bind(&f.latents_key)
+                        .bind(event.task_id.0)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    // A frame the worker did not report cannot be trusted as done.
+                    fail_frames(&mut tx, &task_ids, "worker reported success without this frame").await?;
+                }
+            }
+            TaskEventKind::Failed { reason, retryable } => {
+                if *retryable && attempt < max_attempts {
+                    let delay = chrono::Duration::from_std(retry.delay(attempt)).unwrap_or(chrono::Duration::seconds(60));
+                    sqlx::query(
+                        "UPDATE tasks SET state = 'retry_wait', not_before = now() + $2, error = $3, updated_at = now() WHERE id = $1",
+                    )
+                    .bind(event.task_id.0)
+                    .bind(delay)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("UPDATE frames SET state = 'pending' WHERE task_id = $1 AND state = 'rendering'")
+                        .bind(event.task_id.0)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    let reason = if *retryable {
+                        format!("{reason} (gave up after {attempt} attempts)")
+                    } else {
+                        reason.clone()
+                    };
+                    sqlx::query("UPDATE tasks SET state = 'failed', error = $2, updated_at = now() WHERE id = $1")
+                        .bind(event.task_id.0)
+                        .bind(&reason)
+                        .execute(&mut *tx)
+                        .await?;
+                    if kind == "invert" {
+                        let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                        sqlx::query("UPDATE inversions SET state = 'failed', error = $2, updated_at = now() WHERE cache_key = $1")
+                            .bind(&key)
+                            .bind(&reason)
+                            .execute(&mut *tx)
+                            .await?;
+                        let dependents: Vec<Uuid> = sqlx::query_scalar(
+                            "UPDATE tasks SET state = 'failed', error = $2, updated_at = now()
+                             WHERE inversion_key = $1 AND state = 'waiting' RETURNING id",
+                        )
+                        .bind(&key)
+                        .bind(&reason)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let message = format!("style reference inversion failed: {reason}");
+                        affected.extend(fail_frames(&mut tx, &dependents, &message).await?);
+                    } else {
+                        fail_frames(&mut tx, &task_ids, &reason).await?;
+                    }
+                }
+            }
+        }
+        affected.sort();
+        affected.dedup();
+        for job in &affected {
+            settle_job(&mut tx, *job).await?;
+        }
+        tx.commit().await?;
+        Ok(EventOutcome::Applied { job_id, affected_jobs: affected })
+    }
+
+    async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT trajectory_key FROM inversions WHERE cache_key = $1 AND state = 'ready'")
+            .bind(cache_key)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
+    }
+}

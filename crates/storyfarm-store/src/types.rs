@@ -1,0 +1,269 @@
+//! What the store keeps and returns: rows as domain types, and the inputs of its transactions.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use storyfarm_core::storyboard::ResolvedFrame;
+use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId, StoryboardSpec, TaskId};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Project {
+    pub id: ProjectId,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub id: ReferenceId,
+    pub project_id: ProjectId,
+    pub prompt: String,
+    pub image_sha256: String,
+    pub image_key: String,
+    pub width: u32,
+    pub height: u32,
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A storyboard as stored: the validated spec and the style reference it uses (the spec's
+/// `style.image` is not used once the image is a stored reference).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredStoryboard {
+    pub spec: StoryboardSpec,
+    pub reference_id: Option<ReferenceId>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Storyboard {
+    pub id: StoryboardId,
+    pub project_id: ProjectId,
+    pub name: String,
+    pub stored: StoredStoryboard,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub storyboard_id: StoryboardId,
+    pub state: JobState,
+    pub frames_total: u32,
+    pub frames_succeeded: u32,
+    pub frames_failed: u32,
+    pub inversion_tasks: u32,
+    pub render_tasks: u32,
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameState {
+    Pending,
+    Rendering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl FrameState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Rendering => "rendering",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "rendering" => Self::Rendering,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    pub job_id: JobId,
+    pub index: u32,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub state: FrameState,
+    pub task_id: Option<TaskId>,
+    pub png_key: Option<String>,
+    pub latents_key: Option<String>,
+    pub error: Option<String>,
+    pub attempts: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    Invert,
+    Render,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invert => "invert",
+            Self::Render => "render",
+        }
+    }
+}
+
+/// A task the planner made, before the store decides whether it can run yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedTask {
+    pub id: TaskId,
+    pub kind: TaskKind,
+    /// Queue family (`sd`, `sdxl`): which workers can run it.
+    pub family: String,
+    pub max_attempts: u32,
+    /// Frame indices a render task renders (empty for an inversion).
+    pub frames: Vec<u32>,
+    /// Encoded task message without its attempt.
+    pub payload: Vec<u8>,
+}
+
+/// The inversion a job needs, keyed by everything that determines it, and the task that would
+/// compute it if nobody has (or is).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedInversion {
+    pub cache_key: String,
+    pub task: PlannedTask,
+}
+
+/// Everything `submit_job` writes in one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewJob {
+    pub id: JobId,
+    pub storyboard_id: StoryboardId,
+    pub frames: Vec<ResolvedFrame>,
+    pub inversion: Option<PlannedInversion>,
+    pub render_tasks: Vec<PlannedTask>,
+}
+
+/// A message the dispatcher must publish: the task's payload at this attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxMessage {
+    pub id: i64,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub family: String,
+    pub payload: Vec<u8>,
+}
+
+/// Artifacts of one rendered frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameArtifacts {
+    pub index: u32,
+    pub png_key: String,
+    pub latents_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskEventKind {
+    Started,
+    Heartbeat,
+    Progress,
+    Succeeded { frames: Vec<FrameArtifacts>, trajectory_key: Option<String> },
+    Failed { reason: String, retryable: bool },
+}
+
+impl TaskEventKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Heartbeat => "heartbeat",
+            Self::Progress => "progress",
+            Self::Succeeded { .. } => "succeeded",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// A task event from a worker (or the dead-letter queue), identified by task, attempt and seq.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskEventRecord {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub seq: u64,
+    pub worker_id: String,
+    pub kind: TaskEventKind,
+}
+
+/// What ingesting an event did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventOutcome {
+    /// Seen before (same task, attempt and seq): nothing changed.
+    Duplicate,
+    /// For an attempt that is no longer current, or a task already finished or cancelled
+    /// (`cancelled`: the worker should stop).
+    Stale { job_id: JobId, cancelled: bool },
+    /// Applied; `affected_jobs` are the jobs whose frames or state may have changed.
+    Applied { job_id: JobId, affected_jobs: Vec<JobId> },
+}
+
+/// Retry policy of failed attempts: `base * 2^(attempt-1)`, capped.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    pub base: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { base: std::time::Duration::from_secs(2), max: std::time::Duration::from_secs(60) }
+    }
+}
+
+impl RetryPolicy {
+    pub fn delay(&self, attempt: u32) -> std::time::Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
