@@ -4,6 +4,7 @@
 pub mod ids;
 pub mod keys;
 pub mod storyboard;
+pub mod trace;
 
 pub use ids::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
 pub use storyboard::{FrameSpec, StoryboardSpec, StyleOptions, StyleSpec, ValidationError};

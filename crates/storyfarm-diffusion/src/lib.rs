@@ -5,6 +5,7 @@ pub mod attention;
 pub mod component;
 pub mod device;
 pub mod error;
+pub mod frames;
 pub mod image_io;
 pub mod layers;
 pub mod model;

@@ -121,3 +121,29 @@ fn bad_inputs_name_the_field() {
     let e = sd.style_aligned(&ok, &StyleAlignedOptions::default(), &short, &[frame], &mut no_progress).err().unwrap().to_string();
     assert!(e.contains("reference.trajectory"), "{e}");
 }
+
+/// The bytes-level API the workers use: invert an encoded image, render frames against the
+/// trajectory file, and get the same frame whether it is rendered alone or with others.
+#[test]
+fn frames_api_invert_then_render_alone_or_together() {
+    use storyfarm_diffusion::frames::{compare_latents, invert_image, render_frames, FrameRequest, StyleRequest};
+    let sd = load("tiny-sd15");
+    let settings = GenerationSettings { height: 64, width: 96, steps: 5, guidance_scale: 7.5 };
+    let image = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd15/inversion_image.png")).unwrap();
+    let trajectory = invert_image(&sd, &image, "inversion_image.png", "a geometric pattern", &settings, 2.0, &mut no_progress).unwrap();
+    let style = StyleRequest { trajectory: &trajectory, reference_prompt: "a geometric pattern", offset: 1, options: StyleAlignedOptions::default() };
+    let frames: Vec<FrameRequest> = (0..3)
+        .map(|i| FrameRequest { index: i, prompt: format!("frame {i}"), negative_prompt: String::new(), seed: 40 + i as u64 })
+        .collect();
+    let together = render_frames(&sd, &settings, Some(&style), &frames, &mut no_progress).unwrap();
+    assert_eq!(together.len(), 3);
+    for (frame, rendered) in frames.iter().zip(&together) {
+        let alone = render_frames(&sd, &settings, Some(&style), std::slice::from_ref(frame), &mut no_progress).unwrap();
+        let (diff, scale) = compare_latents(&rendered.latents, &alone[0].latents).unwrap();
+        assert!(diff <= 1e-4 * scale, "frame {}: {diff} vs scale {scale}", frame.index);
+        let png = image::load_from_memory(&rendered.png).unwrap();
+        assert_eq!((png.width(), png.height()), (96, 64));
+    }
+    let bad = render_frames(&sd, &settings, Some(&StyleRequest { trajectory: b"junk", ..style.clone() }), &frames, &mut no_progress);
+    assert!(bad.unwrap_err().to_string().contains("trajectory file"));
+}
