@@ -1,5 +1,7 @@
 //! The `storyfarm` binary: the user-facing entry point for every role.
 
+mod client;
+mod farm;
 mod generate;
 
 use std::process::ExitCode;
@@ -18,6 +20,18 @@ struct Cli {
 enum Command {
     /// Render prompts into PNGs, optionally all in the style of a reference image.
     Generate(generate::GenerateArgs),
+    /// Run the coordinator: gRPC API, planner, dispatch, event ingestion.
+    Serve(farm::ServeArgs),
+    /// Run a worker: take tasks from the queue and render them on this machine's device.
+    Worker(farm::WorkerArgs),
+    /// Apply the database migrations.
+    Migrate(farm::MigrateArgs),
+    /// Submit a storyboard file to the coordinator; prints the job id.
+    Submit(client::SubmitArgs),
+    /// Follow a job with progress bars until it ends.
+    Watch(client::WatchArgs),
+    /// Download a job's finished frames as PNGs.
+    Frames(client::FramesArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +44,23 @@ fn main() -> ExitCode {
         .init();
     let result: Result<()> = match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| {
+                runtime.block_on(async {
+                    match command {
+                        Command::Serve(args) => farm::serve(args).await,
+                        Command::Worker(args) => farm::worker(args).await,
+                        Command::Migrate(args) => farm::migrate(args).await,
+                        Command::Submit(args) => client::submit(args).await,
+                        Command::Watch(args) => client::watch(args).await,
+                        Command::Frames(args) => client::frames(args).await,
+                        Command::Generate(_) => unreachable!("handled above"),
+                    }
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,181 @@
+//! Event ingestion: worker events become store transactions exactly once (by task, attempt and
+//! sequence number), then the worker is told the event is recorded, then the event is acked.
+//! Dead-lettered tasks fail their frames with the reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use storyfarm_core::TaskId;
+use storyfarm_proto::v1 as pb;
+use storyfarm_queue::{Delivery, OutgoingMessage, TaskQueue};
+use storyfarm_store::{EventOutcome, FrameArtifacts, MetadataStore, RetryPolicy, TaskEventKind, TaskEventRecord};
+use tokio::sync::Notify;
+
+use crate::watch::{Signal, WatchHub};
+
+/// Sequence number used for the synthetic failure of a dead-lettered attempt.
+const DEAD_LETTER_SEQ: u64 = i64::MAX as u64;
+
+pub struct Ingestor {
+    pub store: Arc<dyn MetadataStore>,
+    pub queue: Arc<dyn TaskQueue>,
+    pub hub: Arc<WatchHub>,
+    pub dispatch: Arc<Notify>,
+    pub retry: RetryPolicy,
+}
+
+fn record_from(event: &pb::TaskEvent) -> Result<TaskEventRecord, String> {
+    let task_id: TaskId = event.task_id.parse().map_err(|_| format!("bad task id {:?}", event.task_id))?;
+    let kind = match &event.event {
+        Some(pb::task_event::Event::Started(_)) => TaskEventKind::Started,
+        Some(pb::task_event::Event::Heartbeat(_)) => TaskEventKind::Heartbeat,
+        Some(pb::task_event::Event::Progress(_)) => TaskEventKind::Progress,
+        Some(pb::task_event::Event::Succeeded(s)) => TaskEventKind::Succeeded {
+            frames: s
+                .frames
+                .iter()
+                .map(|f| FrameArtifacts { index: f.index, png_key: f.png_key.clone(), latents_key: f.latents_key.clone() })
+                .collect(),
+            trajectory_key: (!s.trajectory_key.is_empty()).then(|| s.trajectory_key.clone()),
+        },
+        Some(pb::task_event::Event::Failed(f)) => TaskEventKind::Failed { reason: f.reason.clone(), retryable: f.retryable },
+        None => return Err("event without a body".into()),
+    };
+    Ok(TaskEventRecord { task_id, attempt: event.attempt, seq: event.seq, worker_id: event.worker_id.clone(), kind })
+}
+
+impl Ingestor {
+    /// Consumes worker events until the consumer ends.
+    pub async fn run_events(self: Arc<Self>) -> Result<(), crate::CoordinatorError> {
+        let mut consumer = self.queue.consume_events(64).await?;
+        while let Some(delivery) = consumer.next().await? {
+            self.handle_event(delivery).await;
+        }
+        Ok(())
+    }
+
+    async fn handle_event(&self, delivery: Delivery) {
+        let event = match pb::TaskEvent::decode(delivery.payload.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable task event dead-lettered");
+                let _ = delivery.acker.reject().await;
+                return;
+            }
+        };
+        let record = match record_from(&event) {
+            Ok(r) => r,
+            Err(reason) => {
+                tracing::error!(%reason, "invalid task event dead-lettered");
+                let _ = delivery.acker.reject().await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("ingest_event", task_id = %record.task_id, attempt = record.attempt, seq = record.seq, kind = record.kind.as_str());
+        let _guard = span.enter();
+        let outcome = loop {
+            match self.store.record_event(&record, &self.retry).await {
+                Ok(o) => break o,
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "store unavailable; retrying event");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "event could not be recorded; requeued");
+                    let _ = delivery.acker.nack(true).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return;
+                }
+            }
+        };
+        let final_event = matches!(record.kind, TaskEventKind::Succeeded { .. } | TaskEventKind::Failed { .. });
+        let stop = match &outcome {
+            EventOutcome::Stale { cancelled, .. } => *cancelled || !final_event,
+            _ => false,
+        };
+        match &outcome {
+            EventOutcome::Applied { job_id, affected_jobs } => {
+                if let Some(pb::task_event::Event::Progress(p)) = &event.event {
+                    for &index in &p.frames {
+                        self.hub.signal(*job_id, Signal::Progress(pb::FrameProgress { index, step: p.step, steps: p.steps }));
+                    }
+                } else {
+                    for job in affected_jobs {
+                        self.hub.signal(*job, Signal::Changed);
+                    }
+                }
+                if final_event {
+                    // Success may have released waiting renders; failure may schedule a retry.
+                    self.dispatch.notify_one();
+                }
+            }
+            EventOutcome::Stale { .. } | EventOutcome::Duplicate => {}
+        }
+        if final_event || stop {
+            let reply = pb::TaskRecorded { task_id: event.task_id.clone(), attempt: event.attempt, seq: event.seq, stop };
+            if let Err(e) = self
+                .queue
+                .reply_to_worker(&event.worker_id, OutgoingMessage::new(reply.encode_to_vec()))
+                .await
+            {
+                // The worker is gone; its delivery comes back to another worker, whose events
+                // find this outcome recorded.
+                tracing::info!(worker_id = %event.worker_id, error = %e, "worker not reachable for the reply");
+            }
+        }
+        if let Err(e) = delivery.acker.ack().await {
+            tracing::warn!(error = %e, "event ack failed; it will be redelivered and ignored");
+        }
+    }
+
+    /// Consumes dead-lettered tasks: their attempt fails for good with the reason.
+    pub async fn run_dead_letters(self: Arc<Self>) -> Result<(), crate::CoordinatorError> {
+        let mut consumer = self.queue.consume_dead_letters(16).await?;
+        while let Some(delivery) = consumer.next().await? {
+            let task = match pb::Task::decode(delivery.payload.clone()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "undecodable dead letter dropped");
+                    let _ = delivery.acker.ack().await;
+                    continue;
+                }
+            };
+            let Ok(task_id) = task.task_id.parse::<TaskId>() else {
+                let _ = delivery.acker.ack().await;
+                continue;
+            };
+            let why = match &delivery.dead_letter {
+                Some(d) => format!("{:?} after {} deliveries from {}", d.reason, delivery.delivery_count + 1, d.queue),
+                None => "dead-lettered".to_string(),
+            };
+            let record = TaskEventRecord {
+                task_id,
+                attempt: task.attempt,
+                seq: DEAD_LETTER_SEQ,
+                worker_id: "dead-letter-queue".into(),
+                kind: TaskEventKind::Failed {
+                    reason: format!("task never finished: no worker completed it ({why}); workers may be crashing on it"),
+                    retryable: false,
+                },
+            };
+            match self.store.record_event(&record, &self.retry).await {
+                Ok(EventOutcome::Applied { affected_jobs, .. }) => {
+                    for job in affected_jobs {
+                        self.hub.signal(job, Signal::Changed);
+                    }
+                    let _ = delivery.acker.ack().await;
+                }
+                Ok(_) => {
+                    let _ = delivery.acker.ack().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead letter not recorded; requeued");
+                    let _ = delivery.acker.nack(true).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}

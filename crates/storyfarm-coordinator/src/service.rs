@@ -1,0 +1,357 @@
+//! The public gRPC services. Every input is validated before anything is written, so bad input
+//! leaves nothing behind in Postgres or the blob store.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use storyfarm_blob::{BlobKey, BlobStore};
+use storyfarm_core::storyboard::{validate_style, StyleOptions, StyleSpec};
+use storyfarm_core::{FrameSpec, JobId, ProjectId, ReferenceId, StoryboardId, StoryboardSpec};
+use storyfarm_proto::v1 as pb;
+use storyfarm_proto::v1::job_service_server::JobService;
+use storyfarm_proto::v1::project_service_server::ProjectService;
+use storyfarm_proto::v1::reference_service_server::ReferenceService;
+use storyfarm_proto::v1::storyboard_service_server::StoryboardService;
+use storyfarm_queue::{OutgoingMessage, TaskQueue};
+use storyfarm_store::{MetadataStore, Reference, StoredStoryboard};
+use tokio::sync::Notify;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::model_facts::model_facts;
+use crate::planner::{plan_job, PlanPolicy};
+use crate::status::ApiError;
+use crate::watch::{watch_job, WatchHub};
+
+/// Shared state of the services.
+#[derive(Clone)]
+pub struct Api {
+    pub store: Arc<dyn MetadataStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub queue: Arc<dyn TaskQueue>,
+    pub hub: Arc<WatchHub>,
+    /// Wakes the dispatcher when a transaction wrote outbox rows.
+    pub dispatch: Arc<Notify>,
+    pub policy: PlanPolicy,
+    pub max_reference_bytes: usize,
+}
+
+type ApiResult<T> = Result<Response<T>, Status>;
+
+fn parse<T>(field: &str, value: &str, f: fn(&str, &str) -> Result<T, storyfarm_core::ValidationError>) -> Result<T, Status> {
+    f(field, value).map_err(|e| ApiError::from(e).into())
+}
+
+#[tonic::async_trait]
+impl ProjectService for Api {
+    #[tracing::instrument(skip_all)]
+    async fn create_project(&self, request: Request<pb::CreateProjectRequest>) -> ApiResult<pb::Project> {
+        let name = request.into_inner().name;
+        if name.trim().is_empty() || name.len() > 200 {
+            return Err(ApiError::invalid("name", "must be 1 to 200 characters").into());
+        }
+        let project = self.store.create_project(name.trim()).await.map_err(ApiError::from)?;
+        tracing::info!(project_id = %project.id, "project created");
+        Ok(Response::new(convert::project(&project)))
+    }
+
+    async fn get_project(&self, request: Request<pb::GetProjectRequest>) -> ApiResult<pb::Project> {
+        let id = parse("id", &request.into_inner().id, ProjectId::parse_field)?;
+        let project = self.store.get_project(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::project(&project)))
+    }
+
+    async fn list_projects(&self, _: Request<pb::ListProjectsRequest>) -> ApiResult<pb::ListProjectsResponse> {
+        let projects = self.store.list_projects().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListProjectsResponse { projects: projects.iter().map(convert::project).collect() }))
+    }
+}
+
+#[tonic::async_trait]
+impl ReferenceService for Api {
+    #[tracing::instrument(skip_all)]
+    async fn upload_reference(&self, request: Request<Streaming<pb::UploadReferenceRequest>>) -> ApiResult<pb::Reference> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadReferenceRequest { part: Some(pb::upload_reference_request::Part::Header(h)) })) => h,
+            Some(Err(status)) => return Err(status),
+            _ => return Err(ApiError::invalid("header", "the first message must carry the reference header").into()),
+        };
+        let project_id = parse("header.project_id", &header.project_id, ProjectId::parse_field)?;
+        if header.prompt.trim().is_empty() {
+            return Err(ApiError::invalid("header.prompt", "must describe the image").into());
+        }
+        if header.kind != pb::ReferenceKind::Style as i32 && header.kind != pb::ReferenceKind::Unspecified as i32 {
+            return Err(ApiError::invalid("header.kind", format!("unsupported reference kind {}", header.kind)).into());
+        }
+        // Fail before reading megabytes for a project that does not exist.
+        self.store.get_project(project_id).await.map_err(ApiError::from)?;
+        let mut bytes = Vec::new();
+        while let Some(message) = stream.next().await {
+            match message?.part {
+                Some(pb::upload_reference_request::Part::Chunk(chunk)) => {
+                    if bytes.len() + chunk.len() > self.max_reference_bytes {
+                        return Err(ApiError::invalid(
+                            "chunk",
+                            format!("reference image exceeds the limit of {} bytes", self.max_reference_bytes),
+                        )
+                        .into());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                _ => return Err(ApiError::invalid("header", "only the first message may carry a header").into()),
+            }
+        }
+        if bytes.is_empty() {
+            return Err(ApiError::invalid("chunk", "no image bytes were sent").into());
+        }
+        let (width, height) = match image::load_from_memory(&bytes) {
+            Ok(img) => (img.width(), img.height()),
+            Err(e) => {
+                let name = if header.filename.is_empty() { "image".to_string() } else { header.filename.clone() };
+                return Err(ApiError::invalid("chunk", format!("{name} is not a readable PNG or JPEG image: {e}")).into());
+            }
+        };
+        let sha = storyfarm_core::keys::sha256_hex(&bytes);
+        let size = bytes.len() as u64;
+        let key = self.blobs.put_content("image", Bytes::from(bytes)).await.map_err(ApiError::from)?;
+        let reference = Reference {
+            id: ReferenceId::new(),
+            project_id,
+            prompt: header.prompt.trim().to_string(),
+            image_sha256: sha,
+            image_key: key.as_str().to_string(),
+            width,
+            height,
+            size_bytes: size,
+            created_at: chrono::Utc::now(),
+        };
+        let stored = self.store.create_reference(&reference).await.map_err(ApiError::from)?;
+        tracing::info!(reference_id = %stored.id, project_id = %project_id, bytes = size, "reference uploaded");
+        Ok(Response::new(convert::reference(&stored)))
+    }
+
+    async fn get_reference(&self, request: Request<pb::GetReferenceRequest>) -> ApiResult<pb::Reference> {
+        let id = parse("id", &request.into_inner().id, ReferenceId::parse_field)?;
+        let reference = self.store.get_reference(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::reference(&reference)))
+    }
+}
+
+/// The storyboard an API request describes, validated like a storyboard file.
+fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(StoryboardSpec, Option<ReferenceId>), ApiError> {
+    let settings = req.settings.clone().ok_or_else(|| ApiError::invalid("settings", "required"))?;
+    let style = match &settings.style {
+        Some(style) if !style.reference_id.is_empty() => {
+            let reference_id = ReferenceId::parse_field("settings.style.reference_id", &style.reference_id)?;
+            let o = style.options.unwrap_or(pb::StyleAlignedOptions {
+                share_group_norm: true,
+                share_attention: true,
+                adain_queries: true,
+                adain_keys: true,
+                adain_values: false,
+                shared_score_scale: 1.0,
+                shared_score_shift: 0.0,
+                only_self_level: 0.0,
+            });
+            let spec = StyleSpec {
+                image: format!("reference:{reference_id}").into(),
+                prompt: "stored reference".into(),
+                offset: style.offset,
+                inversion_guidance: style.inversion_guidance,
+                options: StyleOptions {
+                    share_group_norm: o.share_group_norm,
+                    share_attention: o.share_attention,
+                    adain_queries: o.adain_queries,
+                    adain_keys: o.adain_keys,
+                    adain_values: o.adain_values,
+                    shared_score_scale: o.shared_score_scale,
+                    shared_score_shift: o.shared_score_shift,
+                    only_self_level: o.only_self_level,
+                },
+            };
+            validate_style(&spec, settings.steps)
+                .map_err(|e| ApiError::invalid(format!("settings.{}", e.field), e.message))?;
+            Some((spec, reference_id))
+        }
+        _ => None,
+    };
+    let spec = StoryboardSpec {
+        model: settings.model.clone(),
+        width: settings.width,
+        height: settings.height,
+        steps: settings.steps,
+        guidance: settings.guidance_scale,
+        negative_prompt: settings.negative_prompt.clone(),
+        seed: 0,
+        frames_per_task: if settings.frames_per_task == 0 { 4 } else { settings.frames_per_task },
+        style: style.as_ref().map(|(s, _)| s.clone()),
+        frames: req
+            .frames
+            .iter()
+            .map(|f| FrameSpec { prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+            .collect(),
+    };
+    spec.validate().map_err(|e| {
+        let field = if e.field.starts_with("frames") { e.field.clone() } else { format!("settings.{}", e.field) };
+        ApiError::invalid(field, e.message)
+    })?;
+    Ok((spec, style.map(|(_, id)| id)))
+}
+
+fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
+    let spec = &sb.stored.spec;
+    pb::Storyboard {
+        id: sb.id.to_string(),
+        project_id: sb.project_id.to_string(),
+        name: sb.name.clone(),
+        settings: Some(pb::StoryboardSettings {
+            model: spec.model.clone(),
+            width: spec.width,
+            height: spec.height,
+            steps: spec.steps,
+            guidance_scale: spec.guidance,
+            negative_prompt: spec.negative_prompt.clone(),
+            style: spec.style.as_ref().map(|s| pb::StyleSettings {
+                reference_id: sb.stored.reference_id.map(|r| r.to_string()).unwrap_or_default(),
+                offset: s.offset,
+                inversion_guidance: s.inversion_guidance,
+                options: Some(pb::StyleAlignedOptions {
+                    share_group_norm: s.options.share_group_norm,
+                    share_attention: s.options.share_attention,
+                    adain_queries: s.options.adain_queries,
+                    adain_keys: s.options.adain_keys,
+                    adain_values: s.options.adain_values,
+                    shared_score_scale: s.options.shared_score_scale,
+                    shared_score_shift: s.options.shared_score_shift,
+                    only_self_level: s.options.only_self_level,
+                }),
+            }),
+            frames_per_task: spec.frames_per_task,
+        }),
+        frames: spec
+            .frames
+            .iter()
+            .map(|f| pb::FrameSpec { prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+            .collect(),
+        create_time: Some(convert::timestamp(sb.created_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl StoryboardService for Api {
+    #[tracing::instrument(skip_all)]
+    async fn create_storyboard(&self, request: Request<pb::CreateStoryboardRequest>) -> ApiResult<pb::Storyboard> {
+        let req = request.into_inner();
+        let project_id = parse("project_id", &req.project_id, ProjectId::parse_field)?;
+        let (spec, reference_id) = storyboard_from_request(&req)?;
+        self.store.get_project(project_id).await.map_err(ApiError::from)?;
+        if let Some(reference_id) = reference_id {
+            let reference = self.store.get_reference(reference_id).await.map_err(ApiError::from)?;
+            if reference.project_id != project_id {
+                return Err(Status::not_found(format!("reference {reference_id} not found in project {project_id}")));
+            }
+        }
+        let stored = StoredStoryboard { spec, reference_id };
+        let sb = self.store.create_storyboard(project_id, req.name.trim(), &stored).await.map_err(ApiError::from)?;
+        tracing::info!(storyboard_id = %sb.id, frames = sb.stored.spec.frames.len(), "storyboard created");
+        Ok(Response::new(storyboard_message(&sb)))
+    }
+
+    async fn get_storyboard(&self, request: Request<pb::GetStoryboardRequest>) -> ApiResult<pb::Storyboard> {
+        let id = parse("id", &request.into_inner().id, StoryboardId::parse_field)?;
+        let sb = self.store.get_storyboard(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(storyboard_message(&sb)))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadFrameChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Api {
+    type WatchJobStream = EventStream;
+    type DownloadFrameStream = ChunkStream;
+
+    #[tracing::instrument(skip_all, fields(storyboard_id, job_id, trace_id))]
+    async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> ApiResult<pb::Job> {
+        let storyboard_id = parse("storyboard_id", &request.into_inner().storyboard_id, StoryboardId::parse_field)?;
+        tracing::Span::current().record("storyboard_id", tracing::field::display(storyboard_id));
+        let sb = self.store.get_storyboard(storyboard_id).await.map_err(ApiError::from)?;
+        let reference = match sb.stored.reference_id {
+            Some(id) => Some(self.store.get_reference(id).await.map_err(ApiError::from)?),
+            None => None,
+        };
+        let job_id = JobId::new();
+        let traceparent = storyfarm_core::trace::new_traceparent();
+        let span = tracing::Span::current();
+        span.record("job_id", tracing::field::display(job_id));
+        span.record("trace_id", storyfarm_core::trace::trace_id(&traceparent).unwrap_or_default());
+        let facts = model_facts(&sb.stored.spec.model);
+        let plan = plan_job(job_id, storyboard_id, &sb.stored, reference.as_ref(), &facts, &self.policy, &traceparent);
+        let job = self.store.submit_job(&plan).await.map_err(ApiError::from)?;
+        self.dispatch.notify_one();
+        tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> ApiResult<pb::Job> {
+        let id = parse("id", &request.into_inner().id, JobId::parse_field)?;
+        let job = self.store.get_job(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> ApiResult<Self::WatchJobStream> {
+        let id = parse("id", &request.into_inner().id, JobId::parse_field)?;
+        self.store.get_job(id).await.map_err(ApiError::from)?;
+        let rx = watch_job(self.store.clone(), self.hub.clone(), id);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id))]
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> ApiResult<pb::Job> {
+        let id = parse("id", &request.into_inner().id, JobId::parse_field)?;
+        tracing::Span::current().record("job_id", tracing::field::display(id));
+        let (job, running) = self.store.cancel_job(id).await.map_err(ApiError::from)?;
+        if running {
+            let control = pb::Control { command: Some(pb::control::Command::CancelJobId(id.to_string())) };
+            self.queue
+                .broadcast_control(OutgoingMessage::new(prost::Message::encode_to_vec(&control)))
+                .await
+                .map_err(ApiError::from)?;
+        }
+        self.hub.signal(id, crate::watch::Signal::Changed);
+        tracing::info!(running_tasks_told = running, "job cancelled");
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_frames(&self, request: Request<pb::ListFramesRequest>) -> ApiResult<pb::ListFramesResponse> {
+        let id = parse("job_id", &request.into_inner().job_id, JobId::parse_field)?;
+        let frames = self.store.list_frames(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListFramesResponse { frames: frames.iter().map(convert::frame).collect() }))
+    }
+
+    async fn download_frame(&self, request: Request<pb::DownloadFrameRequest>) -> ApiResult<Self::DownloadFrameStream> {
+        let req = request.into_inner();
+        let id = parse("job_id", &req.job_id, JobId::parse_field)?;
+        let frames = self.store.list_frames(id).await.map_err(ApiError::from)?;
+        let frame = frames
+            .iter()
+            .find(|f| f.index == req.index)
+            .ok_or_else(|| Status::not_found(format!("job {id} has no frame {}", req.index)))?;
+        let key = frame.png_key.clone().ok_or_else(|| {
+            Status::from(ApiError::FailedPrecondition(format!("frame {} of job {id} is {} and has no image yet", req.index, frame.state.as_str())))
+        })?;
+        let key = BlobKey::new(key).map_err(ApiError::from)?;
+        let bytes = self.blobs.get(&key).await.map_err(ApiError::from)?;
+        let chunks: Vec<Result<pb::DownloadFrameChunk, Status>> = bytes
+            .chunks(64 * 1024)
+            .map(|c| Ok(pb::DownloadFrameChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+}

@@ -1,0 +1,433 @@
+//! The worker (`storyfarm worker`): takes tasks of its model families from the queue, runs them
+//! on its device (models loaded once and kept, trajectories cached on disk), uploads artifacts,
+//! reports events, and acknowledges a task only after the coordinator has recorded its outcome.
+//! Never touches the database.
+
+mod models;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use storyfarm_blob::{BlobKey, BlobStore};
+use storyfarm_diffusion::frames::{invert_image, render_frames, FrameRequest, StyleRequest};
+use storyfarm_diffusion::pipeline::{GenerationSettings, Progress};
+use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
+use storyfarm_diffusion::DiffusionError;
+use storyfarm_proto::v1 as pb;
+use storyfarm_queue::{Delivery, OutgoingMessage, QueueError, TaskQueue};
+use tokio::sync::mpsc;
+
+pub use models::{ModelCache, ModelLoader};
+
+/// How a worker runs.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub families: Vec<String>,
+    /// Where trajectories are cached between tasks.
+    pub cache_dir: PathBuf,
+    pub heartbeat: Duration,
+    /// Report progress every this many steps.
+    pub progress_every: u32,
+    /// Resend a final event when its "recorded" reply takes longer than this.
+    pub recorded_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("cache directory {path}: {source}")]
+    Cache { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a task did not produce artifacts.
+#[derive(Debug)]
+enum TaskFailure {
+    /// Report it; `retryable` decides whether the coordinator tries again.
+    Failed { reason: String, retryable: bool },
+    /// The coordinator said stop (cancelled, or this attempt is stale): ack and move on.
+    Stopped,
+    /// Shutting down: hand the task back to the queue.
+    HandBack,
+}
+
+impl From<DiffusionError> for TaskFailure {
+    fn from(e: DiffusionError) -> Self {
+        match e {
+            DiffusionError::Cancelled { .. } => Self::Stopped,
+            e => Self::Failed { retryable: e.is_retryable(), reason: e.to_string() },
+        }
+    }
+}
+
+impl From<storyfarm_blob::BlobError> for TaskFailure {
+    fn from(e: storyfarm_blob::BlobError) -> Self {
+        Self::Failed { retryable: e.is_retryable() || e.is_not_found(), reason: e.to_string() }
+    }
+}
+
+/// The task in progress, shared with the reply and control listeners.
+struct Current {
+    task_id: String,
+    attempt: u32,
+    job_id: String,
+    stop: Arc<AtomicBool>,
+    recorded: mpsc::UnboundedSender<u64>,
+}
+
+pub struct Worker {
+    config: WorkerConfig,
+    queue: Arc<dyn TaskQueue>,
+    blobs: Arc<dyn BlobStore>,
+    models: Arc<ModelCache>,
+    current: Arc<Mutex<Option<Current>>>,
+    shutting_down: Arc<AtomicBool>,
+    seq: AtomicU64,
+}
+
+impl Worker {
+    pub fn new(config: WorkerConfig, queue: Arc<dyn TaskQueue>, blobs: Arc<dyn BlobStore>, models: Arc<ModelCache>) -> Self {
+        Self {
+            config,
+            queue,
+            blobs,
+            models,
+            current: Arc::new(Mutex::new(None)),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs until `shutdown` fires; the task in progress is handed back at its next step.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), WorkerError> {
+        std::fs::create_dir_all(&self.config.cache_dir)
+            .map_err(|source| WorkerError::Cache { path: self.config.cache_dir.clone(), source })?;
+        let families: Vec<&str> = self.config.families.iter().map(String::as_str).collect();
+        self.queue.declare_topology(&families).await?;
+        let listeners = self.clone().spawn_listeners().await?;
+        let (tx, mut rx) = mpsc::channel::<Delivery>(1);
+        let mut consumers = Vec::new();
+        for family in &self.config.families {
+            // One task at a time per family queue; the device runs one task at a time anyway.
+            let mut consumer = self.queue.consume_tasks(family, 1).await?;
+            let tx = tx.clone();
+            consumers.push(tokio::spawn(async move {
+                while let Ok(Some(delivery)) = consumer.next().await {
+                    if tx.send(delivery).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = consumer.close().await;
+            }));
+        }
+        drop(tx);
+        tracing::info!(worker_id = %self.config.worker_id, families = ?self.config.families, "worker ready");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                delivery = rx.recv() => {
+                    let Some(delivery) = delivery else { break };
+                    let handle = tokio::spawn(self.clone().handle(delivery));
+                    tokio::pin!(handle);
+                    tokio::select! {
+                        _ = &mut handle => continue,
+                        _ = &mut shutdown => {
+                            tracing::info!("shutting down: handing back the task in progress");
+                            self.begin_shutdown();
+                            let _ = handle.await;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.begin_shutdown();
+        for c in consumers {
+            c.abort();
+        }
+        listeners.abort();
+        Ok(())
+    }
+
+    /// From now on the task in progress stops at its next step and is handed back.
+    fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(c) = self.lock_current().as_ref() {
+            c.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Listens to this worker's reply queue and to control broadcasts.
+    async fn spawn_listeners(self: Arc<Self>) -> Result<tokio::task::JoinHandle<()>, WorkerError> {
+        let mut replies = self.queue.consume_replies(&self.config.worker_id).await?;
+        let mut control = self.queue.consume_control().await?;
+        let worker = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    reply = replies.next() => match reply {
+                        Ok(Some(d)) => {
+                            if let Ok(r) = pb::TaskRecorded::decode(d.payload.clone()) {
+                                let current = worker.lock_current();
+                                if let Some(c) = current.as_ref().filter(|c| c.task_id == r.task_id && c.attempt == r.attempt) {
+                                    if r.stop {
+                                        c.stop.store(true, Ordering::SeqCst);
+                                    }
+                                    let _ = c.recorded.send(r.seq);
+                                }
+                            }
+                            let _ = d.acker.ack().await;
+                        }
+                        _ => break,
+                    },
+                    command = control.next() => match command {
+                        Ok(Some(d)) => {
+                            if let Ok(pb::Control { command: Some(pb::control::Command::CancelJobId(job)) }) = pb::Control::decode(d.payload.clone()) {
+                                if let Some(c) = worker.lock_current().as_ref().filter(|c| c.job_id == job) {
+                                    tracing::info!(job_id = %job, task_id = %c.task_id, "job cancelled: stopping task");
+                                    c.stop.store(true, Ordering::SeqCst);
+                                }
+                            }
+                            let _ = d.acker.ack().await;
+                        }
+                        _ => break,
+                    },
+                }
+            }
+        }))
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn send_event(&self, task: &pb::Task, seq: u64, event: pb::task_event::Event) -> Result<(), QueueError> {
+        let message = pb::TaskEvent {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            worker_id: self.config.worker_id.clone(),
+            seq,
+            event: Some(event),
+        };
+        self.queue.publish_event(OutgoingMessage::new(message.encode_to_vec()).with_traceparent(task.traceparent.clone())).await
+    }
+
+    /// Sends a final event and waits until the coordinator says it is recorded (resending on
+    /// timeout: ingestion is idempotent).
+    async fn send_final(&self, task: &pb::Task, event: pb::task_event::Event, recorded: &mut mpsc::UnboundedReceiver<u64>) {
+        let seq = self.next_seq();
+        loop {
+            if let Err(e) = self.send_event(task, seq, event.clone()).await {
+                tracing::warn!(error = %e, "event not published; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            let deadline = tokio::time::sleep(self.config.recorded_timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    got = recorded.recv() => match got {
+                        Some(s) if s == seq => return,
+                        Some(_) => continue,
+                        None => return,
+                    },
+                    _ = &mut deadline => break,
+                }
+            }
+            tracing::info!(task_id = %task.task_id, "no record of the final event yet; sending it again");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, delivery: Delivery) {
+        let task = match pb::Task::decode(delivery.payload.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable task rejected");
+                let _ = delivery.acker.reject().await;
+                return;
+            }
+        };
+        let trace_id = storyfarm_core::trace::trace_id(&task.traceparent).unwrap_or_default().to_string();
+        let span = tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, trace_id = %trace_id, redelivered = delivery.redelivered);
+        let _guard = span.enter();
+        let stop = Arc::new(AtomicBool::new(self.shutting_down.load(Ordering::SeqCst)));
+        let (recorded_tx, mut recorded_rx) = mpsc::unbounded_channel();
+        *self.lock_current() = Some(Current {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            job_id: task.job_id.clone(),
+            stop: stop.clone(),
+            recorded: recorded_tx,
+        });
+        tracing::info!("task started");
+        let started = self.send_event(&task, self.next_seq(), pb::task_event::Event::Started(pb::TaskStarted {})).await;
+        let outcome = match started {
+            Err(e) => Err(TaskFailure::Failed { reason: format!("cannot report start: {e}"), retryable: true }),
+            Ok(()) => {
+                let heartbeat = self.clone().spawn_heartbeat(task.clone());
+                let result = self.run_task(&task, stop.clone()).await;
+                heartbeat.abort();
+                result
+            }
+        };
+        let settle = match outcome {
+            Ok(done) => {
+                tracing::info!(frames = done.frames.len(), "task succeeded");
+                self.send_final(&task, pb::task_event::Event::Succeeded(done), &mut recorded_rx).await;
+                delivery.acker.ack().await
+            }
+            Err(TaskFailure::Failed { reason, retryable }) => {
+                tracing::warn!(%reason, retryable, "task failed");
+                self.send_final(&task, pb::task_event::Event::Failed(pb::TaskFailed { reason, retryable }), &mut recorded_rx).await;
+                delivery.acker.ack().await
+            }
+            Err(TaskFailure::HandBack) => {
+                tracing::info!("task handed back");
+                delivery.acker.nack(true).await
+            }
+            Err(TaskFailure::Stopped) => {
+                tracing::info!("task stopped at the coordinator's request");
+                delivery.acker.ack().await
+            }
+        };
+        if let Err(e) = settle {
+            tracing::warn!(error = %e, "could not settle the delivery; it will be redelivered");
+        }
+        *self.lock_current() = None;
+    }
+
+    fn spawn_heartbeat(self: Arc<Self>, task: pb::Task) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(self.config.heartbeat).await;
+                let _ = self.send_event(&task, self.next_seq(), pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {})).await;
+            }
+        })
+    }
+
+    /// Fetches a blob through the local cache (trajectories are reused by every render task).
+    async fn cached_blob(&self, key: &str) -> Result<Vec<u8>, TaskFailure> {
+        let name = key.replace('/', "_");
+        let path = self.config.cache_dir.join(name);
+        if let Ok(bytes) = tokio::fs::read(&path).await {
+            return Ok(bytes);
+        }
+        let blob_key = BlobKey::new(key)?;
+        let bytes = self.blobs.get(&blob_key).await?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+            let _ = tokio::fs::rename(&tmp, &path).await;
+        }
+        Ok(bytes.to_vec())
+    }
+
+    async fn run_task(self: &Arc<Self>, task: &pb::Task, stop: Arc<AtomicBool>) -> Result<pb::TaskSucceeded, TaskFailure> {
+        let settings = task.settings.clone().ok_or(TaskFailure::Failed { reason: "task without settings".into(), retryable: false })?;
+        let generation = GenerationSettings {
+            height: settings.height as usize,
+            width: settings.width as usize,
+            steps: settings.steps as usize,
+            guidance_scale: settings.guidance_scale,
+        };
+        let model = self.models.get(&settings.model).await?;
+        // Progress travels from the compute thread to the event publisher through a channel.
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(u32, u32)>();
+        let reporter = {
+            let worker = self.clone();
+            let task = task.clone();
+            let frames: Vec<u32> = match &task.work {
+                Some(pb::task::Work::Render(r)) => r.frames.iter().map(|f| f.index).collect(),
+                _ => Vec::new(),
+            };
+            tokio::spawn(async move {
+                while let Some((step, steps)) = progress_rx.recv().await {
+                    let event = pb::task_event::Event::Progress(pb::TaskProgress { frames: frames.clone(), step, steps });
+                    let _ = worker.send_event(&task, worker.next_seq(), event).await;
+                }
+            })
+        };
+        let every = self.config.progress_every.max(1);
+        let progress = move |p: Progress| -> storyfarm_diffusion::Result<()> {
+            let (step, steps) = match p {
+                Progress::Denoise { step, steps } | Progress::Invert { step, steps } => (step, steps),
+            };
+            if stop.load(Ordering::SeqCst) {
+                return Err(DiffusionError::Cancelled { step });
+            }
+            if step > 0 && ((step as u32).is_multiple_of(every) || step == steps) {
+                let _ = progress_tx.send((step as u32, steps as u32));
+            }
+            Ok(())
+        };
+        let result = match task.work.clone() {
+            Some(pb::task::Work::Invert(work)) => {
+                let image = self.cached_blob(&work.image_key).await?;
+                let mut progress = progress;
+                let trajectory = tokio::task::spawn_blocking(move || {
+                    let _span = tracing::info_span!("invert").entered();
+                    invert_image(&model, &image, &work.image_key, &work.prompt, &generation, work.guidance_scale, &mut progress)
+                })
+                .await
+                .map_err(|e| TaskFailure::Failed { reason: format!("inversion panicked: {e}"), retryable: false })??;
+                let key = BlobKey::new(work.trajectory_key.clone())?;
+                self.blobs.put(&key, Bytes::from(trajectory)).await?;
+                Ok(pb::TaskSucceeded { frames: Vec::new(), trajectory_key: work.trajectory_key })
+            }
+            Some(pb::task::Work::Render(work)) => {
+                let trajectory = if work.trajectory_key.is_empty() { None } else { Some(self.cached_blob(&work.trajectory_key).await?) };
+                let frames: Vec<FrameRequest> = work
+                    .frames
+                    .iter()
+                    .map(|f| FrameRequest { index: f.index, prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+                    .collect();
+                let options = work.options.map(|o| StyleAlignedOptions {
+                    share_group_norm: o.share_group_norm,
+                    share_attention: o.share_attention,
+                    adain_queries: o.adain_queries,
+                    adain_keys: o.adain_keys,
+                    adain_values: o.adain_values,
+                    shared_score_scale: o.shared_score_scale,
+                    shared_score_shift: o.shared_score_shift,
+                    only_self_level: o.only_self_level,
+                    ..StyleAlignedOptions::default()
+                });
+                let mut progress = progress;
+                let rendered = tokio::task::spawn_blocking(move || {
+                    let _span = tracing::info_span!("render", frames = frames.len()).entered();
+                    let style = trajectory.as_deref().map(|t| StyleRequest {
+                        trajectory: t,
+                        reference_prompt: &work.reference_prompt,
+                        offset: work.offset as usize,
+                        options: options.unwrap_or_default(),
+                    });
+                    render_frames(&model, &generation, style.as_ref(), &frames, &mut progress)
+                })
+                .await
+                .map_err(|e| TaskFailure::Failed { reason: format!("render panicked: {e}"), retryable: false })??;
+                let mut artifacts = Vec::with_capacity(rendered.len());
+                for frame in rendered {
+                    let png = self.blobs.put_content("png", Bytes::from(frame.png)).await?;
+                    let latents = self.blobs.put_content("safetensors", Bytes::from(frame.latents)).await?;
+                    artifacts.push(pb::FrameArtifacts { index: frame.index, png_key: png.as_str().into(), latents_key: latents.as_str().into() });
+                }
+                Ok(pb::TaskSucceeded { frames: artifacts, trajectory_key: String::new() })
+            }
+            None => Err(TaskFailure::Failed { reason: "task without work".into(), retryable: false }),
+        };
+        reporter.abort();
+        match result {
+            Err(TaskFailure::Stopped) if self.shutting_down.load(Ordering::SeqCst) => Err(TaskFailure::HandBack),
+            other => other,
+        }
+    }
+}
