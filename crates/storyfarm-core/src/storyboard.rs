@@ -183,8 +183,13 @@ impl StoryboardSpec {
             .map_err(|message| StoryboardFileError::Syntax { path: path.to_path_buf(), message })?;
         let invalid = |source| StoryboardFileError::Invalid { path: path.to_path_buf(), source };
         spec.validate().map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        // A model folder next to the board is named relative to it, like the style image.
+        let local_model = base.join(&spec.model);
+        if Path::new(&spec.model).is_relative() && local_model.join("model_index.json").is_file() {
+            spec.model = local_model.canonicalize().unwrap_or(local_model).display().to_string();
+        }
         if let Some(style) = &mut spec.style {
-            let base = path.parent().unwrap_or(Path::new("."));
             let image = base.join(&style.image);
             if !image.is_file() {
                 return Err(invalid(ValidationError::new(
