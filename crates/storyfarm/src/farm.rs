@@ -89,6 +89,9 @@ pub struct WorkerArgs {
     models: usize,
     #[arg(long, default_value_t = 10)]
     heartbeat_seconds: u64,
+    /// Resend a final event when the coordinator has not confirmed it after this long.
+    #[arg(long, default_value_t = 30)]
+    recorded_timeout_seconds: u64,
 }
 
 async fn shutdown_signal() {
@@ -158,7 +161,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         cache_dir,
         heartbeat: Duration::from_secs(args.heartbeat_seconds.max(1)),
         progress_every: 1,
-        recorded_timeout: Duration::from_secs(30),
+        recorded_timeout: Duration::from_secs(args.recorded_timeout_seconds.max(1)),
     };
     let worker = Arc::new(Worker::new(config, queue, blobs, models));
     worker.run(shutdown_signal()).await?;

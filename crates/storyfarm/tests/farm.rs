@@ -1,0 +1,252 @@
+//! The farm end to end on real services: a coordinator process and worker processes against the
+//! machine's Postgres and RabbitMQ and an S3 server (scripts/s3-server), the tiny SD 1.5 model.
+//! Every test gets its own database, queue namespace and bucket.
+//!
+//! Needs DATABASE_URL (a Postgres where databases can be created), STORYFARM_AMQP_URL and the
+//! STORYFARM_S3_* / AWS_* variables that scripts/s3-server prints; scripts/test sets them all.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use storyfarm_blob::{BlobKey, BlobStore, S3Config, S3Store};
+use storyfarm_diffusion::frames::{compare_latents, invert_image, render_frames, FrameRequest, StyleRequest};
+use storyfarm_diffusion::model::{HubOptions, ModelFolder};
+use storyfarm_diffusion::pipeline::{GenerationSettings, StableDiffusion};
+use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
+use storyfarm_proto::v1 as pb;
+use storyfarm_proto::v1::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn require(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests through scripts/test (it starts Postgres, RabbitMQ and S3)"))
+}
+
+fn psql(database_url: &str, sql: &str) -> String {
+    let out = Command::new("psql").args([database_url, "-tAc", sql]).output().expect("psql runs");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// One isolated farm: database, queue namespace, bucket, and the processes started on them.
+struct Farm {
+    name: String,
+    database_url: String,
+    admin_url: String,
+    bucket: String,
+    blobs: Arc<dyn BlobStore>,
+    port: u16,
+    coordinator: Option<Child>,
+    workers: Vec<Child>,
+    logs: PathBuf,
+}
+
+impl Farm {
+    async fn new() -> Farm {
+        let admin_url = require("DATABASE_URL");
+        require("STORYFARM_S3_ENDPOINT");
+        let name = format!("sf_e2e_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        psql(&admin_url, &format!("CREATE DATABASE {name}"));
+        let database_url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("DATABASE_URL without a database name: {admin_url}"),
+        };
+        let bucket = name.replace('_', "-");
+        let config = S3Config::from_vars(|v| if v == "STORYFARM_S3_BUCKET" { Some(bucket.clone()) } else { std::env::var(v).ok() }).unwrap();
+        let s3 = S3Store::new(config).await.unwrap();
+        s3.ensure_bucket().await.unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let logs = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&logs).unwrap();
+        Farm { name, database_url, admin_url, bucket, blobs: Arc::new(s3), port, coordinator: None, workers: Vec::new(), logs }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn command(&self, role: &str, log: &str) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_storyfarm"));
+        c.arg(role)
+            .env("DATABASE_URL", &self.database_url)
+            .env("STORYFARM_QUEUE_NAMESPACE", &self.name)
+            .env("STORYFARM_BLOBS", format!("s3://{}", self.bucket))
+            .env("STORYFARM_FAMILIES", "sd")
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.logs.join(log)).unwrap());
+        c
+    }
+
+    fn start_coordinator(&mut self) {
+        let mut child = self
+            .command("serve", "coordinator.log")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--retry-base-ms", "200"])
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on"), "coordinator did not start: {line:?}, see {}", self.logs.display());
+        self.coordinator = Some(child);
+    }
+
+    fn start_worker(&mut self, id: &str) {
+        let child = self
+            .command("worker", &format!("{id}.log"))
+            .args(["--worker-id", id, "--recorded-timeout-seconds", "2", "--heartbeat-seconds", "1"])
+            .arg("--cache-dir")
+            .arg(self.logs.join(format!("{id}-cache")))
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(name)).unwrap_or_default()
+    }
+
+    async fn jobs(&self) -> JobServiceClient<Channel> {
+        JobServiceClient::connect(self.endpoint()).await.unwrap()
+    }
+
+    fn submit(&self, board: &Path) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+            .args(["submit", "--coordinator", &self.endpoint()])
+            .arg(board)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    async fn wait_for(&self, job: &str, timeout: Duration) -> pb::Job {
+        let started = Instant::now();
+        let mut jobs = self.jobs().await;
+        loop {
+            let j = jobs.get_job(pb::GetJobRequest { id: job.into() }).await.unwrap().into_inner();
+            if j.state >= pb::JobState::Succeeded as i32 {
+                return j;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "job {job} not finished after {timeout:?}: {j:?}\ncoordinator log:\n{}",
+                tail(&self.log("coordinator.log"))
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        for child in self.coordinator.iter_mut().chain(self.workers.iter_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("psql")
+            .args([&self.admin_url, "-tAc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .output();
+        let _ = Command::new("rabbitmqctl").args(["list_queues", "-q"]).output();
+    }
+}
+
+/// A storyboard file of `frames` frames in the style of the fixture image.
+fn write_board(dir: &Path, frames: usize, steps: u32, per_task: u32) -> PathBuf {
+    std::fs::copy(repo().join("tests/fixtures/sd15/inversion_image.png"), dir.join("style.png")).unwrap();
+    let mut board = format!(
+        "model: {}\nwidth: 64\nheight: 64\nsteps: {steps}\nguidance: 7.5\nseed: 500\nframes_per_task: {per_task}\nstyle:\n  image: style.png\n  prompt: a colorful geometric pattern\n  offset: 1\n  inversion_guidance: 2.0\nframes:\n",
+        repo().join("tests/fixtures/models/tiny-sd15").display()
+    );
+    for i in 0..frames {
+        board.push_str(&format!("  - prompt: frame {i} of a story, flat illustration\n"));
+    }
+    let path = dir.join(format!("board-{frames}-{steps}.yaml"));
+    std::fs::write(&path, board).unwrap();
+    path
+}
+
+async fn frames_of(farm: &Farm, job: &str) -> Vec<pb::Frame> {
+    farm.jobs().await.list_frames(pb::ListFramesRequest { job_id: job.into() }).await.unwrap().into_inner().frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("worker-a");
+    farm.start_worker("worker-b");
+    let board = write_board(dir.path(), 12, 5, 2);
+    let job_id = farm.submit(&board);
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!((job.frames_total, job.frames_succeeded, job.inversion_tasks, job.render_tasks), (12, 12, 1, 6));
+    let frames = frames_of(&farm, &job_id).await;
+    // Both workers took tasks.
+    for w in ["worker-a.log", "worker-b.log"] {
+        assert!(farm.log(w).contains("task succeeded"), "{w} rendered nothing:\n{}", tail(&farm.log(w)));
+    }
+
+    // Every frame equals the same frame rendered alone in this process.
+    let model = repo().join("tests/fixtures/models/tiny-sd15");
+    let folder = ModelFolder::open(model.to_str().unwrap(), &HubOptions::default()).unwrap();
+    let sd = StableDiffusion::load(&folder, storyfarm_diffusion::device::Precision::F32.to_dtype(), &storyfarm_diffusion::device::DeviceSpec::Cpu.device().unwrap()).unwrap();
+    let settings = GenerationSettings { height: 64, width: 64, steps: 5, guidance_scale: 7.5 };
+    let image = std::fs::read(dir.path().join("style.png")).unwrap();
+    let trajectory = invert_image(&sd, &image, "style.png", "a colorful geometric pattern", &settings, 2.0, &mut |_| Ok(())).unwrap();
+    let style = StyleRequest { trajectory: &trajectory, reference_prompt: "a colorful geometric pattern", offset: 1, options: StyleAlignedOptions::default() };
+    let mut jobs = farm.jobs().await;
+    for f in &frames {
+        assert_eq!(f.state, pb::FrameState::Succeeded as i32, "{f:?}");
+        let alone = render_frames(
+            &sd,
+            &settings,
+            Some(&style),
+            &[FrameRequest { index: f.index, prompt: f.prompt.clone(), negative_prompt: String::new(), seed: f.seed }],
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        let farm_latents = farm.blobs.get(&BlobKey::new(f.latents_key.clone()).unwrap()).await.unwrap();
+        let (diff, scale) = compare_latents(&farm_latents, &alone[0].latents).unwrap();
+        assert!(diff <= 1e-4 * scale, "frame {}: max-abs {diff} > 1e-4 x {scale}", f.index);
+        // The PNG comes through the API.
+        let mut stream = jobs
+            .download_frame(pb::DownloadFrameRequest { job_id: job_id.clone(), index: f.index })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut png = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            png.extend_from_slice(&chunk.data);
+        }
+        let decoded = image::load_from_memory(&png).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (64, 64));
+    }
+    assert_eq!(frames.iter().map(|f| f.seed).collect::<Vec<_>>(), (500..512).collect::<Vec<u64>>());
+
+    // A second storyboard with the same reference reuses the inversion.
+    let second = farm.submit(&write_board(dir.path(), 3, 5, 2));
+    let job2 = farm.wait_for(&second, Duration::from_secs(120)).await;
+    assert_eq!((job2.state, job2.inversion_tasks), (pb::JobState::Succeeded as i32, 0), "{job2:?}");
+    // The watch command follows a finished job to its end and reports success.
+    let watch = Command::new(env!("CARGO_BIN_EXE_storyfarm")).args(["watch", &second, "--coordinator", &farm.endpoint()]).output().unwrap();
+    assert!(watch.status.success(), "{}", String::from_utf8_lossy(&watch.stderr));
+    assert!(String::from_utf8_lossy(&watch.stdout).contains("succeeded"));
+}
