@@ -98,13 +98,14 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL;
 
--- Every ingested event, so a redelivered event changes nothing.
+-- Every ingested event, so a redelivered event changes nothing. Sequence numbers are per worker:
+-- two workers running the same redelivered attempt never shadow each other's events.
 CREATE TABLE task_events (
     task_id      uuid NOT NULL,
     attempt      integer NOT NULL,
+    worker_id    text NOT NULL,
     seq          bigint NOT NULL,
     kind         text NOT NULL,
-    worker_id    text NOT NULL,
     received_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (task_id, attempt, seq)
+    PRIMARY KEY (task_id, attempt, worker_id, seq)
 );

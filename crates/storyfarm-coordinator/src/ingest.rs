@@ -11,6 +11,7 @@ use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{Delivery, OutgoingMessage, TaskQueue};
 use storyfarm_store::{EventOutcome, FrameArtifacts, MetadataStore, RetryPolicy, TaskEventKind, TaskEventRecord};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::watch::{Signal, WatchHub};
 
@@ -73,7 +74,10 @@ impl Ingestor {
             }
         };
         let span = tracing::info_span!("ingest_event", task_id = %record.task_id, attempt = record.attempt, seq = record.seq, kind = record.kind.as_str());
-        let _guard = span.enter();
+        self.apply_event(delivery, event, record).instrument(span).await
+    }
+
+    async fn apply_event(&self, delivery: Delivery, event: pb::TaskEvent, record: TaskEventRecord) {
         let outcome = loop {
             match self.store.record_event(&record, &self.retry).await {
                 Ok(o) => break o,

@@ -226,7 +226,8 @@ impl TaskEventKind {
     }
 }
 
-/// A task event from a worker (or the dead-letter queue), identified by task, attempt and seq.
+/// A task event from a worker (or the dead-letter queue), identified by task, attempt, worker and
+/// the worker's sequence number.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskEventRecord {
     pub task_id: TaskId,
@@ -239,7 +240,7 @@ pub struct TaskEventRecord {
 /// What ingesting an event did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventOutcome {
-    /// Seen before (same task, attempt and seq): nothing changed.
+    /// Seen before (same task, attempt, worker and seq): nothing changed.
     Duplicate,
     /// For an attempt that is no longer current, or a task already finished or cancelled
     /// (`cancelled`: the worker should stop).

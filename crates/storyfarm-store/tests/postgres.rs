@@ -232,3 +232,19 @@ fn backoff_doubles_and_caps() {
     assert_eq!(p.delay(10), Duration::from_secs(60));
     let _ = ResolvedFrame { index: 0, prompt: String::new(), negative_prompt: String::new(), seed: 0 };
 }
+
+#[sqlx::test(migrator = "storyfarm_store::MIGRATOR")]
+async fn sequence_numbers_are_per_worker(pool: PgPool) {
+    // A redelivered attempt runs on a second worker whose counter may repeat the first one's
+    // numbers: its success must not be mistaken for a duplicate.
+    let store = PgStore::from_pool(pool);
+    let (_, sb) = storyboard(&store).await;
+    let planned = new_job(sb, None);
+    store.submit_job(&planned).await.unwrap();
+    let t = planned.render_tasks[1].id;
+    store.record_event(&event(t, 1, 5, TaskEventKind::Progress), &FAST).await.unwrap();
+    let second = TaskEventRecord { worker_id: "w2".into(), ..event(t, 1, 5, succeeded(&[2])) };
+    assert!(matches!(store.record_event(&second, &FAST).await.unwrap(), EventOutcome::Applied { .. }));
+    assert_eq!(store.record_event(&second, &FAST).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(store.list_frames(planned.id).await.unwrap()[2].state, FrameState::Succeeded);
+}

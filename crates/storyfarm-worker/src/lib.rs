@@ -20,6 +20,7 @@ use storyfarm_diffusion::DiffusionError;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{Delivery, OutgoingMessage, QueueError, TaskQueue};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub use models::{ModelCache, ModelLoader};
 
@@ -99,7 +100,13 @@ impl Worker {
             models,
             current: Arc::new(Mutex::new(None)),
             shutting_down: Arc::new(AtomicBool::new(false)),
-            seq: AtomicU64::new(0),
+            // Sequence numbers keep growing across restarts of a worker with the same id.
+            seq: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0),
+            ),
         }
     }
 
@@ -249,6 +256,17 @@ impl Worker {
     }
 
     async fn handle(self: Arc<Self>, delivery: Delivery) {
+        let span = match pb::Task::decode(delivery.payload.clone()) {
+            Ok(task) => {
+                let trace_id = storyfarm_core::trace::trace_id(&task.traceparent).unwrap_or_default().to_string();
+                tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, trace_id = %trace_id, redelivered = delivery.redelivered)
+            }
+            Err(_) => tracing::info_span!("task"),
+        };
+        self.handle_in_span(delivery).instrument(span).await
+    }
+
+    async fn handle_in_span(self: Arc<Self>, delivery: Delivery) {
         let task = match pb::Task::decode(delivery.payload.clone()) {
             Ok(t) => t,
             Err(e) => {
@@ -257,9 +275,6 @@ impl Worker {
                 return;
             }
         };
-        let trace_id = storyfarm_core::trace::trace_id(&task.traceparent).unwrap_or_default().to_string();
-        let span = tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, trace_id = %trace_id, redelivered = delivery.redelivered);
-        let _guard = span.enter();
         let stop = Arc::new(AtomicBool::new(self.shutting_down.load(Ordering::SeqCst)));
         let (recorded_tx, mut recorded_rx) = mpsc::unbounded_channel();
         *self.lock_current() = Some(Current {
@@ -373,6 +388,7 @@ impl Worker {
             Some(pb::task::Work::Invert(work)) => {
                 let image = self.cached_blob(&work.image_key).await?;
                 let mut progress = progress;
+                tracing::info!("inverting the style reference");
                 let trajectory = tokio::task::spawn_blocking(move || {
                     let _span = tracing::info_span!("invert").entered();
                     invert_image(&model, &image, &work.image_key, &work.prompt, &generation, work.guidance_scale, &mut progress)
@@ -402,6 +418,7 @@ impl Worker {
                     ..StyleAlignedOptions::default()
                 });
                 let mut progress = progress;
+                tracing::info!(frames = frames.len(), styled = trajectory.is_some(), "rendering");
                 let rendered = tokio::task::spawn_blocking(move || {
                     let _span = tracing::info_span!("render", frames = frames.len()).entered();
                     let style = trajectory.as_deref().map(|t| StyleRequest {

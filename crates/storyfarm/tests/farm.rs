@@ -250,3 +250,63 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
     assert!(watch.status.success(), "{}", String::from_utf8_lossy(&watch.stderr));
     assert!(String::from_utf8_lossy(&watch.stdout).contains("succeeded"));
 }
+
+/// Waits until `log` contains `needle` (a worker has reached a point in a task).
+async fn wait_for_log(farm: &Farm, log: &str, needle: &str, timeout: Duration) {
+    let started = Instant::now();
+    while !farm.log(log).contains(needle) {
+        assert!(started.elapsed() < timeout, "{log} never said {needle:?}:\n{}", tail(&farm.log(log)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_task_is_redelivered_and_every_frame_lands_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("doomed");
+    // Enough steps that the kill lands mid-task.
+    let board = write_board(dir.path(), 4, 40, 2);
+    let job_id = farm.submit(&board);
+    // Past the inversion, into a render task: then SIGKILL.
+    wait_for_log(&farm, "doomed.log", "rendering", Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!farm.log("doomed.log").contains("task succeeded frames=2"), "the render finished before the kill; make it longer");
+    farm.workers[0].kill().unwrap(); // SIGKILL
+    farm.workers[0].wait().unwrap();
+    farm.start_worker("rescuer");
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    let frames = frames_of(&farm, &job_id).await;
+    assert_eq!(frames.len(), 4);
+    assert!(frames.iter().all(|f| f.state == pb::FrameState::Succeeded as i32 && !f.png_key.is_empty()), "{frames:?}");
+    // The killed worker's task came back to the rescuer as a redelivery.
+    assert!(farm.log("rescuer.log").contains("redelivered=true"), "{}", tail(&farm.log("rescuer.log")));
+    // Exactly once: one success recorded per task, whatever was delivered twice.
+    let successes = psql(&farm.database_url, "SELECT count(*) FROM task_events WHERE kind = 'succeeded'");
+    let tasks = psql(&farm.database_url, "SELECT count(*) FROM tasks");
+    assert_eq!(successes, tasks);
+    let succeeded_frames = psql(&farm.database_url, "SELECT count(DISTINCT (job_id, frame_index)) FROM frames WHERE state = 'succeeded'");
+    assert_eq!(succeeded_frames, "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_restarted_mid_job_finishes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("steady");
+    let board = write_board(dir.path(), 6, 20, 2);
+    let job_id = farm.submit(&board);
+    wait_for_log(&farm, "steady.log", "task succeeded", Duration::from_secs(120)).await;
+    let mut coordinator = farm.coordinator.take().unwrap();
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    // The worker keeps going; its events wait in the durable events queue.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    farm.start_coordinator();
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    assert_eq!(job.frames_succeeded, 6);
+}
