@@ -1,0 +1,175 @@
+//! 2-D convolution as im2col + gemm straight into an NCHW output that was prefilled with bias,
+//! a per-(item, channel) addend (a ResNet block's time embedding) and/or a residual map. Unlike
+//! candle's tiled CPU path it never reorders the weight or the input per call: the im2col rows
+//! of channel `c` are shifted copies of its plane, and `[out, in, kh, kw]` already is the
+//! `[out, in*kh*kw]` left operand. 1x1 stride-1 convolutions use the input as is.
+
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+
+use crate::matmul::{gemm, prefill, with_bias_residual, Mat};
+use crate::view::{output, F32View};
+use crate::Result;
+
+/// im2col tiles hold at most this many elements (16 MiB; tiny in tests to exercise tiling).
+const MAX_COL_ELEMS: usize = if cfg!(test) { 4096 } else { 4 << 20 };
+
+/// `conv2d(x, weight) + bias[c] + channel_add[b, c] + residual[b, c, y, x]` (each optional);
+/// `x` `[B, Cin, H, W]`, `weight` `[Cout, Cin, kh, kw]`, symmetric zero `padding`.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    channel_add: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (b, cin, h, w) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
+    if wcin != cin || stride == 0 {
+        bail!("conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims());
+    }
+    if h + 2 * padding < kh || w + 2 * padding < kw {
+        bail!("conv2d: kernel larger than the padded input");
+    }
+    let ho = (h + 2 * padding - kh) / stride + 1;
+    let wo = (w + 2 * padding - kw) / stride + 1;
+    let plane = ho * wo;
+    let k = cin * kh * kw;
+    let weight = weight.contiguous()?;
+    let wv = F32View::new(&weight)?;
+    let xv = F32View::new(&x)?;
+    let (xs, ws) = (xv.slice(), wv.slice());
+
+    let mut dst = vec![0f32; b * cout * plane];
+    with_bias_residual(bias, residual, |bias, res| {
+        prefill(&mut dst, plane, bias, true, res);
+        Ok(())
+    })?;
+    if let Some(add) = channel_add {
+        let add = add.contiguous()?;
+        if add.elem_count() != b * cout {
+            bail!("conv2d: channel_add {:?} for output [{b}, {cout}, ..]", add.dims());
+        }
+        let av = F32View::new(&add)?;
+        let a = av.slice();
+        dst.par_chunks_mut(plane).zip(a.par_iter()).for_each(|(row, v)| {
+            row.iter_mut().for_each(|x| *x += v);
+        });
+    }
+
+    let direct = kh == 1 && kw == 1 && stride == 1 && padding == 0;
+    let rows_per_tile = (MAX_COL_ELEMS / (k * wo).max(1)).clamp(1, ho);
+    let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_tile * wo] };
+    for item in 0..b {
+        let x_item = &xs[item * cin * h * w..][..cin * h * w];
+        let dst_item = dst[item * cout * plane..].as_mut_ptr();
+        if direct {
+            // SAFETY: [Cout, Cin] x [Cin, H*W] into this item's output.
+            unsafe {
+                gemm(cout, plane, cin, dst_item, plane as isize, 1, true,
+                    Mat { ptr: ws.as_ptr(), rs: k as isize, cs: 1 },
+                    Mat { ptr: x_item.as_ptr(), rs: plane as isize, cs: 1 },
+                    1.0, true);
+            }
+            continue;
+        }
+        let mut r0 = 0;
+        while r0 < ho {
+            let rows = rows_per_tile.min(ho - r0);
+            let p = rows * wo;
+            let geom = Geometry { h, w, kh, kw, stride, padding, wo, r0, rows };
+            col[..k * p].par_chunks_mut(kh * kw * p).enumerate().for_each(|(c, chunk)| {
+                im2col_channel(&x_item[c * h * w..][..h * w], chunk, &geom);
+            });
+            // SAFETY: [Cout, K] x [K, p] into output rows r0..r0+rows of this item.
+            unsafe {
+                gemm(cout, p, k, dst_item.add(r0 * wo), plane as isize, 1, true,
+                    Mat { ptr: ws.as_ptr(), rs: k as isize, cs: 1 },
+                    Mat { ptr: col.as_ptr(), rs: p as isize, cs: 1 },
+                    1.0, true);
+            }
+            r0 += rows;
+        }
+    }
+    output(dst, (b, cout, ho, wo))
+}
+
+struct Geometry {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    wo: usize,
+    r0: usize,
+    rows: usize,
+}
+
+/// The `kh * kw` im2col rows of one input channel for output rows `r0..r0 + rows`.
+fn im2col_channel(plane: &[f32], out: &mut [f32], g: &Geometry) {
+    let p = g.rows * g.wo;
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let row = &mut out[(i * g.kw + j) * p..][..p];
+            for (t, oy) in (g.r0..g.r0 + g.rows).enumerate() {
+                let o = &mut row[t * g.wo..][..g.wo];
+                let iy = (oy * g.stride + i) as isize - g.padding as isize;
+                if iy < 0 || iy >= g.h as isize {
+                    o.fill(0.0);
+                    continue;
+                }
+                let src = &plane[iy as usize * g.w..][..g.w];
+                if g.stride == 1 {
+                    // Output column ox reads input column ox + j - padding.
+                    let lo = g.padding.saturating_sub(j).min(g.wo);
+                    let hi = (g.w + g.padding).saturating_sub(j).min(g.wo).max(lo);
+                    o[..lo].fill(0.0);
+                    o[hi..].fill(0.0);
+                    let s0 = lo + j - g.padding;
+                    o[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                } else {
+                    for (ox, v) in o.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + j) as isize - g.padding as isize;
+                        *v = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_abs, rand};
+
+    #[test]
+    fn conv2d_matches_candle() {
+        for &(cin, cout, h, w, k, stride, pad) in &[
+            (3, 5, 7, 6, 3, 1, 1),
+            (4, 6, 8, 8, 3, 2, 1),
+            (5, 3, 6, 5, 1, 1, 0),
+            (2, 3, 5, 5, 3, 1, 0),
+            (300, 4, 9, 9, 3, 1, 1), // several im2col tiles
+        ] {
+            let x = rand(&[2, cin, h, w], 1);
+            let wt = rand(&[cout, cin, k, k], 2);
+            let bias = rand(&[cout], 3);
+            let want = x.conv2d(&wt, pad, stride, 1, 1).unwrap();
+            let (ho, wo) = (want.dim(2).unwrap(), want.dim(3).unwrap());
+            let add = rand(&[2, cout], 4);
+            let res = rand(&[2, cout, ho, wo], 5);
+            let want = want
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap()
+                .broadcast_add(&add.reshape((2, cout, 1, 1)).unwrap()).unwrap()
+                .add(&res).unwrap();
+            let got = conv2d(&x, &wt, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
+            let err = max_abs(&got, &want);
+            assert!(err < 1e-4, "{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
+        }
+    }
+}

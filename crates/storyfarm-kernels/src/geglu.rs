@@ -1,0 +1,46 @@
+//! GEGLU's gate in one pass: `hidden * gelu_erf(gate)` from the `[.., 2 * inner]` projection
+//! without materialising the two halves.
+
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+
+use crate::simd::{gelu_erf, multiversion};
+use crate::view::{output, F32View};
+use crate::Result;
+
+multiversion! {
+    fn gate_row(src: &[f32], dst: &mut [f32]) {
+        let (hidden, gate) = src.split_at(dst.len());
+        dst.iter_mut().zip(hidden.iter().zip(gate)).for_each(|(d, (&h, &g))| *d = h * gelu_erf(g));
+    }
+}
+
+/// `x[.., :inner] * gelu_erf(x[.., inner:])` for `x` `[.., 2 * inner]`.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let two = *x.dims().last().unwrap_or(&0);
+    if two % 2 != 0 || two == 0 {
+        bail!("geglu: last dim {two} is not even");
+    }
+    let inner = two / 2;
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = inner;
+    let xv = F32View::new(&x)?;
+    let mut dst = vec![0f32; x.elem_count() / 2];
+    dst.par_chunks_mut(inner).zip(xv.slice().par_chunks(two)).for_each(|(d, s)| gate_row(s, d));
+    output(dst, shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_abs, rand};
+    use candle_core::D;
+
+    #[test]
+    fn geglu_matches_candle_ops() {
+        let x = (rand(&[2, 3, 10], 1) * 3.0).unwrap();
+        let want = (x.narrow(D::Minus1, 0, 5).unwrap() * x.narrow(D::Minus1, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
+        assert!(max_abs(&geglu(&x).unwrap(), &want) < 1e-5);
+    }
+}

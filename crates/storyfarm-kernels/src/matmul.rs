@@ -1,0 +1,260 @@
+//! Matrix products through `gemm` with arbitrary strides, writing into a destination that was
+//! prefilled with bias (and residual), so `x W^T + b (+ r)` is one pass over the output; and the
+//! linear layers built on it, including the token <-> channel-map transposes of a
+//! Transformer2D's projections folded into the operand strides.
+
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+
+use crate::view::{output, F32View};
+use crate::Result;
+
+/// A strided row-major-or-not matrix operand: element (r, c) at `ptr + r * rs + c * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + scale * lhs[m, k] rhs[k, n]`.
+///
+/// # Safety
+/// All operands must be valid for the given sizes and strides; `dst` must not alias them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    dst_cs: isize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    let par = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m, n, k, dst, dst_cs, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
+        1.0, scale, false, false, false, par,
+    );
+}
+
+/// Fills `dst`, seen as rows of `row_len`, with `bias[col] + residual[i]` (either optional);
+/// `bias_per_row` instead takes `bias[row % bias.len()]` (channel-major maps).
+pub(crate) fn prefill(
+    dst: &mut [f32],
+    row_len: usize,
+    bias: Option<&[f32]>,
+    bias_per_row: bool,
+    residual: Option<&[f32]>,
+) {
+    let rows_per_task = (16384 / row_len.max(1)).max(1);
+    dst.par_chunks_mut(row_len * rows_per_task).enumerate().for_each(|(task, chunk)| {
+        for (i, row) in chunk.chunks_mut(row_len).enumerate() {
+            let r = task * rows_per_task + i;
+            match residual {
+                Some(res) => row.copy_from_slice(&res[r * row_len..][..row_len]),
+                None => row.fill(0.0),
+            }
+            match bias {
+                Some(b) if bias_per_row => {
+                    let v = b[r % b.len()];
+                    row.iter_mut().for_each(|x| *x += v);
+                }
+                Some(b) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
+                None => {}
+            }
+        }
+    });
+}
+
+fn dims_of(x: &Tensor) -> (usize, usize) {
+    let d = x.dims();
+    let last = *d.last().unwrap_or(&1);
+    (x.elem_count() / last.max(1), last)
+}
+
+/// `x W^T + bias + residual` for `x` `[.., in]`, `weight` `[out, in]`, `residual` shaped like
+/// the output.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, inp) = dims_of(&x);
+    let (out_f, w_in) = weight.dims2()?;
+    if w_in != inp {
+        bail!("linear: input has {inp} features, weight expects {w_in}");
+    }
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = out_f;
+    let weight = weight.contiguous()?;
+    let w = F32View::new(&weight)?;
+    let xv = F32View::new(&x)?;
+    let mut dst = vec![0f32; rows * out_f];
+    with_bias_residual(bias, residual, |b, r| {
+        prefill(&mut dst, out_f, b, false, r);
+        Ok(())
+    })?;
+    // SAFETY: sizes and strides describe the owned buffers above.
+    unsafe {
+        gemm(
+            rows,
+            out_f,
+            inp,
+            dst.as_mut_ptr(),
+            out_f as isize,
+            1,
+            true,
+            Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 },
+            Mat { ptr: w.slice().as_ptr(), rs: 1, cs: inp as isize },
+            1.0,
+            true,
+        );
+    }
+    output(dst, shape)
+}
+
+/// A 1x1 projection of a channel map `[B, C, H, W]` straight to tokens `[B, H*W, out]`
+/// (`weight` `[out, C]` or `[out, C, 1, 1]`), bias added.
+pub fn linear_from_channels(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (b, c, h, w) = x.dims4()?;
+    let out_f = weight.dim(0)?;
+    if weight.elem_count() != out_f * c {
+        bail!("linear_from_channels: weight {:?} for {c} channels", weight.dims());
+    }
+    let hw = h * w;
+    let weight = weight.contiguous()?;
+    let wv = F32View::new(&weight)?;
+    let xv = F32View::new(&x)?;
+    let mut dst = vec![0f32; b * hw * out_f];
+    with_bias_residual(bias, None, |bias, _| {
+        prefill(&mut dst, out_f, bias, false, None);
+        Ok(())
+    })?;
+    for item in 0..b {
+        // SAFETY: item `item` of input and output, in bounds by construction.
+        unsafe {
+            gemm(
+                hw,
+                out_f,
+                c,
+                dst.as_mut_ptr().add(item * hw * out_f),
+                out_f as isize,
+                1,
+                true,
+                Mat { ptr: xv.slice().as_ptr().add(item * c * hw), rs: 1, cs: hw as isize },
+                Mat { ptr: wv.slice().as_ptr(), rs: 1, cs: c as isize },
+                1.0,
+                true,
+            );
+        }
+    }
+    output(dst, (b, hw, out_f))
+}
+
+/// A projection of tokens `[B, H*W, C]` back to a channel map `[B, out, H, W]` (`weight`
+/// `[out, C]` or `[out, C, 1, 1]`), plus bias and a residual map shaped like the output.
+pub fn linear_to_channels(
+    tokens: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    height: usize,
+    width: usize,
+) -> Result<Tensor> {
+    let tokens = tokens.contiguous()?;
+    let (b, n, c) = tokens.dims3()?;
+    let out_f = weight.dim(0)?;
+    if n != height * width || weight.elem_count() != out_f * c {
+        bail!("linear_to_channels: tokens {:?}, weight {:?}", tokens.dims(), weight.dims());
+    }
+    let weight = weight.contiguous()?;
+    let wv = F32View::new(&weight)?;
+    let tv = F32View::new(&tokens)?;
+    let mut dst = vec![0f32; b * out_f * n];
+    with_bias_residual(bias, residual, |bias, res| {
+        prefill(&mut dst, n, bias, true, res);
+        Ok(())
+    })?;
+    for item in 0..b {
+        // SAFETY: item `item` of input and output, in bounds by construction.
+        unsafe {
+            gemm(
+                out_f,
+                n,
+                c,
+                dst.as_mut_ptr().add(item * out_f * n),
+                n as isize,
+                1,
+                true,
+                Mat { ptr: wv.slice().as_ptr(), rs: c as isize, cs: 1 },
+                Mat { ptr: tv.slice().as_ptr().add(item * n * c), rs: 1, cs: c as isize },
+                1.0,
+                true,
+            );
+        }
+    }
+    output(dst, (b, out_f, height, width))
+}
+
+/// Runs `f` with the f32 data of the optional bias and residual tensors.
+pub(crate) fn with_bias_residual<R>(
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    f: impl FnOnce(Option<&[f32]>, Option<&[f32]>) -> Result<R>,
+) -> Result<R> {
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let bv = bias.as_ref().map(F32View::new).transpose()?;
+    let rv = residual.as_ref().map(F32View::new).transpose()?;
+    f(bv.as_ref().map(|v| v.slice()), rv.as_ref().map(|v| v.slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_abs, rand};
+    use candle_core::Module;
+
+    #[test]
+    fn linear_matches_candle() {
+        let x = rand(&[2, 7, 12], 1);
+        let w = rand(&[5, 12], 2);
+        let b = rand(&[5], 3);
+        let r = rand(&[2, 7, 5], 4);
+        let want = (candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap() + &r).unwrap();
+        assert!(max_abs(&linear(&x, &w, Some(&b), Some(&r)).unwrap(), &want) < 1e-5);
+        let want = x.matmul(&w.t().unwrap().broadcast_left(2).unwrap()).unwrap();
+        assert!(max_abs(&linear(&x, &w, None, None).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn channel_projections_match_permuted_linear() {
+        let (b, c, h, w, o) = (2, 6, 3, 4, 5);
+        let x = rand(&[b, c, h, w], 5);
+        let wt = rand(&[o, c, 1, 1], 6);
+        let bias = rand(&[o], 7);
+        let tokens = x.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, c)).unwrap();
+        let lin = candle_nn::Linear::new(wt.reshape((o, c)).unwrap(), Some(bias.clone()));
+        let want = lin.forward(&tokens).unwrap();
+        assert!(max_abs(&linear_from_channels(&x, &wt, Some(&bias)).unwrap(), &want) < 1e-5);
+
+        let t = rand(&[b, h * w, c], 8);
+        let res = rand(&[b, o, h, w], 9);
+        let want = lin.forward(&t).unwrap().reshape((b, h, w, o)).unwrap().permute((0, 3, 1, 2)).unwrap();
+        let want = (want + &res).unwrap();
+        let got = linear_to_channels(&t, &wt, Some(&bias), Some(&res), h, w).unwrap();
+        assert!(max_abs(&got, &want) < 1e-5);
+    }
+}
