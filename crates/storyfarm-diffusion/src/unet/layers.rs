@@ -11,6 +11,7 @@ use crate::attention::{
 use crate::error::Result;
 use crate::layers::{layer_norm, linear, linear_no_bias, split_heads};
 use crate::weights::Weights;
+use storyfarm_kernels as kernels;
 
 pub(crate) struct Conv2d {
     weight: Tensor,
@@ -37,12 +38,59 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        self.forward_add(x, None, None)
+    }
+
+    /// `conv(x) + bias + channel_add[b, c] + residual`, in one pass on the CPU (f32).
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        channel_add: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if kernels::supported(&[x, &self.weight]) {
+            return Ok(kernels::conv2d(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.stride,
+                self.padding,
+                channel_add,
+                residual,
+            )?);
+        }
+        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+        }
+        if let Some(a) = channel_add {
+            y = y.broadcast_add(&a.reshape((a.dim(0)?, a.dim(1)?, 1, 1))?)?;
+        }
+        Ok(match residual {
+            Some(r) => (y + r)?,
             None => y,
         })
     }
+
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// `x W^T + b (+ residual)`, bias and residual fused into the product on the CPU (f32).
+fn linear_add(layer: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    if kernels::supported(&[x, layer.weight()]) {
+        return Ok(kernels::linear(x, layer.weight(), layer.bias(), residual)?);
+    }
+    let y = layer.forward(x)?;
+    Ok(match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    })
 }
 
 /// GroupNorm whose per-group statistics a [`crate::attention::NormHook`] may replace.
@@ -66,6 +114,39 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        self.forward_act(x, false, ctx)
+    }
+
+    /// GroupNorm, then SiLU if `silu`; one fused pass (after the statistics) on the CPU (f32).
+    pub fn forward_act(&self, x: &Tensor, silu: bool, ctx: &ForwardContext) -> Result<Tensor> {
+        if kernels::supported(&[x, &self.weight]) {
+            return self.forward_fused(x, silu, ctx);
+        }
+        let y = self.forward_ops(x, ctx)?;
+        Ok(if silu { y.silu()? } else { y })
+    }
+
+    fn forward_fused(&self, x: &Tensor, silu: bool, ctx: &ForwardContext) -> Result<Tensor> {
+        let (mut mean, mut var) = kernels::group_norm_stats(x, self.groups)?;
+        if let Some(hook) = ctx.hooks.norm.filter(|h| h.applies_to(&self.id, &ctx.step)) {
+            let b = x.dim(0)?;
+            let shape = (b, self.groups);
+            let (pm, pv) = hook.pool_statistics(
+                &self.id,
+                &ctx.step,
+                Tensor::from_vec(mean, shape, x.device())?,
+                Tensor::from_vec(var, shape, x.device())?,
+            )?;
+            mean = pm.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            var = pv.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        }
+        Ok(kernels::group_norm_apply(
+            x, self.groups, &mean, &var, self.eps, &self.weight, &self.bias, silu,
+        )?)
+    }
+
+    /// The same with candle ops (other devices and dtypes).
+    fn forward_ops(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -155,15 +236,15 @@ impl ResnetBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x, ctx)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, ctx)?.silu()?)?;
+        // The time embedding is a per-(item, channel) addend of conv1's output, and the
+        // shortcut the residual of conv2's: both ride along with the convolutions.
+        let t = self.time_emb_proj.forward(&temb.silu()?)?;
+        let h = self.conv1.forward_add(&self.norm1.forward_act(x, true, ctx)?, Some(&t), None)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        Ok((shortcut + h)?)
+        self.conv2.forward_add(&self.norm2.forward_act(&h, true, ctx)?, None, Some(&shortcut))
     }
 }
 
@@ -205,7 +286,8 @@ impl Attention {
         split_heads(x, self.heads)
     }
 
-    /// `x`: `[B, N, C]` tokens of an `height x width` map; `context`: text tokens for `attn2`.
+    /// `x`: `[B, N, C]` tokens of an `height x width` map; `context`: text tokens for `attn2`;
+    /// `residual` is added to the output projection.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -213,19 +295,32 @@ impl Attention {
         height: usize,
         width: usize,
         ctx: &ForwardContext,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let source = context.unwrap_or(x);
-        let qkv = Qkv {
-            q: self.split_heads(&self.to_q.forward(x)?)?,
-            k: self.split_heads(&self.to_k.forward(source)?)?,
-            v: self.split_heads(&self.to_v.forward(source)?)?,
-        };
         let site = AttentionSite { id: self.id, height, width };
         let hook = ctx
             .hooks
             .attention
             .filter(|h| h.applies_to(&site, &ctx.step));
+        if hook.is_none() && kernels::supported(&[x, source, self.to_q.weight()]) {
+            // Token layout straight through the fused kernel: no head split or merge copies.
+            let out = kernels::attention(
+                &self.to_q.forward(x)?,
+                &self.to_k.forward(source)?,
+                &self.to_v.forward(source)?,
+                self.heads,
+                self.scale as f32,
+                &[],
+            )?;
+            return linear_add(&self.to_out, &out, residual);
+        }
+        let qkv = Qkv {
+            q: self.split_heads(&self.to_q.forward(x)?)?,
+            k: self.split_heads(&self.to_k.forward(source)?)?,
+            v: self.split_heads(&self.to_v.forward(source)?)?,
+        };
         let out = match hook {
             None => attention::plain_attention(&qkv.q, &qkv.k, &qkv.v, self.scale)?,
             Some(hook) => {
@@ -234,15 +329,31 @@ impl Attention {
                     hook.observe_probabilities(&site, &ctx.step, &p)?;
                 }
                 let AttentionInputs { qkv, extra } = hook.prepare(&site, &ctx.step, qkv)?;
-                attention::attention(&qkv.q, &qkv.k, &qkv.v, self.scale, &extra)?
+                if kernels::supported(&[&qkv.q, &qkv.k, &qkv.v]) {
+                    let blocks: Vec<kernels::ExtraBlock> = extra
+                        .iter()
+                        .map(|e| kernels::ExtraBlock {
+                            items: &e.items,
+                            keys: &e.keys,
+                            values: &e.values,
+                            logit_bias: e.logit_bias,
+                            key_mask: e.key_mask.as_ref(),
+                        })
+                        .collect();
+                    kernels::attention(&qkv.q, &qkv.k, &qkv.v, self.heads, self.scale as f32, &blocks)?
+                } else {
+                    attention::attention(&qkv.q, &qkv.k, &qkv.v, self.scale, &extra)?
+                        .transpose(1, 2)?
+                        .reshape((b, n, c))?
+                }
             }
         };
-        let out = out.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = if hook.is_none() { out.transpose(1, 2)?.reshape((b, n, c))? } else { out };
         let out = match hook {
             Some(hook) => hook.finish(&site, &ctx.step, out)?,
             None => out,
         };
-        Ok(self.to_out.forward(&out)?)
+        linear_add(&self.to_out, &out, residual)
     }
 }
 
@@ -261,12 +372,16 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        Ok(self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)?)
+    /// The feed-forward of `x`, plus `residual`.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = linear_add(&self.proj_in, x, None)?;
+        let gated = if kernels::supported(&[&h]) {
+            kernels::geglu(&h)?
+        } else {
+            let half = h.dim(D::Minus1)? / 2;
+            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
+        };
+        linear_add(&self.proj_out, &gated, Some(residual))
     }
 }
 
@@ -288,16 +403,25 @@ impl BasicTransformerBlock {
         width: usize,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, height, width, ctx)? + x)?;
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, height, width, ctx, Some(x))?;
         let x =
-            (self.attn2.forward(&self.norm2.forward(&x)?, Some(context), height, width, ctx)? + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + x)?)
+            self.attn2.forward(&self.norm2.forward(&x)?, Some(context), height, width, ctx, Some(&x))?;
+        self.ff.forward(&self.norm3.forward(&x)?, &x)
     }
 }
 
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
+}
+
+impl Projection {
+    fn weight_bias(&self) -> (&Tensor, Option<&Tensor>) {
+        match self {
+            Self::Conv(c) => (c.weight(), c.bias()),
+            Self::Linear(l) => (l.weight(), l.bias()),
+        }
+    }
 }
 
 /// diffusers `Transformer2DModel`: GroupNorm, projection in, transformer blocks, projection out,
@@ -387,6 +511,17 @@ impl Transformer2D {
     pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x, ctx)?;
+        if kernels::supported(&[x]) {
+            // Both projection kinds are a [C, C] matrix; the NCHW <-> token transposes live in
+            // the kernels' operand strides, and the residual rides with the output projection.
+            let (pw, pb) = self.proj_in.weight_bias();
+            let mut tokens = kernels::linear_from_channels(&normed, pw, pb)?;
+            for block in &self.blocks {
+                tokens = block.forward(&tokens, context, h, w, ctx)?;
+            }
+            let (pw, pb) = self.proj_out.weight_bias();
+            return Ok(kernels::linear_to_channels(&tokens, pw, pb, Some(x), h, w)?);
+        }
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
         };

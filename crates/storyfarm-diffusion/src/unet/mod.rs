@@ -264,7 +264,7 @@ impl UNet {
             .filter_map(|t| t.attention(id))
             .next()
             .ok_or_else(|| DiffusionError::invalid_argument("attention", format!("no layer {id}")))?;
-        layer.forward(&x.to_dtype(self.dtype)?, context, height, width, ctx)
+        layer.forward(&x.to_dtype(self.dtype)?, context, height, width, ctx, None)
     }
 
     /// `temb` (before SDXL's added embedding) and the added embedding, for debugging and goldens.
@@ -394,7 +394,7 @@ impl UNet {
 
         let out = self
             .conv_out
-            .forward(&self.conv_norm_out.forward(&x, ctx)?.silu()?)?;
+            .forward(&self.conv_norm_out.forward_act(&x, true, ctx)?)?;
         Ok(UNetOutput {
             out,
             temb: temb_plain,
