@@ -106,6 +106,8 @@ pub fn group_norm_apply(
         let inv = 1.0 / ((var[stat] as f64 + eps).sqrt() as f32);
         let a = w[ch] * inv;
         let shift = bs[ch] - mean[stat] * a;
+        // Rebinding captures the whole `Send` wrapper rather than its raw-pointer field.
+        #[allow(clippy::redundant_locals)]
         let out = out;
         // SAFETY: plane `plane` of `dst`, written by this task only.
         let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(plane * spatial), spatial) };

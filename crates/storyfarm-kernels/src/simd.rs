@@ -44,7 +44,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5; // 5.0000001e-1 rounds to exactly 0.5 in f32
     let y = p * r * r + r + 1.0;
     // The integer n sits in the low mantissa bits of t; wrapping ops keep the loop
     // vectorisable under overflow checks (|n| <= 127, nothing actually wraps).
@@ -72,7 +72,7 @@ pub(crate) fn gelu_erf(x: f32) -> f32 {
     let mut p = 0.170_872_77f32;
     p = p * t - 0.822_152_23;
     p = p * t + 1.488_515_9;
-    p = p * t - 1.135_203_98;
+    p = p * t - 1.135_204;
     p = p * t + 0.278_868_07;
     p = p * t - 0.186_288_06;
     p = p * t + 0.096_784_18;
