@@ -3,14 +3,16 @@
 //! the runs). Prints wall and process CPU seconds and peak RSS.
 //!
 //! `cargo run -p storyfarm-diffusion --example bench_unet -- <unet config.json> [runs] [modes]`
-//! modes: comma list of `plain`, `sa-batch` (reference + target in one CFG batch).
+//! modes: comma list of `plain`, `sa-batch` (reference + target in one CFG batch, the official
+//! layout), `sa-target` (the farm layout: the reference's features captured once per step, then a
+//! target pass against them; the target pass is what each further frame costs).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use storyfarm_diffusion::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
-use storyfarm_diffusion::style_aligned::{StyleAligned, StyleAlignedOptions};
+use storyfarm_diffusion::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
 
@@ -32,6 +34,13 @@ fn peak_rss_gib() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn features_layers(hook: &StyleAligned) -> usize {
+    match hook.role() {
+        StyleRole::Targets(f) | StyleRole::CaptureReference(f) => f.captured_layers(),
+        StyleRole::InBatch => 0,
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let config_path = args.get(1).context("usage: bench_unet <unet config.json> [runs] [modes]")?;
@@ -48,7 +57,7 @@ fn main() -> Result<()> {
 
     for mode in modes.split(',') {
         let (images, hooks_on) = match mode {
-            "plain" => (1, false),
+            "plain" | "sa-target" => (1, false),
             "sa-batch" => (2, true),
             other => anyhow::bail!("unknown mode {other}"),
         };
@@ -66,11 +75,25 @@ fn main() -> Result<()> {
         };
         let cond = UNetConditioning { context: &context, added: added.as_ref().map(|(a, b)| (a, b)) };
         let sa = StyleAligned::new(StyleAlignedOptions::default(), &unet)?;
+        let features = ReferenceFeatures::new();
+        let capture = sa.with_role(StyleRole::CaptureReference(features.clone()));
+        let target = sa.with_role(StyleRole::Targets(features));
         let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa) } } else { Hooks::none() };
-        let ctx = ForwardContext {
-            step: StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } },
-            hooks,
-        };
+        let step = StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } };
+        let mut ctx = ForwardContext { step, hooks };
+        if mode == "sa-target" {
+            // Capture the reference once (not timed); every timed run is a target pass.
+            let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture) } };
+            let (w0, c0) = (Instant::now(), cpu_seconds());
+            unet.forward(&sample, 501.0, &cond, &reference)?;
+            println!(
+                "sa-target reference capture pass: wall {:.2}s cpu {:.2}s ({} layers captured)",
+                w0.elapsed().as_secs_f64(),
+                cpu_seconds() - c0,
+                features_layers(&target)
+            );
+            ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target) } };
+        }
         let mut walls = Vec::new();
         let mut cpus = Vec::new();
         for run in 0..=runs {

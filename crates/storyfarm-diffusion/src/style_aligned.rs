@@ -180,6 +180,10 @@ impl StyleAligned {
         Self { options: self.options.clone(), shared: self.shared.clone(), role }
     }
 
+    pub fn role(&self) -> &StyleRole {
+        &self.role
+    }
+
     pub fn options(&self) -> &StyleAlignedOptions {
         &self.options
     }

@@ -295,6 +295,11 @@ impl Worker {
                 result
             }
         };
+        // A stop while shutting down is ours, not the coordinator's: the task goes back.
+        let outcome = match outcome {
+            Err(TaskFailure::Stopped) if self.shutting_down.load(Ordering::SeqCst) => Err(TaskFailure::HandBack),
+            other => other,
+        };
         let settle = match outcome {
             Ok(done) => {
                 tracing::info!(frames = done.frames.len(), "task succeeded");
@@ -442,9 +447,6 @@ impl Worker {
             None => Err(TaskFailure::Failed { reason: "task without work".into(), retryable: false }),
         };
         reporter.abort();
-        match result {
-            Err(TaskFailure::Stopped) if self.shutting_down.load(Ordering::SeqCst) => Err(TaskFailure::HandBack),
-            other => other,
-        }
+        result
     }
 }

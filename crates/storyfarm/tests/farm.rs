@@ -84,6 +84,8 @@ impl Farm {
             .env("STORYFARM_BLOBS", format!("s3://{}", self.bucket))
             .env("STORYFARM_FAMILIES", "sd")
             .env("RUST_LOG", "info")
+            // No model hub here: a hub id fails at once instead of after network timeouts.
+            .env("HF_HUB_OFFLINE", "1")
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.logs.join(log)).unwrap());
@@ -309,4 +311,175 @@ async fn the_coordinator_restarted_mid_job_finishes_the_job() {
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
     assert_eq!(job.frames_succeeded, 6);
+}
+
+fn upload_messages(project_id: &str, prompt: &str, bytes: &[u8]) -> Vec<pb::UploadReferenceRequest> {
+    let mut m = vec![pb::UploadReferenceRequest {
+        part: Some(pb::upload_reference_request::Part::Header(pb::ReferenceHeader {
+            project_id: project_id.into(),
+            kind: pb::ReferenceKind::Style as i32,
+            prompt: prompt.into(),
+            filename: "style.png".into(),
+        })),
+    }];
+    m.extend(bytes.chunks(700).map(|c| pb::UploadReferenceRequest { part: Some(pb::upload_reference_request::Part::Chunk(c.to_vec())) }));
+    m
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, needle: &str) {
+    let status = result.expect_err("the call should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(needle), "{needle:?} not in {:?}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
+    use storyfarm_proto::v1::project_service_client::ProjectServiceClient;
+    use storyfarm_proto::v1::reference_service_client::ReferenceServiceClient;
+    use storyfarm_proto::v1::storyboard_service_client::StoryboardServiceClient;
+    use tonic::Code;
+
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    let channel = Channel::from_shared(farm.endpoint()).unwrap().connect().await.unwrap();
+    let mut projects = ProjectServiceClient::new(channel.clone());
+    let mut references = ReferenceServiceClient::new(channel.clone());
+    let mut storyboards = StoryboardServiceClient::new(channel.clone());
+    let mut jobs = JobServiceClient::new(channel);
+    let nobody = "01a214a0-0000-7000-8000-000000000000";
+
+    // Unknown ids.
+    assert_status(projects.get_project(pb::GetProjectRequest { id: nobody.into() }).await, Code::NotFound, "project");
+    assert_status(jobs.get_job(pb::GetJobRequest { id: nobody.into() }).await, Code::NotFound, "job");
+    assert_status(jobs.submit_job(pb::SubmitJobRequest { storyboard_id: nobody.into() }).await, Code::NotFound, "storyboard");
+    assert_status(jobs.get_job(pb::GetJobRequest { id: "not-an-id".into() }).await, Code::InvalidArgument, "id");
+    let png = std::fs::read(repo().join("tests/fixtures/sd15/inversion_image.png")).unwrap();
+    assert_status(
+        references.upload_reference(tokio_stream::iter(upload_messages(nobody, "style", &png))).await,
+        Code::NotFound,
+        "project",
+    );
+
+    let project = projects.create_project(pb::CreateProjectRequest { name: "bad inputs".into() }).await.unwrap().into_inner();
+    // Malformed image bytes, an empty prompt, an oversized upload.
+    assert_status(
+        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", b"definitely not a png"))).await,
+        Code::InvalidArgument,
+        "style.png is not a readable PNG or JPEG image",
+    );
+    assert_status(
+        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, " ", &png))).await,
+        Code::InvalidArgument,
+        "header.prompt",
+    );
+    let huge = vec![0u8; 21 * 1024 * 1024];
+    assert_status(
+        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", &huge))).await,
+        Code::InvalidArgument,
+        "exceeds the limit",
+    );
+
+    // Storyboards: sizes, frames, references.
+    let settings = |width, height| pb::StoryboardSettings {
+        model: repo().join("tests/fixtures/models/tiny-sd15").display().to_string(),
+        width,
+        height,
+        steps: 4,
+        guidance_scale: 7.5,
+        negative_prompt: String::new(),
+        style: None,
+        frames_per_task: 2,
+    };
+    let frame = |p: &str| pb::FrameSpec { prompt: p.into(), negative_prompt: None, seed: None };
+    let board = |settings: pb::StoryboardSettings, frames: Vec<pb::FrameSpec>| pb::CreateStoryboardRequest {
+        project_id: project.id.clone(),
+        name: "b".into(),
+        settings: Some(settings),
+        frames,
+    };
+    for (request, field) in [
+        (board(settings(0, 64), vec![frame("a")]), "settings.width"),
+        (board(settings(4096, 64), vec![frame("a")]), "settings.width"),
+        (board(settings(64, 100), vec![frame("a")]), "settings.height: must be divisible by 8"),
+        (board(settings(64, 64), vec![]), "frames: a storyboard needs at least one frame"),
+        (board(settings(64, 64), vec![frame("a"), frame("")]), "frames[1].prompt"),
+        (pb::CreateStoryboardRequest { settings: None, ..board(settings(64, 64), vec![frame("a")]) }, "settings"),
+    ] {
+        assert_status(storyboards.create_storyboard(request).await, Code::InvalidArgument, field);
+    }
+    let mut styled = settings(64, 64);
+    styled.style = Some(pb::StyleSettings { reference_id: nobody.into(), offset: 0, inversion_guidance: 2.0, options: None });
+    assert_status(storyboards.create_storyboard(board(styled.clone(), vec![frame("a")])).await, Code::NotFound, "reference");
+    styled.style = Some(pb::StyleSettings { reference_id: nobody.into(), offset: 9, inversion_guidance: 2.0, options: None });
+    assert_status(storyboards.create_storyboard(board(styled, vec![frame("a")])).await, Code::InvalidArgument, "settings.style.offset");
+    assert_status(
+        storyboards
+            .create_storyboard(pb::CreateStoryboardRequest { project_id: nobody.into(), ..board(settings(64, 64), vec![frame("a")]) })
+            .await,
+        Code::NotFound,
+        "project",
+    );
+
+    // Nothing half-made: no reference, storyboard or job rows, no object in the bucket.
+    for table in ["style_references", "storyboards", "jobs", "tasks"] {
+        assert_eq!(psql(&farm.database_url, &format!("SELECT count(*) FROM {table}")), "0", "{table}");
+    }
+    assert!(farm.blobs.list("").await.unwrap().is_empty(), "objects left in the bucket");
+    // And a good request still works.
+    let sb = storyboards.create_storyboard(board(settings(64, 64), vec![frame("a")])).await.unwrap().into_inner();
+    assert_eq!(sb.frames.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("first");
+
+    // A model no worker can load fails its frames at once, with the reason.
+    let bad = write_board(dir.path(), 2, 5, 2);
+    let text = std::fs::read_to_string(&bad).unwrap();
+    let model_line = text.lines().next().unwrap().to_string();
+    std::fs::write(&bad, text.replace(&model_line, "model: no-such-org/no-such-model")).unwrap();
+    let failed = farm.wait_for(&farm.submit(&bad), Duration::from_secs(120)).await;
+    assert_eq!(failed.state, pb::JobState::Failed as i32, "{failed:?}");
+    assert!(failed.error.contains("no-such-org/no-such-model"), "{}", failed.error);
+
+    // Cancel while a render runs: the worker stops between steps and the job ends cancelled.
+    let long = write_board(dir.path(), 2, 400, 2);
+    let job_id = farm.submit(&long);
+    wait_for_log(&farm, "first.log", "rendering", Duration::from_secs(120)).await;
+    let mut jobs = farm.jobs().await;
+    let cancelled = jobs.cancel_job(pb::CancelJobRequest { id: job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
+    wait_for_log(&farm, "first.log", "task stopped at the coordinator's request", Duration::from_secs(60)).await;
+    let frames = frames_of(&farm, &job_id).await;
+    assert!(frames.iter().all(|f| f.state == pb::FrameState::Cancelled as i32), "{frames:?}");
+
+    // SIGTERM mid-task: the worker hands the task back and exits; another finishes it.
+    let job_id = farm.submit(&write_board(dir.path(), 2, 300, 2));
+    let before = farm.log("first.log").matches("rendering").count();
+    let started = Instant::now();
+    while farm.log("first.log").matches("rendering").count() == before {
+        assert!(started.elapsed() < Duration::from_secs(120), "no render started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = farm.workers[0].id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exited = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(status) = farm.workers[0].try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the worker exits promptly on SIGTERM");
+    assert!(exited.success(), "{exited:?}");
+    assert!(farm.log("first.log").contains("task handed back"), "{}", tail(&farm.log("first.log")));
+    farm.start_worker("second");
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!((job.state, job.frames_succeeded), (pb::JobState::Succeeded as i32, 2), "{job:?}");
 }
