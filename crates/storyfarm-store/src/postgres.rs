@@ -122,35 +122,52 @@ async fn job_in(tx: &mut Transaction<'_, Postgres>, id: JobId) -> Result<Job> {
     job_from(&row)
 }
 
-async fn insert_task(
+/// Inserts tasks (one statement, whatever their number) and points their frames at them.
+async fn insert_tasks(
     tx: &mut Transaction<'_, Postgres>,
     job_id: JobId,
-    task: &PlannedTask,
+    tasks: &[&PlannedTask],
     state: &str,
     inversion_key: Option<&str>,
 ) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id.0).collect();
+    let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
+    let families: Vec<&str> = tasks.iter().map(|t| t.family.as_str()).collect();
+    let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts as i32).collect();
+    let payloads: Vec<&[u8]> = tasks.iter().map(|t| t.payload.as_slice()).collect();
     sqlx::query(
         "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload)
-         VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8)",
+         SELECT t.id, $2, t.kind, $3, t.family, 1, t.max_attempts, $4, t.payload
+         FROM UNNEST($1::uuid[], $5::text[], $6::text[], $7::int[], $8::bytea[])
+              AS t(id, kind, family, max_attempts, payload)",
     )
-    .bind(task.id.0)
+    .bind(&ids)
     .bind(job_id.0)
-    .bind(task.kind.as_str())
     .bind(state)
-    .bind(&task.family)
-    .bind(task.max_attempts as i32)
     .bind(inversion_key)
-    .bind(&task.payload)
+    .bind(&kinds)
+    .bind(&families)
+    .bind(&max_attempts)
+    .bind(&payloads)
     .execute(&mut **tx)
     .await?;
-    if !task.frames.is_empty() {
-        let frames: Vec<i32> = task.frames.iter().map(|&f| f as i32).collect();
-        sqlx::query("UPDATE frames SET task_id = $1 WHERE job_id = $2 AND frame_index = ANY($3)")
-            .bind(task.id.0)
-            .bind(job_id.0)
-            .bind(&frames)
-            .execute(&mut **tx)
-            .await?;
+    let (frame_ids, frame_tasks): (Vec<i32>, Vec<Uuid>) = tasks
+        .iter()
+        .flat_map(|t| t.frames.iter().map(move |&f| (f as i32, t.id.0)))
+        .unzip();
+    if !frame_ids.is_empty() {
+        sqlx::query(
+            "UPDATE frames f SET task_id = x.task FROM UNNEST($2::int[], $3::uuid[]) AS x(idx, task)
+             WHERE f.job_id = $1 AND f.frame_index = x.idx",
+        )
+        .bind(job_id.0)
+        .bind(&frame_ids)
+        .bind(&frame_tasks)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
@@ -372,15 +389,14 @@ impl MetadataStore for PgStore {
                 render_state = "waiting";
             }
             if must_invert {
-                insert_task(&mut tx, job.id, &inv.task, "queued", Some(&inv.cache_key)).await?;
+                insert_tasks(&mut tx, job.id, &[&inv.task], "queued", Some(&inv.cache_key)).await?;
                 runnable.push(inv.task.id.0);
             }
         }
-        for task in &job.render_tasks {
-            insert_task(&mut tx, job.id, task, render_state, inversion_key).await?;
-            if render_state == "queued" {
-                runnable.push(task.id.0);
-            }
+        let renders: Vec<&PlannedTask> = job.render_tasks.iter().collect();
+        insert_tasks(&mut tx, job.id, &renders, render_state, inversion_key).await?;
+        if render_state == "queued" {
+            runnable.extend(renders.iter().map(|t| t.id.0));
         }
         let attempts = vec![1; runnable.len()];
         enqueue(&mut tx, &runnable, &attempts).await?;
