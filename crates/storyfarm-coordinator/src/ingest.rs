@@ -86,9 +86,9 @@ impl Ingestor {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "event could not be recorded; requeued");
-                    let _ = delivery.acker.nack(true).await;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    // Not retryable (unknown task, corrupt row): requeueing would loop forever.
+                    tracing::error!(error = %e, "event cannot be recorded; dropped");
+                    let _ = delivery.acker.reject().await;
                     return;
                 }
             }

@@ -243,6 +243,29 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
     }
     assert_eq!(frames.iter().map(|f| f.seed).collect::<Vec<_>>(), (500..512).collect::<Vec<u64>>());
 
+    // `storyfarm frames` downloads them all.
+    let out = dir.path().join("frames");
+    let listed = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .args(["frames", &job_id, "--coordinator", &farm.endpoint(), "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    for i in 1..=12 {
+        let png = std::fs::read(out.join(format!("frame-{i:03}.png"))).unwrap();
+        assert_eq!(image::load_from_memory(&png).unwrap().width(), 64);
+    }
+    // gRPC health says the coordinator serves.
+    let channel = Channel::from_shared(farm.endpoint()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "storyfarm.v1.JobService".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
     // A second storyboard with the same reference reuses the inversion.
     let second = farm.submit(&write_board(dir.path(), 3, 5, 2));
     let job2 = farm.wait_for(&second, Duration::from_secs(120)).await;
