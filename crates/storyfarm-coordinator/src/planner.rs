@@ -29,19 +29,6 @@ pub struct ModelFacts {
     pub scheduler: String,
 }
 
-fn style_options(o: &storyfarm_core::StyleOptions) -> pb::StyleAlignedOptions {
-    pb::StyleAlignedOptions {
-        share_group_norm: o.share_group_norm,
-        share_attention: o.share_attention,
-        adain_queries: o.adain_queries,
-        adain_keys: o.adain_keys,
-        adain_values: o.adain_values,
-        shared_score_scale: o.shared_score_scale,
-        shared_score_shift: o.shared_score_shift,
-        only_self_level: o.only_self_level,
-    }
-}
-
 /// The content key of a stored inversion trajectory.
 pub fn trajectory_key(cache_key: &str) -> String {
     format!("inversions/{cache_key}.safetensors")
@@ -110,7 +97,7 @@ pub fn plan_job(
                 trajectory_key: inversion.as_ref().map(|i| trajectory_key(&i.cache_key)).unwrap_or_default(),
                 reference_prompt: reference.map(|r| r.prompt.clone()).unwrap_or_default(),
                 offset: style.map(|(s, _)| s.offset).unwrap_or(0),
-                options: style.map(|(s, _)| style_options(&s.options)),
+                options: style.map(|(s, _)| pb::StyleAlignedOptions::from(&s.options)),
                 frames: chunk
                     .iter()
                     .map(|f| pb::FrameWork {

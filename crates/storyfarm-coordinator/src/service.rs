@@ -148,31 +148,13 @@ fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(Storybo
     let style = match &settings.style {
         Some(style) if !style.reference_id.is_empty() => {
             let reference_id = ReferenceId::parse_field("settings.style.reference_id", &style.reference_id)?;
-            let o = style.options.unwrap_or(pb::StyleAlignedOptions {
-                share_group_norm: true,
-                share_attention: true,
-                adain_queries: true,
-                adain_keys: true,
-                adain_values: false,
-                shared_score_scale: 1.0,
-                shared_score_shift: 0.0,
-                only_self_level: 0.0,
-            });
+            let options = style.options.map(StyleOptions::from).unwrap_or_default();
             let spec = StyleSpec {
                 image: format!("reference:{reference_id}").into(),
                 prompt: "stored reference".into(),
                 offset: style.offset,
                 inversion_guidance: style.inversion_guidance,
-                options: StyleOptions {
-                    share_group_norm: o.share_group_norm,
-                    share_attention: o.share_attention,
-                    adain_queries: o.adain_queries,
-                    adain_keys: o.adain_keys,
-                    adain_values: o.adain_values,
-                    shared_score_scale: o.shared_score_scale,
-                    shared_score_shift: o.shared_score_shift,
-                    only_self_level: o.only_self_level,
-                },
+                options,
             };
             validate_style(&spec, settings.steps)
                 .map_err(|e| ApiError::invalid(format!("settings.{}", e.field), e.message))?;
@@ -220,16 +202,7 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
                 reference_id: sb.stored.reference_id.map(|r| r.to_string()).unwrap_or_default(),
                 offset: s.offset,
                 inversion_guidance: s.inversion_guidance,
-                options: Some(pb::StyleAlignedOptions {
-                    share_group_norm: s.options.share_group_norm,
-                    share_attention: s.options.share_attention,
-                    adain_queries: s.options.adain_queries,
-                    adain_keys: s.options.adain_keys,
-                    adain_values: s.options.adain_values,
-                    shared_score_scale: s.options.shared_score_scale,
-                    shared_score_shift: s.options.shared_score_shift,
-                    only_self_level: s.options.only_self_level,
-                }),
+                options: Some(pb::StyleAlignedOptions::from(&s.options)),
             }),
             frames_per_task: spec.frames_per_task,
         }),

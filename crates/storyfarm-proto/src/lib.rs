@@ -9,3 +9,52 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/storyfarm_descriptor.bin"));
 }
+
+mod convert {
+    //! Conversions between the wire messages and storyfarm-core's domain types.
+
+    use storyfarm_core::StyleOptions;
+
+    use crate::v1::StyleAlignedOptions;
+
+    impl From<&StyleOptions> for StyleAlignedOptions {
+        fn from(o: &StyleOptions) -> Self {
+            Self {
+                share_group_norm: o.share_group_norm,
+                share_attention: o.share_attention,
+                adain_queries: o.adain_queries,
+                adain_keys: o.adain_keys,
+                adain_values: o.adain_values,
+                shared_score_scale: o.shared_score_scale,
+                shared_score_shift: o.shared_score_shift,
+                only_self_level: o.only_self_level,
+            }
+        }
+    }
+
+    impl From<StyleAlignedOptions> for StyleOptions {
+        fn from(o: StyleAlignedOptions) -> Self {
+            Self {
+                share_group_norm: o.share_group_norm,
+                share_attention: o.share_attention,
+                adain_queries: o.adain_queries,
+                adain_keys: o.adain_keys,
+                adain_values: o.adain_values,
+                shared_score_scale: o.shared_score_scale,
+                shared_score_shift: o.shared_score_shift,
+                only_self_level: o.only_self_level,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn style_options_round_trip() {
+            let o = StyleOptions { shared_score_shift: 0.69, share_group_norm: false, ..StyleOptions::default() };
+            assert_eq!(StyleOptions::from(StyleAlignedOptions::from(&o)), o);
+        }
+    }
+}

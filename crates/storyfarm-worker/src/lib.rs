@@ -24,6 +24,21 @@ use tracing::Instrument;
 
 pub use models::{ModelCache, ModelLoader};
 
+/// The diffusion crate's StyleAligned options for the storyboard's (the rest keep their defaults).
+fn style_aligned_options(o: storyfarm_core::StyleOptions) -> StyleAlignedOptions {
+    StyleAlignedOptions {
+        share_group_norm: o.share_group_norm,
+        share_attention: o.share_attention,
+        adain_queries: o.adain_queries,
+        adain_keys: o.adain_keys,
+        adain_values: o.adain_values,
+        shared_score_scale: o.shared_score_scale,
+        shared_score_shift: o.shared_score_shift,
+        only_self_level: o.only_self_level,
+        ..StyleAlignedOptions::default()
+    }
+}
+
 /// How a worker runs.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -411,17 +426,7 @@ impl Worker {
                     .iter()
                     .map(|f| FrameRequest { index: f.index, prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
                     .collect();
-                let options = work.options.map(|o| StyleAlignedOptions {
-                    share_group_norm: o.share_group_norm,
-                    share_attention: o.share_attention,
-                    adain_queries: o.adain_queries,
-                    adain_keys: o.adain_keys,
-                    adain_values: o.adain_values,
-                    shared_score_scale: o.shared_score_scale,
-                    shared_score_shift: o.shared_score_shift,
-                    only_self_level: o.only_self_level,
-                    ..StyleAlignedOptions::default()
-                });
+                let options = work.options.map(|o| style_aligned_options(o.into()));
                 let mut progress = progress;
                 tracing::info!(frames = frames.len(), styled = trajectory.is_some(), "rendering");
                 let rendered = tokio::task::spawn_blocking(move || {

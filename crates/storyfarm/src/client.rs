@@ -63,19 +63,6 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", e.code().description(), e.message())
 }
 
-fn style_options(o: &storyfarm_core::StyleOptions) -> pb::StyleAlignedOptions {
-    pb::StyleAlignedOptions {
-        share_group_norm: o.share_group_norm,
-        share_attention: o.share_attention,
-        adain_queries: o.adain_queries,
-        adain_keys: o.adain_keys,
-        adain_values: o.adain_values,
-        shared_score_scale: o.shared_score_scale,
-        shared_score_shift: o.shared_score_shift,
-        only_self_level: o.only_self_level,
-    }
-}
-
 /// Uploads a reference image in chunks.
 async fn upload_reference(channel: Channel, project_id: &str, image: &Path, prompt: &str) -> Result<pb::Reference> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
@@ -123,7 +110,7 @@ pub async fn submit_board(board: &Path, project: Option<&str>, endpoint: &Endpoi
                 reference_id: reference.id,
                 offset: style.offset,
                 inversion_guidance: style.inversion_guidance,
-                options: Some(style_options(&style.options)),
+                options: Some(pb::StyleAlignedOptions::from(&style.options)),
             })
         }
         None => None,
