@@ -35,6 +35,10 @@ pub(crate) unsafe fn gemm(
     scale: f32,
     parallel: bool,
 ) {
+    #[cfg(feature = "openblas")]
+    if openblas::sgemm(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel) {
+        return;
+    }
     let par = if parallel && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -44,6 +48,126 @@ pub(crate) unsafe fn gemm(
         m, n, k, dst, dst_cs, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
         1.0, scale, false, false, false, par,
     );
+}
+
+/// `cblas_sgemm` from the system OpenBLAS (Debian: `libopenblas-dev`), whose AVX-512 kernels
+/// `gemm` only reaches on nightly. OpenBLAS runs single-threaded: a `parallel` product is split
+/// into one `cblas_sgemm` per rayon thread (along the longer of m, n), so its threads never
+/// compete with rayon's.
+#[cfg(feature = "openblas")]
+mod openblas {
+    use std::os::raw::c_int;
+
+    use rayon::prelude::*;
+
+    use super::Mat;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+    /// Below this many multiply-adds a product is not worth splitting across threads.
+    const MIN_SPLIT_MACS: usize = 1 << 22;
+
+    #[link(name = "openblas")]
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_sgemm(
+            order: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        fn openblas_set_num_threads(n: c_int);
+    }
+
+    /// (transpose flag, leading dimension) of a `rows x cols` operand, if BLAS can address it.
+    fn layout(mat: Mat, rows: usize, cols: usize) -> Option<(c_int, c_int)> {
+        let ld = |v: isize, min: usize| c_int::try_from(v).ok().filter(|&l| l as usize >= min.max(1));
+        if mat.cs == 1 {
+            ld(mat.rs, cols).map(|l| (NO_TRANS, l))
+        } else if mat.rs == 1 {
+            ld(mat.cs, rows).map(|l| (TRANS, l))
+        } else {
+            None
+        }
+    }
+
+    /// Shares the block closure (raw operand pointers) across rayon tasks.
+    struct Shared<F>(F);
+    // SAFETY: each task writes its own block of `dst`; the inputs are only read.
+    unsafe impl<F> Sync for Shared<F> {}
+    impl<F> Shared<F> {
+        fn get(&self) -> &F {
+            &self.0
+        }
+    }
+
+    /// Computes the product if OpenBLAS can express the strides; `false` leaves it to `gemm`.
+    ///
+    /// # Safety
+    /// As for [`super::gemm`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn sgemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: isize,
+        dst_cs: isize,
+        accumulate: bool,
+        lhs: Mat,
+        rhs: Mat,
+        scale: f32,
+        parallel: bool,
+    ) -> bool {
+        let fits = |v: usize| c_int::try_from(v).is_ok();
+        if m == 0 || n == 0 || k == 0 || !fits(m) || !fits(n) || !fits(k) || dst_cs != 1 {
+            return false;
+        }
+        let (Some((ta, lda)), Some((tb, ldb))) = (layout(lhs, m, k), layout(rhs, k, n)) else {
+            return false;
+        };
+        let Some(ldc) = c_int::try_from(dst_rs).ok().filter(|&l| l as usize >= n) else {
+            return false;
+        };
+        static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
+        // SAFETY: a plain setter; the product below runs on the calling thread only.
+        SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let call = |m0: usize, rows: usize, n0: usize, cols: usize| {
+            // SAFETY: a sub-block of the caller's operands; blocks write disjoint outputs.
+            unsafe {
+                cblas_sgemm(ROW_MAJOR, ta, tb, rows as c_int, cols as c_int, k as c_int, scale,
+                    lhs.ptr.offset(m0 as isize * lhs.rs), lda,
+                    rhs.ptr.offset(n0 as isize * rhs.cs), ldb, beta,
+                    dst.offset(m0 as isize * dst_rs + n0 as isize), ldc);
+            }
+        };
+        let threads = rayon::current_num_threads();
+        if !parallel || threads < 2 || m * n * k < MIN_SPLIT_MACS {
+            call(0, m, 0, n);
+            return true;
+        }
+        let (len, split_m) = if m > n { (m, true) } else { (n, false) };
+        let step = len.div_ceil(threads).next_multiple_of(16);
+        let call = Shared(call);
+        (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
+            let (s0, sl) = (i * step, step.min(len - i * step));
+            let call = call.get();
+            if split_m { call(s0, sl, 0, n) } else { call(0, m, s0, sl) }
+        });
+        true
+    }
 }
 
 /// Fills `dst`, seen as rows of `row_len`, with `bias[col] + residual[i]` (either optional);
