@@ -154,11 +154,15 @@ impl Worker {
         drop(tx);
         tracing::info!(worker_id = %self.config.worker_id, families = ?self.config.families, "worker ready");
         tokio::pin!(shutdown);
+        let mut consumers_lost = false;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 delivery = rx.recv() => {
-                    let Some(delivery) = delivery else { break };
+                    let Some(delivery) = delivery else {
+                        consumers_lost = true;
+                        break;
+                    };
                     let handle = tokio::spawn(self.clone().handle(delivery));
                     tokio::pin!(handle);
                     tokio::select! {
@@ -178,6 +182,10 @@ impl Worker {
             c.abort();
         }
         listeners.abort();
+        if consumers_lost {
+            // The broker connection is gone: exit with an error so a supervisor restarts us.
+            return Err(WorkerError::Queue(QueueError::Closed { operation: "consume tasks" }));
+        }
         Ok(())
     }
 
