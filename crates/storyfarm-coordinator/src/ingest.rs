@@ -31,7 +31,7 @@ fn record_from(event: &pb::TaskEvent) -> Result<TaskEventRecord, String> {
     let kind = match &event.event {
         Some(pb::task_event::Event::Started(_)) => TaskEventKind::Started,
         Some(pb::task_event::Event::Heartbeat(_)) => TaskEventKind::Heartbeat,
-        Some(pb::task_event::Event::Progress(_)) => TaskEventKind::Progress,
+        Some(pb::task_event::Event::Progress(_)) => return Err("progress is not recorded".into()),
         Some(pb::task_event::Event::Succeeded(s)) => TaskEventKind::Succeeded {
             frames: s
                 .frames
@@ -65,6 +65,21 @@ impl Ingestor {
                 return;
             }
         };
+        // Progress goes straight to the job's watchers: a transaction per step per task would be
+        // the busiest write of the farm and keep nothing worth keeping (heartbeats and final
+        // events carry the durable state; cancellation reaches workers by broadcast).
+        if let Some(pb::task_event::Event::Progress(p)) = &event.event {
+            match event.job_id.parse::<storyfarm_core::JobId>() {
+                Ok(job_id) => {
+                    for &index in &p.frames {
+                        self.hub.signal(job_id, Signal::Progress(pb::FrameProgress { index, step: p.step, steps: p.steps }));
+                    }
+                }
+                Err(_) => tracing::warn!(job_id = %event.job_id, "progress event without a valid job id"),
+            }
+            let _ = delivery.acker.ack().await;
+            return;
+        }
         let record = match record_from(&event) {
             Ok(r) => r,
             Err(reason) => {
@@ -99,15 +114,9 @@ impl Ingestor {
             _ => false,
         };
         match &outcome {
-            EventOutcome::Applied { job_id, affected_jobs } => {
-                if let Some(pb::task_event::Event::Progress(p)) = &event.event {
-                    for &index in &p.frames {
-                        self.hub.signal(*job_id, Signal::Progress(pb::FrameProgress { index, step: p.step, steps: p.steps }));
-                    }
-                } else {
-                    for job in affected_jobs {
-                        self.hub.signal(*job, Signal::Changed);
-                    }
+            EventOutcome::Applied { affected_jobs, .. } => {
+                for job in affected_jobs {
+                    self.hub.signal(*job, Signal::Changed);
                 }
                 if final_event {
                     // Success may have released waiting renders; failure may schedule a retry.

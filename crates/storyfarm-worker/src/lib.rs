@@ -248,6 +248,7 @@ impl Worker {
             worker_id: self.config.worker_id.clone(),
             seq,
             event: Some(event),
+            job_id: task.job_id.clone(),
         };
         self.queue.publish_event(OutgoingMessage::new(message.encode_to_vec()).with_traceparent(task.traceparent.clone())).await
     }
