@@ -47,6 +47,13 @@ pub enum DiffusionError {
         file: String,
         message: String,
     },
+    /// The hub answered, and has no such repo or revision, or refuses it to us (private, gated).
+    #[error("model `{repo}` at revision `{revision}`: not on the Hugging Face hub, or access is refused ({detail}); check the repo id and revision, set HF_TOKEN for a private or gated repo, or pass a local folder with --model /path/to/model")]
+    HubRepoNotFound {
+        repo: String,
+        revision: String,
+        detail: String,
+    },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("image {name}: {message}")]

@@ -2,7 +2,8 @@
 //! into the hub cache) and how its configs and safetensors weights are found inside it.
 //!
 //! A hub snapshot has the same relative layout as a local folder, so everything after
-//! [`ModelFolder::open`] works on a plain directory.
+//! [`ModelFolder::open`] works on a plain directory. [`ModelFolder::fetch`] downloads with a
+//! caller's [`FetchProgress`], and [`list_cached`] reports the pipelines already in the cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -34,11 +35,23 @@ const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 /// seconds instead of waiting for the operating system's connect timeout (minutes).
 const HUB_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+const NO_CACHE_DIR: &str = "no hugging face cache directory: set HF_HOME or HF_HUB_CACHE";
+
 /// Which pipeline a model folder holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFamily {
     StableDiffusion,
     StableDiffusionXl,
+}
+
+impl ModelFamily {
+    /// The family's name as the farm's queues and storyboards spell it: `sd` or `sdxl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::StableDiffusion => "sd",
+            Self::StableDiffusionXl => "sdxl",
+        }
+    }
 }
 
 /// How to reach the Hugging Face hub.
@@ -91,15 +104,16 @@ impl HubOptions {
     }
 
     fn cache_dir_or_default(&self, repo_id: &str) -> Result<PathBuf> {
-        if let Some(dir) = &self.cache_dir {
-            return Ok(dir.clone());
-        }
-        Self::from_env()
-            .cache_dir
-            .ok_or_else(|| DiffusionError::ModelSpec {
-                spec: repo_id.to_string(),
-                message: "no hugging face cache directory: set HF_HOME or HF_HUB_CACHE".into(),
-            })
+        self.cache_root().ok_or_else(|| DiffusionError::ModelSpec {
+            spec: repo_id.to_string(),
+            message: NO_CACHE_DIR.into(),
+        })
+    }
+
+    fn cache_root(&self) -> Option<PathBuf> {
+        self.cache_dir
+            .clone()
+            .or_else(|| Self::from_env().cache_dir)
     }
 
     fn revision(&self) -> &str {
@@ -128,8 +142,29 @@ impl ModelFolder {
     pub fn open_for_dtype(spec: &str, hub: &HubOptions, dtype: DType) -> Result<Self> {
         match classify_spec(spec)? {
             ModelLocation::Local(root) => Self::from_dir(root, spec.to_string()),
-            ModelLocation::Hub(repo_id) => open_hub(&repo_id, hub, dtype),
+            ModelLocation::Hub(repo_id) => {
+                open_hub(&repo_id, hub, dtype, &mut DownloadLog::new(&repo_id))
+            }
         }
+    }
+
+    /// Brings hub repo `repo_id` into the hub cache as [`ModelFolder::open_for_dtype`] does,
+    /// reporting each download to `progress`; files already in the snapshot are not
+    /// downloaded again. Offline, or when the hub does not answer, a complete cached snapshot
+    /// is used instead (the latter reported through [`FetchProgress::hub_unreachable`]).
+    pub fn fetch(
+        repo_id: &str,
+        hub: &HubOptions,
+        dtype: DType,
+        progress: &mut dyn FetchProgress,
+    ) -> Result<Self> {
+        if !is_repo_id(repo_id) {
+            return Err(DiffusionError::ModelSpec {
+                spec: repo_id.to_string(),
+                message: "not a hugging face repo id (org/name)".into(),
+            });
+        }
+        open_hub(repo_id, hub, dtype, progress)
     }
 
     fn from_dir(root: PathBuf, id: String) -> Result<Self> {
@@ -157,6 +192,12 @@ impl ModelFolder {
 
     pub fn family(&self) -> ModelFamily {
         self.family
+    }
+
+    /// What loading the pipeline in `dtype` would lack (configs, tokenizer files, weights,
+    /// shards), described for people; empty when the folder is complete.
+    pub fn missing_files(&self, dtype: DType) -> Vec<String> {
+        missing_pipeline_files(&self.root, dtype)
     }
 
     pub fn component_dir(&self, component: &str) -> PathBuf {
@@ -220,9 +261,21 @@ pub fn weight_files_in(dir: &Path, dtype: DType) -> Result<Vec<PathBuf>> {
     }
 }
 
-enum ModelLocation {
+/// Where a model location (`--model`) points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    /// An existing directory, used as is.
     Local(PathBuf),
+    /// A Hugging Face hub repo id (`org/name`).
     Hub(String),
+}
+
+impl ModelLocation {
+    /// An existing directory is local; otherwise `spec` must be a hub repo id. Anything else
+    /// (a file, a URL, a name without `org/`) is a [`DiffusionError::ModelSpec`] naming it.
+    pub fn parse(spec: &str) -> Result<Self> {
+        classify_spec(spec)
+    }
 }
 
 fn classify_spec(spec: &str) -> Result<ModelLocation> {
@@ -311,7 +364,6 @@ fn declares_component(index: &serde_json::Value, component: &str) -> bool {
         .and_then(|v| v.as_array())
         .is_some_and(|pair| pair.iter().any(|v| !v.is_null()))
 }
-
 
 /// Names of the regular files (symlinks followed, as in hub snapshots) directly in `dir`.
 fn file_names(dir: &Path) -> Result<BTreeSet<String>> {
@@ -465,7 +517,7 @@ fn cached_snapshot(cache_dir: &Path, repo_id: &str, revision: &str) -> Option<Pa
     let repo_dir = cache_dir.join(Repo::model(repo_id.to_string()).folder_name());
     // A commit hash names its snapshot folder directly; branches and tags go through refs/,
     // read here rather than by hf_hub::Cache, which does not trim a ref's trailing newline.
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
+    let commit = if is_commit_hash(revision) {
         revision.to_string()
     } else {
         let ref_text = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
@@ -505,7 +557,12 @@ fn open_cached(
     ModelFolder::from_dir(root, repo_id.to_string())
 }
 
-fn open_hub(repo_id: &str, hub: &HubOptions, dtype: DType) -> Result<ModelFolder> {
+fn open_hub(
+    repo_id: &str,
+    hub: &HubOptions,
+    dtype: DType,
+    progress: &mut dyn FetchProgress,
+) -> Result<ModelFolder> {
     let cache_dir = hub.cache_dir_or_default(repo_id)?;
     let revision = hub.revision();
     if hub.offline {
@@ -547,17 +604,32 @@ fn open_hub(repo_id: &str, hub: &HubOptions, dtype: DType) -> Result<ModelFolder
             })?,
         Err(e) => {
             let message = e.to_string();
-            if e.into_response().is_none() {
-                // No answer at all (no network): a complete cached copy is as good as the hub's,
-                // which is what the Python hub client does too.
-                if let Ok(folder) = open_cached(repo_id, &cache_dir, revision, dtype) {
-                    tracing::warn!(
-                        repo = repo_id,
-                        error = %message,
-                        "hub unreachable, using the cached snapshot"
-                    );
-                    return Ok(folder);
+            match e.into_response() {
+                None => {
+                    // No answer at all (no network): a complete cached copy is as good as the
+                    // hub's, which is what the Python hub client does too.
+                    if let Ok(folder) = open_cached(repo_id, &cache_dir, revision, dtype) {
+                        progress.hub_unreachable(&message);
+                        return Ok(folder);
+                    }
                 }
+                // The hub answers 401 for repos that do not exist (as for private ones), 403
+                // for gated ones, 404 for unknown revisions: retrying cannot help.
+                Some(response) if matches!(response.status(), 401 | 403 | 404) => {
+                    let mut detail = format!("HTTP {}", response.status());
+                    if let Some(reason) = response
+                        .header("x-error-message")
+                        .or_else(|| response.header("x-error-code"))
+                    {
+                        detail.push_str(&format!(": {reason}"));
+                    }
+                    return Err(DiffusionError::HubRepoNotFound {
+                        repo: repo_id.to_string(),
+                        revision: revision.to_string(),
+                        detail,
+                    });
+                }
+                Some(_) => {}
             }
             return Err(fetch_error(listing, message));
         }
@@ -570,30 +642,11 @@ fn open_hub(repo_id: &str, hub: &HubOptions, dtype: DType) -> Result<ModelFolder
             message: "the hub repo has no model_index.json; not a diffusers pipeline".into(),
         });
     }
-    // Downloading by commit keeps every file in one snapshot even if the branch moves meanwhile.
-    let pinned = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        info.sha.clone(),
-    ));
-    let root = cache_dir
-        .join(user_repo.folder_name())
-        .join("snapshots")
-        .join(&info.sha);
-    let fetch = |file: &str| -> Result<()> {
-        if root.join(file).is_file() {
-            return Ok(());
-        }
-        tracing::info!(repo = repo_id, file, "downloading");
-        pinned
-            .download_with_progress(file, DownloadLog::default())
-            .map_err(|e| fetch_error(file, e.to_string()))?;
-        Ok(())
-    };
-
-    for file in files_to_fetch(&remote) {
-        fetch(&file)?;
-    }
+    // Every weight file is chosen before the first download, so a repo without usable weights
+    // fails before anything is fetched.
+    let mut small = files_to_fetch(&remote);
+    let mut weights = Vec::new();
+    let mut indexes = Vec::new();
     for component in WEIGHT_COMPONENTS {
         let prefix = format!("{component}/");
         let names: BTreeSet<String> = remote
@@ -612,14 +665,60 @@ fn open_hub(repo_id: &str, hub: &HubOptions, dtype: DType) -> Result<ModelFolder
                     message: format!("`{component}`: {}", no_weights_message(&names)),
                 })
             }
-            Some(WeightChoice::Single(name)) => fetch(&format!("{prefix}{name}"))?,
+            Some(WeightChoice::Single(name)) => weights.push(format!("{prefix}{name}")),
             Some(WeightChoice::Index(index)) => {
-                fetch(&format!("{prefix}{index}"))?;
-                for shard in shard_names(&root.join(component).join(&index))? {
-                    fetch(&format!("{prefix}{shard}"))?;
-                }
+                small.push(format!("{prefix}{index}"));
+                indexes.push((component, index));
             }
         }
+    }
+
+    // Downloading by commit keeps every file in one snapshot even if the branch moves meanwhile.
+    let pinned = api.repo(Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        info.sha.clone(),
+    ));
+    let root = cache_dir
+        .join(user_repo.folder_name())
+        .join("snapshots")
+        .join(&info.sha);
+    let fetch = |file: &str, progress: &mut dyn FetchProgress| -> Result<()> {
+        pinned
+            .download_with_progress(
+                file,
+                HubProgress {
+                    sink: &mut *progress,
+                    started: false,
+                },
+            )
+            .map_err(|e| fetch_error(file, e.to_string()))?;
+        progress.file_finished(file);
+        Ok(())
+    };
+
+    // Small files (configs, tokenizers, shard indexes) come first: the indexes name the
+    // shards, so the count of files to download is final before the large ones start.
+    small.retain(|f| !root.join(f).is_file());
+    weights.retain(|f| !root.join(f).is_file());
+    progress.files_planned(small.len() + weights.len());
+    for file in &small {
+        fetch(file, progress)?;
+    }
+    let planned = weights.len();
+    for (component, index) in indexes {
+        for shard in shard_names(&root.join(component).join(&index))? {
+            let file = format!("{component}/{shard}");
+            if !root.join(&file).is_file() && !weights.contains(&file) {
+                weights.push(file);
+            }
+        }
+    }
+    if weights.len() != planned {
+        progress.files_planned(small.len() + weights.len());
+    }
+    for file in &weights {
+        fetch(file, progress)?;
     }
 
     // Offline runs resolve the user's revision through refs/, so record where it points.
@@ -657,26 +756,88 @@ fn files_to_fetch(remote: &BTreeSet<String>) -> Vec<String> {
     wanted
 }
 
-/// Logs download progress through `tracing` every tenth of a file, so workers' logs show it
-/// without a terminal progress bar.
-#[derive(Default)]
-struct DownloadLog {
-    file: String,
-    total: usize,
-    done: usize,
-    next_report: usize,
+/// What [`ModelFolder::fetch`] reports while it brings a hub repo into the cache.
+pub trait FetchProgress {
+    /// How many files this fetch downloads, as known now: called before the first download,
+    /// and again with a larger number when a sharded index names shards the cache lacks.
+    /// Zero means the cached snapshot is already complete.
+    fn files_planned(&mut self, files: usize);
+    /// The download of `file` (`bytes` long) begins.
+    fn file_started(&mut self, file: &str, bytes: u64);
+    /// `bytes` more bytes of the current file arrived (or were already there from an
+    /// interrupted download that is resumed).
+    fn advanced(&mut self, bytes: u64);
+    /// `file` is complete in the snapshot.
+    fn file_finished(&mut self, file: &str);
+    /// The hub did not answer (`error`), and the complete cached snapshot is used instead.
+    fn hub_unreachable(&mut self, error: &str);
 }
 
-impl hf_hub::api::Progress for DownloadLog {
+/// Carries hf-hub's per-file callbacks to a [`FetchProgress`].
+struct HubProgress<'a> {
+    sink: &'a mut dyn FetchProgress,
+    started: bool,
+}
+
+impl hf_hub::api::Progress for HubProgress<'_> {
     fn init(&mut self, size: usize, filename: &str) {
-        self.file = filename.to_string();
-        self.total = size;
-        self.done = 0;
-        self.next_report = size / 10;
+        // hf-hub calls `init` twice per download (before opening the file and again once the
+        // response arrives); the sink hears of the file once.
+        if !self.started {
+            self.started = true;
+            self.sink.file_started(filename, size as u64);
+        }
     }
 
     fn update(&mut self, size: usize) {
-        self.done += size;
+        if size > 0 {
+            self.sink.advanced(size as u64);
+        }
+    }
+
+    // The fetch loop reports a finished file itself, once the file is in the snapshot.
+    fn finish(&mut self) {}
+}
+
+/// Logs download progress through `tracing` every tenth of a file, so workers' logs show it
+/// without a terminal progress bar.
+struct DownloadLog {
+    repo: String,
+    file: String,
+    total: u64,
+    done: u64,
+    next_report: u64,
+}
+
+impl DownloadLog {
+    fn new(repo: &str) -> Self {
+        Self {
+            repo: repo.to_string(),
+            file: String::new(),
+            total: 0,
+            done: 0,
+            next_report: 0,
+        }
+    }
+}
+
+impl FetchProgress for DownloadLog {
+    fn files_planned(&mut self, files: usize) {
+        if files > 0 {
+            tracing::info!(repo = %self.repo, files, "files to download");
+        }
+    }
+
+    fn file_started(&mut self, file: &str, bytes: u64) {
+        tracing::info!(repo = %self.repo, file, bytes, "downloading");
+        self.file = file.to_string();
+        self.total = bytes;
+        self.done = 0;
+        self.next_report = bytes / 10;
+    }
+
+    fn advanced(&mut self, bytes: u64) {
+        self.done += bytes;
         if self.total > 0 && self.done >= self.next_report {
             tracing::info!(
                 file = %self.file,
@@ -687,9 +848,170 @@ impl hf_hub::api::Progress for DownloadLog {
         }
     }
 
-    fn finish(&mut self) {
-        tracing::info!(file = %self.file, bytes = self.total, "downloaded");
+    fn file_finished(&mut self, file: &str) {
+        tracing::info!(file, bytes = self.total, "downloaded");
     }
+
+    fn hub_unreachable(&mut self, error: &str) {
+        tracing::warn!(
+            repo = %self.repo,
+            error,
+            "hub unreachable, using the cached snapshot"
+        );
+    }
+}
+
+/// One snapshot of a diffusers pipeline in the hub cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedModel {
+    pub repo_id: String,
+    /// The commit the snapshot holds (its folder name).
+    pub commit: String,
+    /// Branches and tags (`refs/`) pointing at this commit, e.g. `main`.
+    pub refs: Vec<String>,
+    /// The snapshot folder, usable as `--model`.
+    pub path: PathBuf,
+    /// `None` when model_index.json names a pipeline this crate does not run.
+    pub family: Option<ModelFamily>,
+    /// What loading would lack (see [`ModelFolder::missing_files`]); empty when complete.
+    pub missing: Vec<String>,
+    /// Bytes of the snapshot's files, following the links into `blobs/`.
+    pub size: u64,
+}
+
+/// The pipelines in the hub cache: every snapshot of a model repo that holds a
+/// `model_index.json` (other repos, e.g. language models, are not diffusers pipelines and are
+/// skipped), sorted by repo id with the snapshots that a branch or tag points at first. A cache
+/// folder that does not exist yet is an empty list.
+pub fn list_cached(hub: &HubOptions) -> Result<Vec<CachedModel>> {
+    let cache_dir = hub
+        .cache_root()
+        .ok_or_else(|| DiffusionError::invalid_argument("HF_HUB_CACHE", NO_CACHE_DIR))?;
+    let io_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DiffusionError::Io { path, source }
+    };
+    let entries = match std::fs::read_dir(&cache_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(&cache_dir)(e)),
+    };
+    let mut models = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error(&cache_dir))?;
+        let name = entry.file_name();
+        // The cache spells `org/name` as `models--org--name`; repo ids never hold `--`.
+        let Some(repo_id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("models--"))
+            .map(|n| n.replacen("--", "/", 1))
+            .filter(|id| is_repo_id(id))
+        else {
+            continue;
+        };
+        let repo_dir = entry.path();
+        let snapshots_dir = repo_dir.join("snapshots");
+        if !snapshots_dir.is_dir() {
+            continue;
+        }
+        let refs = read_refs(&repo_dir.join("refs"))?;
+        for snapshot in std::fs::read_dir(&snapshots_dir).map_err(io_error(&snapshots_dir))? {
+            let snapshot = snapshot.map_err(io_error(&snapshots_dir))?;
+            let root = snapshot.path();
+            if !root.join("model_index.json").is_file() {
+                continue;
+            }
+            let commit = snapshot.file_name().to_string_lossy().into_owned();
+            models.push(CachedModel {
+                refs: refs
+                    .iter()
+                    .filter(|(_, target)| **target == commit)
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                family: detect_family(&root).ok(),
+                missing: missing_pipeline_files(&root, DType::F32),
+                size: tree_size(&root)?,
+                repo_id: repo_id.clone(),
+                commit,
+                path: root,
+            });
+        }
+    }
+    models.sort_by(|a, b| {
+        (&a.repo_id, a.refs.is_empty(), &a.commit).cmp(&(&b.repo_id, b.refs.is_empty(), &b.commit))
+    });
+    Ok(models)
+}
+
+/// The refs of a cached repo (`refs/main`, `refs/pr/1`, ...) as (name, commit), sorted by name.
+fn read_refs(refs_dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut refs = Vec::new();
+    let mut pending = vec![refs_dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(DiffusionError::Io { path: dir, source }),
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|source| DiffusionError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let Ok(name) = path.strip_prefix(refs_dir) else {
+                continue;
+            };
+            let name = name.to_string_lossy().replace('\\', "/");
+            // hf-hub writes `refs/<commit>` when it downloads by commit; such a "ref" names
+            // nothing a person chose.
+            if is_commit_hash(&name) {
+                continue;
+            }
+            let target = std::fs::read_to_string(&path)
+                .map_err(|source| DiffusionError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_string();
+            refs.push((name, target));
+        }
+    }
+    refs.sort();
+    Ok(refs)
+}
+
+fn is_commit_hash(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Bytes of the files under `dir`, following symlinks (a hub snapshot links into `blobs/`); a
+/// dangling link counts nothing, which the completeness check reports as missing.
+fn tree_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).map_err(|source| DiffusionError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })? {
+        let path = entry
+            .map_err(|source| DiffusionError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .path();
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => total += tree_size(&path)?,
+            Ok(meta) => total += meta.len(),
+            Err(_) => {}
+        }
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -1170,6 +1492,212 @@ mod tests {
         let folder = ModelFolder::open("some-org/some-model", &hub).unwrap();
         assert_eq!(folder.family(), ModelFamily::StableDiffusionXl);
         assert!(folder.root().ends_with(commit));
+
+        // A caller's progress sink hears that the cache stood in for the hub.
+        let mut events = Events::default();
+        let folder =
+            ModelFolder::fetch("some-org/some-model", &hub, DType::F32, &mut events).unwrap();
+        assert!(folder.root().ends_with(commit));
+        assert_eq!(events.0.len(), 1, "{:?}", events.0);
+        assert!(events.0[0].starts_with("unreachable "), "{:?}", events.0);
+        assert!(events.0[0].contains("127.0.0.1:9"), "{:?}", events.0);
+    }
+
+    /// Every [`FetchProgress`] event, in order.
+    #[derive(Default)]
+    struct Events(Vec<String>);
+
+    impl FetchProgress for Events {
+        fn files_planned(&mut self, files: usize) {
+            self.0.push(format!("planned {files}"));
+        }
+        fn file_started(&mut self, file: &str, bytes: u64) {
+            self.0.push(format!("start {file} {bytes}"));
+        }
+        fn advanced(&mut self, bytes: u64) {
+            self.0.push(format!("bytes {bytes}"));
+        }
+        fn file_finished(&mut self, file: &str) {
+            self.0.push(format!("done {file}"));
+        }
+        fn hub_unreachable(&mut self, error: &str) {
+            self.0.push(format!("unreachable {error}"));
+        }
+    }
+
+    #[test]
+    fn fetch_takes_only_repo_ids() {
+        let cache = tempfile::tempdir().unwrap();
+        let hub = offline(cache.path());
+        let local = fixture("tiny-sd15");
+        for spec in [local.to_str().unwrap(), "gpt2", "a/b/c", "org/x--y"] {
+            let err =
+                ModelFolder::fetch(spec, &hub, DType::F32, &mut Events::default()).unwrap_err();
+            let message = err.to_string();
+            assert!(matches!(err, DiffusionError::ModelSpec { .. }), "{message}");
+            assert!(message.contains(&format!("`{spec}`")), "{message}");
+        }
+        assert_eq!(
+            ModelLocation::parse(local.to_str().unwrap()).unwrap(),
+            ModelLocation::Local(local.clone())
+        );
+        assert_eq!(
+            ModelLocation::parse("org/name").unwrap(),
+            ModelLocation::Hub("org/name".into())
+        );
+        let message = ModelLocation::parse("nowhere").unwrap_err().to_string();
+        assert!(
+            message.contains("`nowhere`") && message.contains("org/name"),
+            "{message}"
+        );
+    }
+
+    /// Moves every file of `snapshot` into `blobs` and links it back, as the hub cache does.
+    fn link_into_blobs(snapshot: &Path, blobs: &Path) {
+        std::fs::create_dir_all(blobs).unwrap();
+        for entry in std::fs::read_dir(snapshot).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                link_into_blobs(&path, blobs);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let blob = blobs.join(format!("blob-{:x}-{}", bytes.len(), blob_count(blobs)));
+            std::fs::rename(&path, &blob).unwrap();
+            std::os::unix::fs::symlink(&blob, &path).unwrap();
+        }
+    }
+
+    fn blob_count(blobs: &Path) -> usize {
+        std::fs::read_dir(blobs).unwrap().count()
+    }
+
+    fn tree_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    tree_bytes(&path)
+                } else {
+                    std::fs::metadata(&path).unwrap().len()
+                }
+            })
+            .sum()
+    }
+
+    #[test]
+    fn list_cached_reports_each_pipeline_snapshot() {
+        let cache = tempfile::tempdir().unwrap();
+        let hub = offline(cache.path());
+        assert_eq!(list_cached(&hub).unwrap(), vec![]);
+        let nowhere = offline(&cache.path().join("not-created-yet"));
+        assert_eq!(list_cached(&nowhere).unwrap(), vec![]);
+
+        let main = "0123456789abcdef0123456789abcdef01234567";
+        let old = "1111111111111111111111111111111111111111";
+        let sd = cache.path().join("models--org--tiny-sd15");
+        copy_dir(&fixture("tiny-sd15"), &sd.join("snapshots").join(main));
+        link_into_blobs(&sd.join("snapshots").join(main), &sd.join("blobs"));
+        copy_dir(&fixture("tiny-sd15"), &sd.join("snapshots").join(old));
+        std::fs::remove_file(sd.join("snapshots").join(old).join("vae/config.json")).unwrap();
+        std::fs::create_dir_all(sd.join("refs/pr")).unwrap();
+        std::fs::write(sd.join("refs/main"), format!("{main}\n")).unwrap();
+        std::fs::write(sd.join("refs/pr/1"), main).unwrap();
+        // What hf-hub leaves after downloading by commit.
+        std::fs::write(sd.join("refs").join(main), main).unwrap();
+
+        let xl_commit = "89abcdef0123456789abcdef0123456789abcdef";
+        let xl = cache.path().join("models--other--tiny-sdxl");
+        copy_dir(&fixture("tiny-sdxl"), &xl.join("snapshots").join(xl_commit));
+
+        // Not pipelines: a language model's snapshot, a dataset, the lock folder.
+        let llm = cache
+            .path()
+            .join("models--org--some-llm/snapshots")
+            .join(main);
+        std::fs::create_dir_all(&llm).unwrap();
+        std::fs::write(llm.join("config.json"), "{}").unwrap();
+        copy_dir(
+            &fixture("tiny-sd15"),
+            &cache
+                .path()
+                .join("datasets--org--data/snapshots")
+                .join(main),
+        );
+        std::fs::create_dir_all(cache.path().join(".locks/models--org--tiny-sd15")).unwrap();
+
+        let listed = list_cached(&hub).unwrap();
+        let summary: Vec<(&str, &str, Vec<&str>, Option<ModelFamily>)> = listed
+            .iter()
+            .map(|m| {
+                (
+                    m.repo_id.as_str(),
+                    m.commit.as_str(),
+                    m.refs.iter().map(String::as_str).collect(),
+                    m.family,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    "org/tiny-sd15",
+                    main,
+                    vec!["main", "pr/1"],
+                    Some(ModelFamily::StableDiffusion)
+                ),
+                (
+                    "org/tiny-sd15",
+                    old,
+                    vec![],
+                    Some(ModelFamily::StableDiffusion)
+                ),
+                (
+                    "other/tiny-sdxl",
+                    xl_commit,
+                    vec![],
+                    Some(ModelFamily::StableDiffusionXl)
+                ),
+            ]
+        );
+        let fixture_bytes = tree_bytes(&fixture("tiny-sd15"));
+        assert_eq!(listed[0].path, sd.join("snapshots").join(main));
+        assert_eq!(listed[0].missing, Vec::<String>::new());
+        // Sizes follow the links into blobs/ (the links themselves are a few bytes).
+        assert_eq!(listed[0].size, fixture_bytes);
+        assert_eq!(listed[1].missing, vec!["vae/config.json".to_string()]);
+        assert_eq!(
+            listed[1].size,
+            fixture_bytes
+                - std::fs::metadata(fixture("tiny-sd15/vae/config.json"))
+                    .unwrap()
+                    .len()
+        );
+        assert!(listed[2].missing.is_empty());
+
+        // A blob lost from under its link is missing, not an error.
+        let unet = sd
+            .join("snapshots")
+            .join(main)
+            .join("unet/diffusion_pytorch_model.safetensors");
+        std::fs::remove_file(std::fs::read_link(&unet).unwrap()).unwrap();
+        let listed = list_cached(&hub).unwrap();
+        assert_eq!(listed[0].commit, main);
+        assert_eq!(
+            listed[0].missing,
+            vec!["unet/ safetensors weights".to_string()]
+        );
+        assert_eq!(
+            listed[0].size,
+            fixture_bytes
+                - std::fs::metadata(fixture(
+                    "tiny-sd15/unet/diffusion_pytorch_model.safetensors"
+                ))
+                .unwrap()
+                .len()
+        );
     }
 
     #[test]
