@@ -3,6 +3,7 @@
 mod client;
 mod farm;
 mod generate;
+mod models;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,8 @@ enum Command {
     Watch(client::WatchArgs),
     /// Download a job's finished frames as PNGs.
     Frames(client::FramesArgs),
+    /// Fetch hub models into the local cache, or list the cached ones.
+    Models(models::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,8 @@ fn main() -> ExitCode {
         .init();
     let result: Result<()> = match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        // hf-hub's blocking client: outside the tokio runtime, like `generate`.
+        Command::Models(args) => models::run(args),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -59,7 +64,9 @@ fn main() -> ExitCode {
                         Command::Submit(args) => client::submit(args).await,
                         Command::Watch(args) => client::watch(args).await,
                         Command::Frames(args) => client::frames(args).await,
-                        Command::Generate(_) => unreachable!("handled above"),
+                        Command::Generate(_) | Command::Models(_) => {
+                            unreachable!("handled above")
+                        }
                     }
                 })
             }),
