@@ -1,4 +1,4 @@
-//! The Postgres metadata store (sqlx), migrations in `migrations/`.
+//! The Postgres metadata store (sqlx), the farm's; migrations in `migrations/postgres/`.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -10,8 +10,8 @@ use crate::error::{Result, StoreError};
 use crate::types::*;
 use crate::MetadataStore;
 
-/// The migrations of `migrations/`, embedded at compile time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// The Postgres migrations (`migrations/postgres/`), embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 #[derive(Clone)]
 pub struct PgStore {
