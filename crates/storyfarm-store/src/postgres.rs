@@ -86,6 +86,7 @@ fn frame_from(row: &PgRow) -> Result<Frame> {
         latents_key: row.try_get("latents_key")?,
         error: row.try_get("error")?,
         attempts: row.try_get::<i32, _>("attempts")? as u32,
+        finished_at: row.try_get("finished_at")?,
     })
 }
 
@@ -217,7 +218,7 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
 async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reason: &str) -> Result<Vec<JobId>> {
     let rows = sqlx::query(
-        "UPDATE frames SET state = 'failed', error = $2
+        "UPDATE frames SET state = 'failed', error = $2, finished_at = now()
          WHERE task_id = ANY($1) AND state IN ('pending', 'rendering')
          RETURNING job_id",
     )
@@ -479,7 +480,9 @@ impl MetadataStore for PgStore {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE frames SET state = 'cancelled' WHERE job_id = $1 AND state IN ('pending', 'rendering')")
+        sqlx::query(
+            "UPDATE frames SET state = 'cancelled', finished_at = now() WHERE job_id = $1 AND state IN ('pending', 'rendering')",
+        )
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
@@ -633,7 +636,7 @@ impl MetadataStore for PgStore {
                 } else {
                     for f in frames {
                         sqlx::query(
-                            "UPDATE frames SET state = 'succeeded', png_key = $3, latents_key = $4, error = NULL
+                            "UPDATE frames SET state = 'succeeded', png_key = $3, latents_key = $4, error = NULL, finished_at = now()
                              WHERE job_id = $1 AND frame_index = $2 AND task_id = $5 AND state IN ('pending', 'rendering')",
                         )
                         .bind(job_id.0)

@@ -138,6 +138,9 @@ pub struct Frame {
     pub latents_key: Option<String>,
     pub error: Option<String>,
     pub attempts: u32,
+    /// When the frame reached succeeded, failed or cancelled; a resumed run that did not render it
+    /// again leaves it unchanged.
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
