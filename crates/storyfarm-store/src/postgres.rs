@@ -546,6 +546,42 @@ impl MetadataStore for PgStore {
         Ok(ids.len() as u32)
     }
 
+    async fn requeue_lost_deliveries(&self) -> Result<u32> {
+        let mut tx = self.pool.begin().await?;
+        let lost = sqlx::query(
+            "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.state IN ('queued', 'running')
+               AND (j.state IN ('queued', 'running')
+                    OR (t.kind = 'invert' AND EXISTS (
+                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+               AND NOT EXISTS (SELECT 1 FROM outbox o
+                               WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
+             ORDER BY t.created_at, t.id
+             FOR UPDATE OF t",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = lost.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        let attempts: Vec<i32> = lost.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+        sqlx::query(
+            "UPDATE tasks SET state = 'queued', worker_id = NULL, heartbeat_at = NULL, updated_at = now() WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        // The next `started` counts the render again.
+        sqlx::query(
+            "UPDATE frames SET state = 'pending', attempts = greatest(attempts - 1, 0)
+             WHERE task_id = ANY($1) AND state = 'rendering'",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        enqueue(&mut tx, &ids, &attempts).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u32)
+    }
+
     async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
         let mut tx = self.pool.begin().await?;
         let fresh = sqlx::query(
