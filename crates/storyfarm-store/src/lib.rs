@@ -1,20 +1,24 @@
 //! storyfarm's metadata store: the truth about projects, references, storyboards, jobs, frames
-//! and tasks. Every state change of the farm is one transaction here; messages to workers are
-//! written to an outbox in the same transaction and published afterwards.
+//! and tasks. Postgres in the farm, SQLite in the local mode: two backends of one trait,
+//! [`MetadataStore`], with the same semantics. Every state change of the farm is one transaction
+//! here; messages to workers are written to an outbox in the same transaction and published
+//! afterwards.
 //!
 //! Architecture invariant: only this crate touches sqlx.
 
 mod error;
 mod postgres;
+mod sqlite;
 mod types;
 
 pub use error::{Result, StoreError};
 pub use postgres::{PgStore, MIGRATOR};
+pub use sqlite::{SqliteStore, SQLITE_MIGRATOR};
 pub use types::*;
 
 use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId};
 
-/// The metadata store. Postgres in the farm; the local mode adds SQLite behind the same trait.
+/// The metadata store: [`PgStore`] in the farm, [`SqliteStore`] in the local mode.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync {
     async fn create_project(&self, name: &str) -> Result<Project>;
