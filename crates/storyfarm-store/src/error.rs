@@ -36,8 +36,8 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => Self::Unavailable { message: e.to_string() },
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("40001") => {
-                // Serialization failure: the caller retries the whole transaction.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")) => {
+                // Serialization failure or deadlock victim: the caller retries the whole transaction.
                 Self::Unavailable { message: e.to_string() }
             }
             sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some_and(sqlite_busy) => {

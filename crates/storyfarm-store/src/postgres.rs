@@ -185,7 +185,21 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], attempts
     Ok(())
 }
 
-/// Marks the job finished when none of its frames can change any more.
+/// Takes the row locks of jobs, in id order. Transactions that change a job's frames hold its lock
+/// from before they look at its tasks until they commit, in the order cancel_job takes it (job,
+/// then tasks, then frames): two events finishing a job's last two frames then settle it one
+/// after the other, the second seeing the first's frames, instead of each seeing the other's frame
+/// still open and neither finishing the job.
+async fn lock_jobs(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Marks the job finished when none of its frames can change any more. The caller holds the job's
+/// lock (`lock_jobs`).
 async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result<()> {
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE state IN ('pending', 'rendering')) AS open,
@@ -213,6 +227,14 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Jobs with renders waiting for the inversion `key`.
+async fn waiting_jobs(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar("SELECT DISTINCT job_id FROM tasks WHERE inversion_key = $1 AND state = 'waiting'")
+        .bind(key)
+        .fetch_all(&mut **tx)
+        .await?)
 }
 
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
@@ -601,6 +623,12 @@ impl MetadataStore for PgStore {
             tx.commit().await?;
             return Ok(EventOutcome::Duplicate);
         }
+        let owner: Uuid = sqlx::query_scalar("SELECT job_id FROM tasks WHERE id = $1")
+            .bind(event.task_id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::not_found("task", event.task_id))?;
+        lock_jobs(&mut tx, &[owner]).await?;
         let task = sqlx::query(
             "SELECT job_id, kind, state, attempt, max_attempts, inversion_key FROM tasks WHERE id = $1 FOR UPDATE",
         )
@@ -656,6 +684,8 @@ impl MetadataStore for PgStore {
                         .bind(&trajectory)
                         .execute(&mut *tx)
                         .await?;
+                    let waiting = waiting_jobs(&mut tx, &key).await?;
+                    lock_jobs(&mut tx, &waiting).await?;
                     let released = sqlx::query(
                         "UPDATE tasks SET state = 'queued', updated_at = now() WHERE inversion_key = $1 AND state = 'waiting'
                          RETURNING id, attempt, job_id",
@@ -720,6 +750,8 @@ impl MetadataStore for PgStore {
                             .bind(&reason)
                             .execute(&mut *tx)
                             .await?;
+                        let waiting = waiting_jobs(&mut tx, &key).await?;
+                        lock_jobs(&mut tx, &waiting).await?;
                         let dependents: Vec<Uuid> = sqlx::query_scalar(
                             "UPDATE tasks SET state = 'failed', error = $2, updated_at = now()
                              WHERE inversion_key = $1 AND state = 'waiting' RETURNING id",
