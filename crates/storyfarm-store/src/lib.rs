@@ -1,11 +1,14 @@
 //! storyfarm's metadata store: the truth about projects, references, storyboards, jobs, frames
 //! and tasks. Postgres in the farm, SQLite in the local mode: two backends of one trait,
-//! [`MetadataStore`], with the same semantics. Every state change of the farm is one transaction
-//! here; messages to workers are written to an outbox in the same transaction and published
-//! afterwards.
+//! [`MetadataStore`], with the same semantics, held to them by one conformance suite
+//! ([`conformance`], feature `testing`) that runs on both. Every state change of the farm is one
+//! transaction here; messages to workers are written to an outbox in the same transaction and
+//! published afterwards.
 //!
 //! Architecture invariant: only this crate touches sqlx.
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 mod error;
 mod postgres;
 mod sqlite;

@@ -271,3 +271,19 @@ impl RetryPolicy {
         self.base.saturating_mul(factor).min(self.max)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::RetryPolicy;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy { base: Duration::from_secs(2), max: Duration::from_secs(60) };
+        assert_eq!(p.delay(1), Duration::from_secs(2));
+        assert_eq!(p.delay(3), Duration::from_secs(8));
+        assert_eq!(p.delay(10), Duration::from_secs(60));
+        assert_eq!(p.delay(u32::MAX), Duration::from_secs(60));
+    }
+}
