@@ -1,20 +1,27 @@
 //! storyfarm's metadata store: the truth about projects, references, storyboards, jobs, frames
-//! and tasks. Every state change of the farm is one transaction here; messages to workers are
-//! written to an outbox in the same transaction and published afterwards.
+//! and tasks. Postgres in the farm, SQLite in the local mode: two backends of one trait,
+//! [`MetadataStore`], with the same semantics, held to them by one conformance suite
+//! ([`conformance`], feature `testing`) that runs on both. Every state change of the farm is one
+//! transaction here; messages to workers are written to an outbox in the same transaction and
+//! published afterwards.
 //!
 //! Architecture invariant: only this crate touches sqlx.
 
+#[cfg(feature = "testing")]
+pub mod conformance;
 mod error;
 mod postgres;
+mod sqlite;
 mod types;
 
 pub use error::{Result, StoreError};
 pub use postgres::{PgStore, MIGRATOR};
+pub use sqlite::{SqliteStore, SQLITE_MIGRATOR};
 pub use types::*;
 
 use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId};
 
-/// The metadata store. Postgres in the farm; the local mode adds SQLite behind the same trait.
+/// The metadata store: [`PgStore`] in the farm, [`SqliteStore`] in the local mode.
 #[async_trait::async_trait]
 pub trait MetadataStore: Send + Sync {
     async fn create_project(&self, name: &str) -> Result<Project>;
@@ -48,6 +55,15 @@ pub trait MetadataStore: Send + Sync {
     async fn mark_published(&self, ids: &[i64]) -> Result<()>;
     /// Failed attempts whose backoff has passed become new attempts (with outbox rows).
     async fn release_due_retries(&self) -> Result<u32>;
+    /// For a queue that does not survive a restart (the local mode's in-process queue): every
+    /// delivery it held is gone, so every task in `queued` or `running` whose job is not finished
+    /// (and an inversion of a cancelled job that other jobs' renders wait for) goes back to
+    /// `queued`, worker and heartbeat cleared, its rendering frames back to `pending`, with an
+    /// outbox row for its *current* attempt: an interruption is not the task's fault, so no
+    /// attempt is consumed (the frames' `attempts` are given back too). A task that already has
+    /// an unpublished outbox row for its current attempt will be delivered anyway and is left
+    /// alone. Returns how many tasks were requeued. Call it at start, before the dispatcher.
+    async fn requeue_lost_deliveries(&self) -> Result<u32>;
 
     /// Applies one worker event, once: a redelivered event is a no-op.
     async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome>;

@@ -1,4 +1,4 @@
-//! The Postgres metadata store (sqlx), migrations in `migrations/`.
+//! The Postgres metadata store (sqlx), the farm's; migrations in `migrations/postgres/`.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -10,8 +10,8 @@ use crate::error::{Result, StoreError};
 use crate::types::*;
 use crate::MetadataStore;
 
-/// The migrations of `migrations/`, embedded at compile time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// The Postgres migrations (`migrations/postgres/`), embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -86,6 +86,7 @@ fn frame_from(row: &PgRow) -> Result<Frame> {
         latents_key: row.try_get("latents_key")?,
         error: row.try_get("error")?,
         attempts: row.try_get::<i32, _>("attempts")? as u32,
+        finished_at: row.try_get("finished_at")?,
     })
 }
 
@@ -184,7 +185,21 @@ async fn enqueue(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], attempts
     Ok(())
 }
 
-/// Marks the job finished when none of its frames can change any more.
+/// Takes the row locks of jobs, in id order. Transactions that change a job's frames hold its lock
+/// from before they look at its tasks until they commit, in the order cancel_job takes it (job,
+/// then tasks, then frames): two events finishing a job's last two frames then settle it one
+/// after the other, the second seeing the first's frames, instead of each seeing the other's frame
+/// still open and neither finishing the job.
+async fn lock_jobs(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Marks the job finished when none of its frames can change any more. The caller holds the job's
+/// lock (`lock_jobs`).
 async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result<()> {
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE state IN ('pending', 'rendering')) AS open,
@@ -214,10 +229,18 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
     Ok(())
 }
 
+/// Jobs with renders waiting for the inversion `key`.
+async fn waiting_jobs(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar("SELECT DISTINCT job_id FROM tasks WHERE inversion_key = $1 AND state = 'waiting'")
+        .bind(key)
+        .fetch_all(&mut **tx)
+        .await?)
+}
+
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
 async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reason: &str) -> Result<Vec<JobId>> {
     let rows = sqlx::query(
-        "UPDATE frames SET state = 'failed', error = $2
+        "UPDATE frames SET state = 'failed', error = $2, finished_at = now()
          WHERE task_id = ANY($1) AND state IN ('pending', 'rendering')
          RETURNING job_id",
     )
@@ -479,7 +502,9 @@ impl MetadataStore for PgStore {
             .bind(&ids)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE frames SET state = 'cancelled' WHERE job_id = $1 AND state IN ('pending', 'rendering')")
+        sqlx::query(
+            "UPDATE frames SET state = 'cancelled', finished_at = now() WHERE job_id = $1 AND state IN ('pending', 'rendering')",
+        )
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
@@ -543,6 +568,42 @@ impl MetadataStore for PgStore {
         Ok(ids.len() as u32)
     }
 
+    async fn requeue_lost_deliveries(&self) -> Result<u32> {
+        let mut tx = self.pool.begin().await?;
+        let lost = sqlx::query(
+            "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.state IN ('queued', 'running')
+               AND (j.state IN ('queued', 'running')
+                    OR (t.kind = 'invert' AND EXISTS (
+                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+               AND NOT EXISTS (SELECT 1 FROM outbox o
+                               WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
+             ORDER BY t.created_at, t.id
+             FOR UPDATE OF t",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = lost.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        let attempts: Vec<i32> = lost.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+        sqlx::query(
+            "UPDATE tasks SET state = 'queued', worker_id = NULL, heartbeat_at = NULL, updated_at = now() WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        // The next `started` counts the render again.
+        sqlx::query(
+            "UPDATE frames SET state = 'pending', attempts = greatest(attempts - 1, 0)
+             WHERE task_id = ANY($1) AND state = 'rendering'",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        enqueue(&mut tx, &ids, &attempts).await?;
+        tx.commit().await?;
+        Ok(ids.len() as u32)
+    }
+
     async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
         let mut tx = self.pool.begin().await?;
         let fresh = sqlx::query(
@@ -562,6 +623,12 @@ impl MetadataStore for PgStore {
             tx.commit().await?;
             return Ok(EventOutcome::Duplicate);
         }
+        let owner: Uuid = sqlx::query_scalar("SELECT job_id FROM tasks WHERE id = $1")
+            .bind(event.task_id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::not_found("task", event.task_id))?;
+        lock_jobs(&mut tx, &[owner]).await?;
         let task = sqlx::query(
             "SELECT job_id, kind, state, attempt, max_attempts, inversion_key FROM tasks WHERE id = $1 FOR UPDATE",
         )
@@ -617,6 +684,8 @@ impl MetadataStore for PgStore {
                         .bind(&trajectory)
                         .execute(&mut *tx)
                         .await?;
+                    let waiting = waiting_jobs(&mut tx, &key).await?;
+                    lock_jobs(&mut tx, &waiting).await?;
                     let released = sqlx::query(
                         "UPDATE tasks SET state = 'queued', updated_at = now() WHERE inversion_key = $1 AND state = 'waiting'
                          RETURNING id, attempt, job_id",
@@ -633,7 +702,7 @@ impl MetadataStore for PgStore {
                 } else {
                     for f in frames {
                         sqlx::query(
-                            "UPDATE frames SET state = 'succeeded', png_key = $3, latents_key = $4, error = NULL
+                            "UPDATE frames SET state = 'succeeded', png_key = $3, latents_key = $4, error = NULL, finished_at = now()
                              WHERE job_id = $1 AND frame_index = $2 AND task_id = $5 AND state IN ('pending', 'rendering')",
                         )
                         .bind(job_id.0)
@@ -681,6 +750,8 @@ impl MetadataStore for PgStore {
                             .bind(&reason)
                             .execute(&mut *tx)
                             .await?;
+                        let waiting = waiting_jobs(&mut tx, &key).await?;
+                        lock_jobs(&mut tx, &waiting).await?;
                         let dependents: Vec<Uuid> = sqlx::query_scalar(
                             "UPDATE tasks SET state = 'failed', error = $2, updated_at = now()
                              WHERE inversion_key = $1 AND state = 'waiting' RETURNING id",

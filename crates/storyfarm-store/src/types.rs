@@ -138,6 +138,9 @@ pub struct Frame {
     pub latents_key: Option<String>,
     pub error: Option<String>,
     pub attempts: u32,
+    /// When the frame reached succeeded, failed or cancelled; a resumed run that did not render it
+    /// again leaves it unchanged.
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,5 +269,21 @@ impl RetryPolicy {
     pub fn delay(&self, attempt: u32) -> std::time::Duration {
         let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::RetryPolicy;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy { base: Duration::from_secs(2), max: Duration::from_secs(60) };
+        assert_eq!(p.delay(1), Duration::from_secs(2));
+        assert_eq!(p.delay(3), Duration::from_secs(8));
+        assert_eq!(p.delay(10), Duration::from_secs(60));
+        assert_eq!(p.delay(u32::MAX), Duration::from_secs(60));
     }
 }

@@ -1,0 +1,867 @@
+//! The SQLite metadata store (sqlx) of the local mode: one file, the same semantics as
+//! [`PgStore`](crate::PgStore); migrations in `migrations/sqlite/`.
+//!
+//! SQLite allows one writer at a time. Every write takes this store's writer turn (a fair async
+//! mutex, so concurrent callers queue instead of polling the busy handler) and then starts its
+//! transaction with `BEGIN IMMEDIATE`: the write lock is taken up front, so a transaction never has
+//! to upgrade a read snapshot to a write lock, which is the one case where SQLite answers busy at
+//! once instead of waiting. Another process on the same file (a second store, the `sqlite3` shell)
+//! is waited for through the busy timeout. Reads run on the other pooled connections: in WAL mode
+//! they neither wait for nor block the writer.
+//!
+//! Encodings (see the migration): uuids as canonical hyphenated TEXT, timestamps as INTEGER
+//! microseconds since the Unix epoch, one `now` per transaction like Postgres' `now()`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::error::{Result, StoreError};
+use crate::types::*;
+use crate::MetadataStore;
+
+/// The SQLite migrations (`migrations/sqlite/`), embedded at compile time.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// How long a statement waits for another process's write lock before failing as unavailable.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Readers in parallel with the one writer.
+const MAX_CONNECTIONS: u32 = 4;
+/// Rows per multi-row INSERT: far below SQLite's 32766 bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// The writer turn: held for the whole of every write transaction.
+    writer: Arc<Mutex<()>>,
+}
+
+impl SqliteStore {
+    /// Opens the database file, creating it (and its directory) if missing, in WAL mode with
+    /// foreign keys enforced, and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let open_error = |message: String| StoreError::Open { path: path.to_path_buf(), message };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| open_error(format!("cannot create directory {}: {e}", parent.display())))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| open_error(e.to_string()))?;
+        SQLITE_MIGRATOR.run(&pool).await.map_err(|e| open_error(format!("migration failed: {e}")))?;
+        Ok(Self { pool, writer: Arc::new(Mutex::new(())) })
+    }
+
+    /// Starts a write transaction; the caller holds the writer turn.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn corrupt(what: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { what, message: message.into() }
+}
+
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn time(what: &'static str, micros: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| corrupt(what, format!("timestamp {micros} out of range")))
+}
+
+fn time_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<DateTime<Utc>> {
+    time(what, row.try_get(column)?)
+}
+
+fn opt_time_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Option<DateTime<Utc>>> {
+    row.try_get::<Option<i64>, _>(column)?.map(|m| time(what, m)).transpose()
+}
+
+fn parse_uuid(what: &'static str, text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text).map_err(|e| corrupt(what, format!("id {text:?}: {e}")))
+}
+
+fn uuid_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Uuid> {
+    parse_uuid(what, &row.try_get::<String, _>(column)?)
+}
+
+fn opt_uuid_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Option<Uuid>> {
+    row.try_get::<Option<String>, _>(column)?.map(|s| parse_uuid(what, &s)).transpose()
+}
+
+fn text(id: Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+/// A list of ids as one bound JSON array, read with `json_each` (SQLite has no array type).
+fn json_ids(ids: &[Uuid]) -> String {
+    serde_json::Value::from(ids.iter().map(|id| text(*id)).collect::<Vec<_>>()).to_string()
+}
+
+fn project_from(row: &SqliteRow) -> Result<Project> {
+    Ok(Project {
+        id: ProjectId(uuid_at(row, "project", "id")?),
+        name: row.try_get("name")?,
+        created_at: time_at(row, "project", "created_at")?,
+    })
+}
+
+fn reference_from(row: &SqliteRow) -> Result<Reference> {
+    Ok(Reference {
+        id: ReferenceId(uuid_at(row, "reference", "id")?),
+        project_id: ProjectId(uuid_at(row, "reference", "project_id")?),
+        prompt: row.try_get("prompt")?,
+        image_sha256: row.try_get("image_sha256")?,
+        image_key: row.try_get("image_key")?,
+        width: row.try_get::<i64, _>("width")? as u32,
+        height: row.try_get::<i64, _>("height")? as u32,
+        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        created_at: time_at(row, "reference", "created_at")?,
+    })
+}
+
+fn frame_from(row: &SqliteRow) -> Result<Frame> {
+    let state: String = row.try_get("state")?;
+    Ok(Frame {
+        job_id: JobId(uuid_at(row, "frame", "job_id")?),
+        index: row.try_get::<i64, _>("frame_index")? as u32,
+        prompt: row.try_get("prompt")?,
+        negative_prompt: row.try_get("negative_prompt")?,
+        seed: row.try_get::<i64, _>("seed")? as u64,
+        state: FrameState::parse(&state).ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
+        task_id: opt_uuid_at(row, "frame", "task_id")?.map(TaskId),
+        png_key: row.try_get("png_key")?,
+        latents_key: row.try_get("latents_key")?,
+        error: row.try_get("error")?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        finished_at: opt_time_at(row, "frame", "finished_at")?,
+    })
+}
+
+const JOB_SELECT: &str = "SELECT j.id, j.storyboard_id, j.state, j.frames_total, j.error, j.created_at, j.finished_at,
+    (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'succeeded') AS frames_succeeded,
+    (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'failed') AS frames_failed,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'invert') AS inversion_tasks,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'render') AS render_tasks
+    FROM jobs j WHERE j.id = ?1";
+
+fn job_from(row: &SqliteRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    Ok(Job {
+        id: JobId(uuid_at(row, "job", "id")?),
+        storyboard_id: StoryboardId(uuid_at(row, "job", "storyboard_id")?),
+        state: JobState::parse(&state).ok_or_else(|| corrupt("job", format!("state {state:?}")))?,
+        frames_total: row.try_get::<i64, _>("frames_total")? as u32,
+        frames_succeeded: row.try_get::<i64, _>("frames_succeeded")? as u32,
+        frames_failed: row.try_get::<i64, _>("frames_failed")? as u32,
+        inversion_tasks: row.try_get::<i64, _>("inversion_tasks")? as u32,
+        render_tasks: row.try_get::<i64, _>("render_tasks")? as u32,
+        error: row.try_get("error")?,
+        created_at: time_at(row, "job", "created_at")?,
+        finished_at: opt_time_at(row, "job", "finished_at")?,
+    })
+}
+
+async fn job_in(conn: &mut SqliteConnection, id: JobId) -> Result<Job> {
+    let row = sqlx::query(JOB_SELECT)
+        .bind(text(id.0))
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::not_found("job", id))?;
+    job_from(&row)
+}
+
+/// Inserts tasks in multi-row statements (a 10k-frame job is one transaction of a few dozen
+/// statements, not 10k round trips to the connection's thread).
+async fn insert_tasks(
+    conn: &mut SqliteConnection,
+    job_id: JobId,
+    tasks: &[&PlannedTask],
+    state: &str,
+    inversion_key: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    for chunk in tasks.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload, created_at, updated_at) ",
+        );
+        insert.push_values(chunk, |mut row, task| {
+            row.push_bind(text(task.id.0))
+                .push_bind(text(job_id.0))
+                .push_bind(task.kind.as_str())
+                .push_bind(state)
+                .push_bind(task.family.as_str())
+                .push_bind(1i64)
+                .push_bind(i64::from(task.max_attempts))
+                .push_bind(inversion_key)
+                .push_bind(task.payload.as_slice())
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Inserts the job's frames, each pointing at the render task that renders it (tasks are written
+/// first, so the foreign key holds without a second pass over the frames).
+async fn insert_frames(conn: &mut SqliteConnection, job: &NewJob) -> Result<()> {
+    let task_of: std::collections::HashMap<u32, Uuid> =
+        job.render_tasks.iter().flat_map(|t| t.frames.iter().map(move |&f| (f, t.id.0))).collect();
+    for chunk in job.frames.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO frames (job_id, frame_index, prompt, negative_prompt, seed, state, task_id) ",
+        );
+        insert.push_values(chunk, |mut row, frame| {
+            row.push_bind(text(job.id.0))
+                .push_bind(i64::from(frame.index))
+                .push_bind(frame.prompt.as_str())
+                .push_bind(frame.negative_prompt.as_str())
+                .push_bind(frame.seed as i64)
+                .push_bind("pending")
+                .push_bind(task_of.get(&frame.index).map(|id| text(*id)));
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Outbox rows for `(task, attempt)` pairs, in order.
+async fn enqueue(conn: &mut SqliteConnection, messages: &[(Uuid, i64)], now: i64) -> Result<()> {
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO outbox (task_id, attempt, created_at) ");
+        insert.push_values(chunk, |mut row, (task, attempt)| {
+            row.push_bind(text(*task)).push_bind(*attempt).push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+fn task_attempts(rows: &[SqliteRow]) -> Result<Vec<(Uuid, i64)>> {
+    rows.iter().map(|r| Ok((uuid_at(r, "task", "id")?, r.try_get::<i64, _>("attempt")?))).collect()
+}
+
+/// Marks the job finished when none of its frames can change any more.
+async fn settle_job(conn: &mut SqliteConnection, job_id: JobId, now: i64) -> Result<()> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE state IN ('pending', 'rendering')) AS open,
+                count(*) FILTER (WHERE state = 'failed') AS failed,
+                min(error) FILTER (WHERE state = 'failed') AS first_error
+         FROM frames WHERE job_id = ?1",
+    )
+    .bind(text(job_id.0))
+    .fetch_one(&mut *conn)
+    .await?;
+    let open: i64 = row.try_get("open")?;
+    if open > 0 {
+        return Ok(());
+    }
+    let failed: i64 = row.try_get("failed")?;
+    let error: Option<String> = row.try_get("first_error")?;
+    let state = if failed > 0 { "failed" } else { "succeeded" };
+    sqlx::query(
+        "UPDATE jobs SET state = ?2, finished_at = ?4, error = ?3
+         WHERE id = ?1 AND state IN ('queued', 'running')",
+    )
+    .bind(text(job_id.0))
+    .bind(state)
+    .bind(if failed > 0 { error.map(|e| format!("{failed} frame(s) failed; first: {e}")) } else { None })
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Fails every frame of `task_ids` that is not finished, with `reason`.
+async fn fail_frames(conn: &mut SqliteConnection, task_ids: &[Uuid], reason: &str, now: i64) -> Result<Vec<JobId>> {
+    let rows = sqlx::query(
+        "UPDATE frames SET state = 'failed', error = ?2, finished_at = ?3
+         WHERE task_id IN (SELECT value FROM json_each(?1)) AND state IN ('pending', 'rendering')
+         RETURNING job_id",
+    )
+    .bind(json_ids(task_ids))
+    .bind(reason)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut jobs: Vec<JobId> = rows.iter().map(|r| uuid_at(r, "frame", "job_id").map(JobId)).collect::<Result<_>>()?;
+    jobs.sort();
+    jobs.dedup();
+    Ok(jobs)
+}
+
+#[async_trait::async_trait]
+impl MetadataStore for SqliteStore {
+    async fn create_project(&self, name: &str) -> Result<Project> {
+        let _turn = self.writer.lock().await;
+        let row = sqlx::query("INSERT INTO projects (id, name, created_at) VALUES (?1, ?2, ?3) RETURNING id, name, created_at")
+            .bind(text(ProjectId::new().0))
+            .bind(name)
+            .bind(now_micros())
+            .fetch_one(&self.pool)
+            .await?;
+        project_from(&row)
+    }
+
+    async fn get_project(&self, id: ProjectId) -> Result<Project> {
+        let row = sqlx::query("SELECT id, name, created_at FROM projects WHERE id = ?1")
+            .bind(text(id.0))
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("project", id))?;
+        project_from(&row)
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM projects ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(project_from).collect()
+    }
+
+    async fn create_reference(&self, r: &Reference) -> Result<Reference> {
+        let _turn = self.writer.lock().await;
+        let row = sqlx::query(
+            "INSERT INTO style_references (id, project_id, kind, prompt, image_sha256, image_key, width, height, size_bytes, created_at)
+             SELECT ?1, ?2, 'style', ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM projects WHERE id = ?2)
+             RETURNING *",
+        )
+        .bind(text(r.id.0))
+        .bind(text(r.project_id.0))
+        .bind(&r.prompt)
+        .bind(&r.image_sha256)
+        .bind(&r.image_key)
+        .bind(i64::from(r.width))
+        .bind(i64::from(r.height))
+        .bind(r.size_bytes as i64)
+        .bind(now_micros())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found("project", r.project_id))?;
+        reference_from(&row)
+    }
+
+    async fn get_reference(&self, id: ReferenceId) -> Result<Reference> {
+        let row = sqlx::query("SELECT * FROM style_references WHERE id = ?1")
+            .bind(text(id.0))
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("reference", id))?;
+        reference_from(&row)
+    }
+
+    async fn create_storyboard(&self, project_id: ProjectId, name: &str, stored: &StoredStoryboard) -> Result<Storyboard> {
+        let spec = serde_json::to_string(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
+        let id = StoryboardId::new();
+        let now = now_micros();
+        let _turn = self.writer.lock().await;
+        let inserted = sqlx::query(
+            "INSERT INTO storyboards (id, project_id, name, spec, created_at)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM projects WHERE id = ?2)",
+        )
+        .bind(text(id.0))
+        .bind(text(project_id.0))
+        .bind(name)
+        .bind(spec)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::not_found("project", project_id));
+        }
+        Ok(Storyboard {
+            id,
+            project_id,
+            name: name.to_string(),
+            stored: stored.clone(),
+            created_at: time("storyboard", now)?,
+        })
+    }
+
+    async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard> {
+        let row = sqlx::query("SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = ?1")
+            .bind(text(id.0))
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("storyboard", id))?;
+        let spec: String = row.try_get("spec")?;
+        Ok(Storyboard {
+            id,
+            project_id: ProjectId(uuid_at(&row, "storyboard", "project_id")?),
+            name: row.try_get("name")?,
+            stored: serde_json::from_str(&spec).map_err(|e| corrupt("storyboard", e.to_string()))?,
+            created_at: time_at(&row, "storyboard", "created_at")?,
+        })
+    }
+
+    async fn submit_job(&self, job: &NewJob) -> Result<Job> {
+        let _turn = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let now = now_micros();
+        sqlx::query("INSERT INTO jobs (id, storyboard_id, state, frames_total, created_at) VALUES (?1, ?2, 'queued', ?3, ?4)")
+            .bind(text(job.id.0))
+            .bind(text(job.storyboard_id.0))
+            .bind(job.frames.len() as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+
+        // Render tasks run now unless their inversion is still to be computed.
+        let mut render_state = "queued";
+        let mut inversion_key = None;
+        let mut runnable: Vec<(Uuid, i64)> = Vec::new();
+        if let Some(inv) = &job.inversion {
+            inversion_key = Some(inv.cache_key.as_str());
+            let claimed = sqlx::query(
+                "INSERT INTO inversions (cache_key, state, created_at, updated_at) VALUES (?1, 'pending', ?2, ?2)
+                 ON CONFLICT (cache_key) DO NOTHING",
+            )
+            .bind(&inv.cache_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            let state: String = if claimed {
+                "pending".into()
+            } else {
+                sqlx::query_scalar("SELECT state FROM inversions WHERE cache_key = ?1")
+                    .bind(&inv.cache_key)
+                    .fetch_one(&mut *tx)
+                    .await?
+            };
+            let must_invert = match state.as_str() {
+                "ready" => false,
+                "pending" => claimed,
+                // A failed inversion is tried again for a new job.
+                "failed" => {
+                    sqlx::query("UPDATE inversions SET state = 'pending', error = NULL, updated_at = ?2 WHERE cache_key = ?1")
+                        .bind(&inv.cache_key)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    true
+                }
+                other => return Err(corrupt("inversion", format!("state {other:?}"))),
+            };
+            if state != "ready" {
+                render_state = "waiting";
+            }
+            if must_invert {
+                insert_tasks(&mut tx, job.id, &[&inv.task], "queued", Some(&inv.cache_key), now).await?;
+                runnable.push((inv.task.id.0, 1));
+            }
+        }
+        let renders: Vec<&PlannedTask> = job.render_tasks.iter().collect();
+        insert_tasks(&mut tx, job.id, &renders, render_state, inversion_key, now).await?;
+        if render_state == "queued" {
+            runnable.extend(renders.iter().map(|t| (t.id.0, 1)));
+        }
+        insert_frames(&mut tx, job).await?;
+        enqueue(&mut tx, &runnable, now).await?;
+        let stored = job_in(&mut tx, job.id).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Job> {
+        let row = sqlx::query(JOB_SELECT)
+            .bind(text(id.0))
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("job", id))?;
+        job_from(&row)
+    }
+
+    async fn list_frames(&self, job_id: JobId) -> Result<Vec<Frame>> {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE id = ?1)")
+            .bind(text(job_id.0))
+            .fetch_one(&self.pool)
+            .await?;
+        if !exists {
+            return Err(StoreError::not_found("job", job_id));
+        }
+        let rows = sqlx::query("SELECT * FROM frames WHERE job_id = ?1 ORDER BY frame_index")
+            .bind(text(job_id.0))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(frame_from).collect()
+    }
+
+    async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)> {
+        let _turn = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let now = now_micros();
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(text(id.0))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let state = state.ok_or_else(|| StoreError::not_found("job", id))?;
+        if JobState::parse(&state).is_some_and(JobState::is_terminal) {
+            let job = job_in(&mut tx, id).await?;
+            tx.commit().await?;
+            return Ok((job, false));
+        }
+        // An inversion other jobs wait for keeps running; everything else of this job stops.
+        let cancelled = sqlx::query(
+            "UPDATE tasks SET state = 'cancelled', updated_at = ?2
+             WHERE job_id = ?1 AND state IN ('waiting', 'queued', 'retry_wait', 'running')
+               AND NOT (kind = 'invert' AND EXISTS (
+                   SELECT 1 FROM tasks w WHERE w.inversion_key = tasks.inversion_key
+                     AND w.state = 'waiting' AND w.job_id <> ?1))
+             RETURNING id, kind, inversion_key",
+        )
+        .bind(text(id.0))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM task_events e JOIN tasks t ON t.id = e.task_id
+             WHERE t.job_id = ?1 AND t.state = 'cancelled' AND e.kind = 'started'
+               AND e.attempt = t.attempt
+               AND NOT EXISTS (SELECT 1 FROM task_events d WHERE d.task_id = e.task_id
+                               AND d.attempt = e.attempt AND d.kind IN ('succeeded', 'failed'))",
+        )
+        .bind(text(id.0))
+        .fetch_one(&mut *tx)
+        .await?;
+        for row in &cancelled {
+            let kind: String = row.try_get("kind")?;
+            if kind == "invert" {
+                // Nobody computes it now: the next job that needs it claims it again.
+                let key: Option<String> = row.try_get("inversion_key")?;
+                sqlx::query("DELETE FROM inversions WHERE cache_key = ?1 AND state = 'pending'")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let ids: Vec<Uuid> = cancelled.iter().map(|r| uuid_at(r, "task", "id")).collect::<Result<_>>()?;
+        sqlx::query("DELETE FROM outbox WHERE task_id IN (SELECT value FROM json_each(?1)) AND published_at IS NULL")
+            .bind(json_ids(&ids))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE frames SET state = 'cancelled', finished_at = ?2 WHERE job_id = ?1 AND state IN ('pending', 'rendering')",
+        )
+        .bind(text(id.0))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE jobs SET state = 'cancelled', finished_at = ?2 WHERE id = ?1")
+            .bind(text(id.0))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let job = job_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok((job, running > 0))
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at")
+                .fetch_all(&self.pool)
+                .await?;
+        ids.iter().map(|id| parse_uuid("job", id).map(JobId)).collect()
+    }
+
+    async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.task_id, o.attempt, t.family, t.payload FROM outbox o JOIN tasks t ON t.id = o.task_id
+             WHERE o.published_at IS NULL ORDER BY o.id LIMIT ?1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxMessage {
+                    id: r.try_get("id")?,
+                    task_id: TaskId(uuid_at(r, "outbox", "task_id")?),
+                    attempt: r.try_get::<i64, _>("attempt")? as u32,
+                    family: r.try_get("family")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_published(&self, ids: &[i64]) -> Result<()> {
+        let _turn = self.writer.lock().await;
+        sqlx::query("UPDATE outbox SET published_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(serde_json::Value::from(ids).to_string())
+            .bind(now_micros())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn release_due_retries(&self) -> Result<u32> {
+        let _turn = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let now = now_micros();
+        let rows = sqlx::query(
+            "UPDATE tasks SET state = 'queued', attempt = attempt + 1, not_before = NULL, updated_at = ?1
+             WHERE state = 'retry_wait' AND not_before <= ?1 RETURNING id, attempt",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let messages = task_attempts(&rows)?;
+        enqueue(&mut tx, &messages, now).await?;
+        tx.commit().await?;
+        Ok(messages.len() as u32)
+    }
+
+    async fn requeue_lost_deliveries(&self) -> Result<u32> {
+        let _turn = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let now = now_micros();
+        let lost = sqlx::query(
+            "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
+             WHERE t.state IN ('queued', 'running')
+               AND (j.state IN ('queued', 'running')
+                    OR (t.kind = 'invert' AND EXISTS (
+                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+               AND NOT EXISTS (SELECT 1 FROM outbox o
+                               WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
+             ORDER BY t.created_at, t.id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let messages = task_attempts(&lost)?;
+        let ids: Vec<Uuid> = messages.iter().map(|(id, _)| *id).collect();
+        sqlx::query(
+            "UPDATE tasks SET state = 'queued', worker_id = NULL, heartbeat_at = NULL, updated_at = ?2
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_ids(&ids))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // The next `started` counts the render again.
+        sqlx::query(
+            "UPDATE frames SET state = 'pending', attempts = max(attempts - 1, 0)
+             WHERE task_id IN (SELECT value FROM json_each(?1)) AND state = 'rendering'",
+        )
+        .bind(json_ids(&ids))
+        .execute(&mut *tx)
+        .await?;
+        enqueue(&mut tx, &messages, now).await?;
+        tx.commit().await?;
+        Ok(messages.len() as u32)
+    }
+
+    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
+        let _turn = self.writer.lock().await;
+        let mut tx = self.begin_write().await?;
+        let now = now_micros();
+        let task_id = text(event.task_id.0);
+        let fresh = sqlx::query(
+            "INSERT INTO task_events (task_id, attempt, seq, kind, worker_id, received_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&task_id)
+        .bind(i64::from(event.attempt))
+        .bind(event.seq as i64)
+        .bind(event.kind.as_str())
+        .bind(&event.worker_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            tx.commit().await?;
+            return Ok(EventOutcome::Duplicate);
+        }
+        let task = sqlx::query("SELECT job_id, kind, state, attempt, max_attempts, inversion_key FROM tasks WHERE id = ?1")
+            .bind(&task_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::not_found("task", event.task_id))?;
+        let job_id = JobId(uuid_at(&task, "task", "job_id")?);
+        let kind: String = task.try_get("kind")?;
+        let state: String = task.try_get("state")?;
+        let attempt = task.try_get::<i64, _>("attempt")? as u32;
+        let max_attempts = task.try_get::<i64, _>("max_attempts")? as u32;
+        let inversion_key: Option<String> = task.try_get("inversion_key")?;
+        if event.attempt != attempt || matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            tx.commit().await?;
+            return Ok(EventOutcome::Stale { job_id, cancelled: state == "cancelled" });
+        }
+        let task_ids = [event.task_id.0];
+        let mut affected = vec![job_id];
+        match &event.kind {
+            TaskEventKind::Started | TaskEventKind::Heartbeat | TaskEventKind::Progress => {
+                let first = state != "running";
+                sqlx::query(
+                    "UPDATE tasks SET state = 'running', worker_id = ?2, heartbeat_at = ?3, updated_at = ?3 WHERE id = ?1",
+                )
+                .bind(&task_id)
+                .bind(&event.worker_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if first {
+                    sqlx::query(
+                        "UPDATE frames SET state = 'rendering', attempts = attempts + 1 WHERE task_id = ?1 AND state = 'pending'",
+                    )
+                    .bind(&task_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued'")
+                        .bind(text(job_id.0))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            TaskEventKind::Succeeded { frames, trajectory_key } => {
+                sqlx::query("UPDATE tasks SET state = 'succeeded', heartbeat_at = ?2, updated_at = ?2 WHERE id = ?1")
+                    .bind(&task_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued'")
+                    .bind(text(job_id.0))
+                    .execute(&mut *tx)
+                    .await?;
+                if kind == "invert" {
+                    let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    let trajectory =
+                        trajectory_key.clone().ok_or_else(|| corrupt("event", "inversion succeeded without a trajectory"))?;
+                    sqlx::query(
+                        "UPDATE inversions SET state = 'ready', trajectory_key = ?2, error = NULL, updated_at = ?3 WHERE cache_key = ?1",
+                    )
+                    .bind(&key)
+                    .bind(&trajectory)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    let released = sqlx::query(
+                        "UPDATE tasks SET state = 'queued', updated_at = ?2 WHERE inversion_key = ?1 AND state = 'waiting'
+                         RETURNING id, attempt, job_id",
+                    )
+                    .bind(&key)
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    for r in &released {
+                        affected.push(JobId(uuid_at(r, "task", "job_id")?));
+                    }
+                    enqueue(&mut tx, &task_attempts(&released)?, now).await?;
+                } else {
+                    for f in frames {
+                        sqlx::query(
+                            "UPDATE frames SET state = 'succeeded', png_key = ?3, latents_key = ?4, error = NULL, finished_at = ?6
+                             WHERE job_id = ?1 AND frame_index = ?2 AND task_id = ?5 AND state IN ('pending', 'rendering')",
+                        )
+                        .bind(text(job_id.0))
+                        .bind(i64::from(f.index))
+                        .bind(&f.png_key)
+                        .bind(&f.latents_key)
+                        .bind(&task_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    // A frame the worker did not report cannot be trusted as done.
+                    fail_frames(&mut tx, &task_ids, "worker reported success without this frame", now).await?;
+                }
+            }
+            TaskEventKind::Failed { reason, retryable } => {
+                if *retryable && attempt < max_attempts {
+                    let delay = i64::try_from(retry.delay(attempt).as_micros()).unwrap_or(60_000_000);
+                    sqlx::query(
+                        "UPDATE tasks SET state = 'retry_wait', not_before = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                    )
+                    .bind(&task_id)
+                    .bind(now.saturating_add(delay))
+                    .bind(reason)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("UPDATE frames SET state = 'pending' WHERE task_id = ?1 AND state = 'rendering'")
+                        .bind(&task_id)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    let reason = if *retryable {
+                        format!("{reason} (gave up after {attempt} attempts)")
+                    } else {
+                        reason.clone()
+                    };
+                    sqlx::query("UPDATE tasks SET state = 'failed', error = ?2, updated_at = ?3 WHERE id = ?1")
+                        .bind(&task_id)
+                        .bind(&reason)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    if kind == "invert" {
+                        let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                        sqlx::query("UPDATE inversions SET state = 'failed', error = ?2, updated_at = ?3 WHERE cache_key = ?1")
+                            .bind(&key)
+                            .bind(&reason)
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                        let dependents = sqlx::query(
+                            "UPDATE tasks SET state = 'failed', error = ?2, updated_at = ?3
+                             WHERE inversion_key = ?1 AND state = 'waiting' RETURNING id",
+                        )
+                        .bind(&key)
+                        .bind(&reason)
+                        .bind(now)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        let dependents: Vec<Uuid> =
+                            dependents.iter().map(|r| uuid_at(r, "task", "id")).collect::<Result<_>>()?;
+                        let message = format!("style reference inversion failed: {reason}");
+                        affected.extend(fail_frames(&mut tx, &dependents, &message, now).await?);
+                    } else {
+                        fail_frames(&mut tx, &task_ids, &reason, now).await?;
+                    }
+                }
+            }
+        }
+        affected.sort();
+        affected.dedup();
+        for job in &affected {
+            settle_job(&mut tx, *job, now).await?;
+        }
+        tx.commit().await?;
+        Ok(EventOutcome::Applied { job_id, affected_jobs: affected })
+    }
+
+    async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT trajectory_key FROM inversions WHERE cache_key = ?1 AND state = 'ready'")
+            .bind(cache_key)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
+    }
+}
