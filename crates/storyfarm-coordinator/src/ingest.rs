@@ -70,6 +70,10 @@ impl Ingestor {
         // events carry the durable state; cancellation reaches workers by broadcast).
         if let Some(pb::task_event::Event::Progress(p)) = &event.event {
             match event.job_id.parse::<storyfarm_core::JobId>() {
+                Ok(job_id) if p.frames.is_empty() => {
+                    // A task without frames is the style reference's inversion.
+                    self.hub.signal(job_id, Signal::Inversion(pb::InversionProgress { step: p.step, steps: p.steps }));
+                }
                 Ok(job_id) => {
                     for &index in &p.frames {
                         self.hub.signal(job_id, Signal::Progress(pb::FrameProgress { index, step: p.step, steps: p.steps }));

@@ -19,6 +19,7 @@ use crate::status::ApiError;
 pub enum Signal {
     Changed,
     Progress(pb::FrameProgress),
+    Inversion(pb::InversionProgress),
 }
 
 /// Per-job broadcast channels, created on first use and dropped when nobody listens.
@@ -107,6 +108,12 @@ pub fn watch_job(
                         Ok(Signal::Changed) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Ok(Signal::Progress(p)) => {
                             let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Progress(p)) };
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Signal::Inversion(p)) => {
+                            let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Inversion(p)) };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
                             }
