@@ -490,7 +490,12 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     let b = new_job(sb, None);
     store.submit_job(&b).await.unwrap();
 
-    assert_eq!(store.requeue_lost_deliveries().await.unwrap(), 2);
+    // Scoped to job C (finished) or B (its rows are unpublished): nothing to requeue; scoped to
+    // A: only A's two tasks.
+    assert_eq!(store.requeue_lost_deliveries(Some(c.id)).await.unwrap(), 0);
+    assert_eq!(store.requeue_lost_deliveries(Some(b.id)).await.unwrap(), 0);
+    assert_eq!(store.requeue_lost_deliveries(Some(a.id)).await.unwrap(), 2);
+    assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 0, "A's tasks have unpublished rows now");
     let out: Vec<(TaskId, u32)> = store.pending_outbox(100).await.unwrap().iter().map(|m| (m.task_id, m.attempt)).collect();
     let expected = vec![(a0, 1), (a1, 2), (b.render_tasks[0].id, 1), (b.render_tasks[1].id, 1)];
     assert_eq!(sorted(out), sorted(expected), "A's tasks at their attempts, B's rows not duplicated, nothing of C");
@@ -498,7 +503,7 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     assert_eq!((frames[0].state, frames[0].attempts), (FrameState::Pending, 0), "the interrupted render is given back");
     assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
     // Once requeued, they have unpublished rows: requeueing again adds nothing.
-    assert_eq!(store.requeue_lost_deliveries().await.unwrap(), 0);
+    assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 0);
     assert_eq!(store.pending_outbox(100).await.unwrap().len(), 4);
 
     // The new run's worker (a new id, its counter from 0) runs the same attempts to the end.
@@ -515,7 +520,7 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     assert!(matches!(late, EventOutcome::Stale { cancelled: false, .. }), "{late:?}");
 
     // B's published messages are lost by the next restart; A and C are finished.
-    assert_eq!(store.requeue_lost_deliveries().await.unwrap(), 2);
+    assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 2);
     assert_eq!(outbox_tasks(store).await, sorted(vec![b.render_tasks[0].id, b.render_tasks[1].id]));
 }
 
@@ -535,7 +540,8 @@ pub async fn lost_inversion_of_a_cancelled_job_still_serves_its_waiters(store: S
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert!(!had_running, "the inversion was kept for job Y, so nothing of X must stop");
 
-    assert_eq!(store.requeue_lost_deliveries().await.unwrap(), 1);
+    // Resuming job Y requeues the inversion Y waits for, though it belongs to job X.
+    assert_eq!(store.requeue_lost_deliveries(Some(y.id)).await.unwrap(), 1);
     let out = publish_all(store).await;
     assert_eq!(out.iter().map(|m| (m.task_id, m.attempt)).collect::<Vec<_>>(), vec![(inv, 1)], "Y's renders still wait");
     let done = TaskEventKind::Succeeded { frames: vec![], trajectory_key: Some("traj".into()) };

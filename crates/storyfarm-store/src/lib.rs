@@ -63,7 +63,10 @@ pub trait MetadataStore: Send + Sync {
     /// attempt is consumed (the frames' `attempts` are given back too). A task that already has
     /// an unpublished outbox row for its current attempt will be delivered anyway and is left
     /// alone. Returns how many tasks were requeued. Call it at start, before the dispatcher.
-    async fn requeue_lost_deliveries(&self) -> Result<u32>;
+    ///
+    /// `job` limits it to one job's tasks and the inversion its renders wait for (the local
+    /// mode resumes one storyboard; other interrupted ones stay paused until they are resumed).
+    async fn requeue_lost_deliveries(&self, job: Option<JobId>) -> Result<u32>;
 
     /// Applies one worker event, once: a redelivered event is a no-op.
     async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome>;

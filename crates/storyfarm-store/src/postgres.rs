@@ -568,7 +568,7 @@ impl MetadataStore for PgStore {
         Ok(ids.len() as u32)
     }
 
-    async fn requeue_lost_deliveries(&self) -> Result<u32> {
+    async fn requeue_lost_deliveries(&self, job: Option<JobId>) -> Result<u32> {
         let mut tx = self.pool.begin().await?;
         let lost = sqlx::query(
             "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
@@ -576,11 +576,16 @@ impl MetadataStore for PgStore {
                AND (j.state IN ('queued', 'running')
                     OR (t.kind = 'invert' AND EXISTS (
                         SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+               AND ($1::uuid IS NULL OR t.job_id = $1
+                    OR (t.kind = 'invert' AND EXISTS (
+                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting'
+                                                AND w.job_id = $1)))
                AND NOT EXISTS (SELECT 1 FROM outbox o
                                WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
              ORDER BY t.created_at, t.id
              FOR UPDATE OF t",
         )
+        .bind(job.map(|j| j.0))
         .fetch_all(&mut *tx)
         .await?;
         let ids: Vec<Uuid> = lost.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;

@@ -637,7 +637,7 @@ impl MetadataStore for SqliteStore {
         Ok(messages.len() as u32)
     }
 
-    async fn requeue_lost_deliveries(&self) -> Result<u32> {
+    async fn requeue_lost_deliveries(&self, job: Option<JobId>) -> Result<u32> {
         let _turn = self.writer.lock().await;
         let mut tx = self.begin_write().await?;
         let now = now_micros();
@@ -647,10 +647,15 @@ impl MetadataStore for SqliteStore {
                AND (j.state IN ('queued', 'running')
                     OR (t.kind = 'invert' AND EXISTS (
                         SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+               AND (?1 IS NULL OR t.job_id = ?1
+                    OR (t.kind = 'invert' AND EXISTS (
+                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting'
+                                                AND w.job_id = ?1)))
                AND NOT EXISTS (SELECT 1 FROM outbox o
                                WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
              ORDER BY t.created_at, t.id",
         )
+        .bind(job.map(|j| text(j.0)))
         .fetch_all(&mut *tx)
         .await?;
         let messages = task_attempts(&lost)?;

@@ -105,7 +105,7 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
     // One at a time: each must be seen waiting, then succeed once the lock is released.
     let requeue = {
         let store = store.clone();
-        async move { store.requeue_lost_deliveries().await }
+        async move { store.requeue_lost_deliveries(None).await }
     };
     let requeued = while_locked(&mut other, requeue).await.expect("requeue after the lock is released");
     assert_eq!(requeued, 1);
