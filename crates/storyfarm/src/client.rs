@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use storyfarm_core::StoryboardSpec;
 use storyfarm_proto::v1 as pb;
 use storyfarm_proto::v1::job_service_client::JobServiceClient;
@@ -13,6 +12,8 @@ use storyfarm_proto::v1::project_service_client::ProjectServiceClient;
 use storyfarm_proto::v1::reference_service_client::ReferenceServiceClient;
 use storyfarm_proto::v1::storyboard_service_client::StoryboardServiceClient;
 use tonic::transport::Channel;
+
+use crate::progress::{job_state_name, JobProgress};
 
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
@@ -22,7 +23,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    async fn channel(&self) -> Result<Channel> {
+    pub fn new(coordinator: impl Into<String>) -> Self {
+        Self { coordinator: coordinator.into() }
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
         Channel::from_shared(self.coordinator.clone())
             .with_context(|| format!("bad coordinator address {}", self.coordinator))?
             .connect_timeout(Duration::from_secs(5))
@@ -59,7 +64,7 @@ pub struct FramesArgs {
     endpoint: Endpoint,
 }
 
-fn status_error(e: tonic::Status) -> anyhow::Error {
+pub fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", e.code().description(), e.message())
 }
 
@@ -90,7 +95,12 @@ async fn upload_reference(channel: Channel, project_id: &str, image: &Path, prom
 /// Submits a storyboard file; returns the job.
 pub async fn submit_board(board: &Path, project: Option<&str>, endpoint: &Endpoint) -> Result<pb::Job> {
     let spec = StoryboardSpec::load(board)?;
-    let channel = endpoint.channel().await?;
+    submit_spec(&spec, board, project, endpoint.channel().await?).await
+}
+
+/// Submits a loaded storyboard (`board` names it): a project unless given, the style reference,
+/// the storyboard and its job.
+pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&str>, channel: Channel) -> Result<pb::Job> {
     let project_id = match project {
         Some(id) => id.to_string(),
         None => {
@@ -157,69 +167,59 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
     Ok(())
 }
 
-fn state_name(state: i32) -> &'static str {
-    pb::JobState::try_from(state).map(|s| s.as_str_name()).unwrap_or("JOB_STATE_UNKNOWN")
+/// Follows a job's events with progress bars until the job ends. `on_frame` sees every frame as
+/// it reaches a final state and may return a line to show. Returns the job as last reported.
+pub async fn follow_job<F, Fut>(channel: Channel, job_id: &str, steps: u32, mut on_frame: F) -> Result<pb::Job>
+where
+    F: FnMut(pb::Frame) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>>>,
+{
+    let mut stream = JobServiceClient::new(channel)
+        .watch_job(pb::WatchJobRequest { id: job_id.to_string() })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut progress = JobProgress::new(steps);
+    let result = async {
+        while let Some(event) = stream.message().await.map_err(status_error)? {
+            if let Some(frame) = progress.apply(event) {
+                if let Some(line) = on_frame(frame).await? {
+                    progress.println(line);
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => progress.finish(),
+        Err(e) => {
+            progress.abandon();
+            return Err(e);
+        }
+    }
+    progress.job().cloned().ok_or_else(|| anyhow::anyhow!("the coordinator sent no job state"))
 }
 
 pub async fn watch(args: WatchArgs) -> Result<()> {
     let channel = args.endpoint.channel().await?;
-    let mut stream = JobServiceClient::new(channel)
-        .watch_job(pb::WatchJobRequest { id: args.job.clone() })
+    let job = JobServiceClient::new(channel.clone())
+        .get_job(pb::GetJobRequest { id: args.job.clone() })
         .await
         .map_err(status_error)?
         .into_inner();
-    let bars = MultiProgress::new();
-    let overall = bars.add(ProgressBar::new(0));
-    overall.set_style(
-        ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} frames  {elapsed_precise} (eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    overall.set_prefix("job");
-    let step_style = ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} steps")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    let mut frame_bars: std::collections::HashMap<u32, ProgressBar> = std::collections::HashMap::new();
-    let mut last = None;
-    while let Some(event) = stream.message().await.map_err(status_error)? {
-        match event.event {
-            Some(pb::job_event::Event::Job(job)) => {
-                overall.set_length(job.frames_total as u64);
-                overall.set_position((job.frames_succeeded + job.frames_failed) as u64);
-                overall.set_message(state_name(job.state).trim_start_matches("JOB_STATE_").to_lowercase());
-                last = Some(job);
-            }
-            Some(pb::job_event::Event::Progress(p)) => {
-                let bar = frame_bars.entry(p.index).or_insert_with(|| {
-                    let b = bars.add(ProgressBar::new(p.steps as u64));
-                    b.set_style(step_style.clone());
-                    b.set_prefix(format!("frame {}", p.index + 1));
-                    b
-                });
-                bar.set_position(p.step as u64);
-            }
-            Some(pb::job_event::Event::Frame(f)) => {
-                let done = matches!(
-                    pb::FrameState::try_from(f.state),
-                    Ok(pb::FrameState::Succeeded | pb::FrameState::Failed | pb::FrameState::Cancelled)
-                );
-                if done {
-                    if let Some(bar) = frame_bars.remove(&f.index) {
-                        bar.finish_and_clear();
-                    }
-                    if !f.error.is_empty() {
-                        bars.println(format!("frame {} failed: {}", f.index + 1, f.error))?;
-                    }
-                }
-            }
-            None => {}
-        }
-    }
-    overall.finish();
-    let Some(job) = last else { bail!("the coordinator sent no job state") };
-    println!("{} {}", job.id, state_name(job.state).trim_start_matches("JOB_STATE_").to_lowercase());
+    let steps = StoryboardServiceClient::new(channel.clone())
+        .get_storyboard(pb::GetStoryboardRequest { id: job.storyboard_id.clone() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .settings
+        .map(|s| s.steps)
+        .unwrap_or(1);
+    let job = follow_job(channel, &args.job, steps, |_| async { Ok(None) }).await?;
+    println!("{} {}", job.id, job_state_name(job.state));
     if job.state != pb::JobState::Succeeded as i32 {
-        bail!("job {} ended {}: {}", job.id, state_name(job.state), job.error);
+        bail!("job {} ended {}: {}", job.id, job_state_name(job.state), job.error);
     }
     Ok(())
 }

@@ -4,6 +4,9 @@ mod client;
 mod farm;
 mod generate;
 mod models;
+mod progress;
+mod render;
+mod sheet;
 
 use std::process::ExitCode;
 
@@ -19,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Render a storyboard file on this machine: frames, a contact sheet and manifest.json
+    /// (embedded database, queue and artifact store; an interrupted run resumes).
+    Render(render::RenderArgs),
     /// Render prompts into PNGs, optionally all in the style of a reference image.
     Generate(generate::GenerateArgs),
     /// Run the coordinator: gRPC API, planner, dispatch, event ingestion.
@@ -58,6 +64,7 @@ fn main() -> ExitCode {
             .and_then(|runtime| {
                 runtime.block_on(async {
                     match command {
+                        Command::Render(args) => render::run(args).await,
                         Command::Serve(args) => farm::serve(args).await,
                         Command::Worker(args) => farm::worker(args).await,
                         Command::Migrate(args) => farm::migrate(args).await,
@@ -73,6 +80,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<render::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             // One line naming what went wrong; a backtrace helps nobody who passed a bad flag.
             eprintln!("error: {e:#}");

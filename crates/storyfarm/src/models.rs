@@ -105,6 +105,24 @@ fn fetch(args: FetchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Finds `spec` before a render starts: a local folder is opened, a hub repo id is fetched into
+/// the cache with the download bar (nothing to download when it is complete there).
+pub fn prepare_model(spec: &str, hub: &HubOptions, precision: Precision) -> Result<ModelFolder> {
+    let dtype = precision.to_dtype();
+    Ok(match ModelLocation::parse(spec)? {
+        ModelLocation::Local(_) => ModelFolder::open_for_dtype(spec, hub, dtype)?,
+        ModelLocation::Hub(repo_id) => {
+            let mut bar = DownloadBar::new();
+            let folder = ModelFolder::fetch(&repo_id, hub, dtype, &mut bar)?;
+            bar.bar.finish_and_clear();
+            if bar.started > 0 {
+                eprintln!("{}", bar.summary(hub, &folder));
+            }
+            folder
+        }
+    })
+}
+
 /// One bar for the file being downloaded, prefixed with its place among the files to fetch;
 /// a line per finished file stays above it (or is all there is when stderr is not a terminal).
 struct DownloadBar {

@@ -506,3 +506,41 @@ async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
     assert_eq!((job.state, job.frames_succeeded), (pb::JobState::Succeeded as i32, 2), "{job:?}");
 }
+
+/// `storyfarm render` (one process: SQLite, in-process queue, local artifacts) and the farm
+/// (coordinator and worker processes on Postgres, RabbitMQ and S3) render the same storyboard
+/// into the same frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_on_one_machine_equals_the_farm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("worker-a");
+    let board = write_board(dir.path(), 5, 4, 2);
+    let job_id = farm.submit(&board);
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+
+    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
+    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .arg("render")
+        .arg(&board)
+        .arg("--out")
+        .arg(&out)
+        .env("STORYFARM_DATA_DIR", &data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let local_frames = manifest["frames"].as_array().unwrap();
+    let farm_frames = frames_of(&farm, &job_id).await;
+    assert_eq!(local_frames.len(), farm_frames.len());
+    for (l, f) in local_frames.iter().zip(&farm_frames) {
+        assert_eq!(l["seed"].as_u64(), Some(f.seed));
+        let local_latents = std::fs::read(data.join("artifacts").join(l["latents_key"].as_str().unwrap())).unwrap();
+        let farm_latents = farm.blobs.get(&BlobKey::new(f.latents_key.clone()).unwrap()).await.unwrap();
+        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
+        assert!(diff <= 1e-4 * scale, "frame {}: max-abs {diff} > 1e-4 x {scale}", f.index);
+    }
+}
