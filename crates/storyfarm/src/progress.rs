@@ -47,7 +47,8 @@ impl JobProgress {
     pub fn new(steps: u32) -> Self {
         let terminal = std::io::stderr().is_terminal();
         let bars = MultiProgress::new();
-        let overall = bars.add(ProgressBar::new(0));
+        // Length 1 until the job's size is known: an empty bar of length 0 draws as full.
+        let overall = bars.add(ProgressBar::new(1));
         overall.set_style(style("{prefix:>9} [{bar:40}] {msg}  {elapsed_precise} (eta {eta})"));
         overall.set_prefix("job");
         Self {

@@ -150,9 +150,9 @@ fn render_writes_frames_sheet_and_manifest_and_resumes_after_interrupts() {
     let sheet = image::open(out.join(m["contact_sheet"].as_str().unwrap())).unwrap();
     assert!(sheet.width() >= 3 * 128 && sheet.height() >= 3 * 128, "{}x{}", sheet.width(), sheet.height());
 
-    // A run that was never interrupted (its own data dir) gives the same frames.
+    // A run that was never interrupted (its own data dir, two workers) gives the same frames.
     let (data2, out2) = (tmp.path().join("data2"), tmp.path().join("out2"));
-    let clean = render(&data2, &board, &out2).output().unwrap();
+    let clean = render(&data2, &board, &out2).args(["--workers", "2"]).output().unwrap();
     assert!(clean.status.success(), "{}", text(&clean));
     let m2 = manifest(&out2);
     for (a, b) in frames.iter().zip(m2["frames"].as_array().unwrap()) {
@@ -179,6 +179,17 @@ fn the_example_storyboard_renders_as_the_readme_says() {
     assert!(out.join("contact-sheet.png").is_file());
     assert_eq!(manifest(&out)["frames"].as_array().unwrap().len(), 4);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), out.display().to_string());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(1 inversion task(s)"), "{}", text(&o));
+
+    // Another storyboard in the same style reuses the inversion cached in the data directory.
+    let example = std::fs::read_to_string(repo().join("examples/tiny-board.yaml")).unwrap();
+    std::fs::copy(repo().join("examples/style-geometric.png"), tmp.path().join("style-geometric.png")).unwrap();
+    let sequel = tmp.path().join("sequel.yaml");
+    let model = repo().join("tests/fixtures/models/tiny-sd15").display().to_string();
+    std::fs::write(&sequel, example.replace("a fox in the snow", "a fox asleep in the snow").replace("../tests/fixtures/models/tiny-sd15", &model)).unwrap();
+    let o = render(&tmp.path().join("data"), &sequel, &tmp.path().join("sequel")).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(0 inversion task(s)"), "{}", text(&o));
 }
 
 #[test]
