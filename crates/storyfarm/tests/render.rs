@@ -190,6 +190,16 @@ fn the_example_storyboard_renders_as_the_readme_says() {
     let o = render(&tmp.path().join("data"), &sequel, &tmp.path().join("sequel")).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("(0 inversion task(s)"), "{}", text(&o));
+
+    // --model renders the same board on another model (SDXL here): a new inversion, new frames.
+    let sdxl = repo().join("tests/fixtures/models/tiny-sdxl");
+    let xl_out = tmp.path().join("xl");
+    let o = render(&tmp.path().join("data"), &repo().join("examples/tiny-board.yaml"), &xl_out).arg("--model").arg(&sdxl).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(1 inversion task(s)"), "{}", text(&o));
+    let m = manifest(&xl_out);
+    assert_eq!(m["model"].as_str().unwrap(), sdxl.canonicalize().unwrap().display().to_string());
+    assert_ne!(m["frames"][0]["png_sha256"], manifest(&out)["frames"][0]["png_sha256"]);
 }
 
 #[test]
