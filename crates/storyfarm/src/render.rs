@@ -281,6 +281,21 @@ pub async fn run(args: RenderArgs) -> Result<()> {
         .await?
         .with_context(|| format!("{}: model", args.board.display()))?;
 
+    // One process per storyboard and data directory: a second one would requeue the first
+    // one's tasks as lost and render them twice. The OS drops the lock when the process ends,
+    // however it ends.
+    let lock_path = runs.join(format!("{key}.lock"));
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is being rendered by another storyfarm process on {}; wait for it, or pass another --data-dir",
+            args.board.display(),
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", lock_path.display())),
+    }
+
     let farm = LocalFarm::start(&data_dir, &args).await?;
     let result = render_board(&farm, &args, &spec, style_image.as_deref(), &key, &runs, &out).await;
     farm.stop().await;

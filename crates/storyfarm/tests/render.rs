@@ -96,6 +96,16 @@ fn render_writes_frames_sheet_and_manifest_and_resumes_after_interrupts() {
 
     // Ctrl-C after two frames: exit 130, finished frames on disk, a line saying how to resume.
     let child = render(&data, &board, &out).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // The same storyboard in the same data directory from a second process: refused in one
+    // line while the first runs.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while frame_files(&out).is_empty() {
+        assert!(Instant::now() < deadline, "no frame within 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let twin = render(&data, &board, &tmp.path().join("twin")).output().unwrap();
+    assert_eq!(twin.status.code(), Some(1), "{}", text(&twin));
+    assert!(String::from_utf8_lossy(&twin.stderr).contains("is being rendered by another storyfarm process"), "{}", text(&twin));
     let (first, _) = interrupt_after(child, &out, 2, "-INT");
     assert_eq!(first.status.code(), Some(130), "{}", text(&first));
     assert!(String::from_utf8_lossy(&first.stderr).contains("run the same command again to resume"), "{}", text(&first));
