@@ -311,11 +311,7 @@ impl JobService for Api {
     async fn download_frame(&self, request: Request<pb::DownloadFrameRequest>) -> ApiResult<Self::DownloadFrameStream> {
         let req = request.into_inner();
         let id = parse("job_id", &req.job_id, JobId::parse_field)?;
-        let frames = self.store.list_frames(id).await.map_err(ApiError::from)?;
-        let frame = frames
-            .iter()
-            .find(|f| f.index == req.index)
-            .ok_or_else(|| Status::not_found(format!("job {id} has no frame {}", req.index)))?;
+        let frame = self.store.get_frame(id, req.index).await.map_err(ApiError::from)?;
         let key = frame.png_key.clone().ok_or_else(|| {
             Status::from(ApiError::FailedPrecondition(format!("frame {} of job {id} is {} and has no image yet", req.index, frame.state.as_str())))
         })?;

@@ -290,6 +290,10 @@ pub async fn frames_succeed_once_and_the_job_finishes(store: Store) {
     let frames = store.list_frames(planned.id).await.unwrap();
     assert_eq!(frames[2].png_key.as_deref(), Some("png2"));
     assert_eq!(frames[2].latents_key.as_deref(), Some("lat2"));
+    let one = store.get_frame(planned.id, 2).await.unwrap();
+    assert_eq!((one.index, one.png_key.as_deref(), one.state), (2, Some("png2"), FrameState::Succeeded));
+    assert!(matches!(store.get_frame(planned.id, 3).await, Err(StoreError::NotFound { what: "frame", .. })));
+    assert!(matches!(store.get_frame(JobId::new(), 0).await, Err(StoreError::NotFound { what: "job", .. })));
 }
 
 pub async fn retryable_failures_back_off_then_give_up(store: Store) {

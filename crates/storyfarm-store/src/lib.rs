@@ -44,6 +44,8 @@ pub trait MetadataStore: Send + Sync {
     async fn submit_job(&self, job: &NewJob) -> Result<Job>;
     async fn get_job(&self, id: JobId) -> Result<Job>;
     async fn list_frames(&self, job_id: JobId) -> Result<Vec<Frame>>;
+    /// One frame of a job (`NotFound` names the job, or the frame when the job has no such index).
+    async fn get_frame(&self, job_id: JobId, index: u32) -> Result<Frame>;
     /// Cancels what has not run; returns the job and whether tasks were running (workers must
     /// be told to stop).
     async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)>;

@@ -452,6 +452,21 @@ impl MetadataStore for PgStore {
         rows.iter().map(frame_from).collect()
     }
 
+    async fn get_frame(&self, job_id: JobId, index: u32) -> Result<Frame> {
+        let row = sqlx::query("SELECT * FROM frames WHERE job_id = $1 AND frame_index = $2")
+            .bind(job_id.0)
+            .bind(index as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => frame_from(&row),
+            None => {
+                self.get_job(job_id).await?;
+                Err(StoreError::not_found("frame", format!("{index} of job {job_id}")))
+            }
+        }
+    }
+
     async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)> {
         let mut tx = self.pool.begin().await?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")

@@ -511,6 +511,21 @@ impl MetadataStore for SqliteStore {
         rows.iter().map(frame_from).collect()
     }
 
+    async fn get_frame(&self, job_id: JobId, index: u32) -> Result<Frame> {
+        let row = sqlx::query("SELECT * FROM frames WHERE job_id = ?1 AND frame_index = ?2")
+            .bind(text(job_id.0))
+            .bind(index as i32)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => frame_from(&row),
+            None => {
+                self.get_job(job_id).await?;
+                Err(StoreError::not_found("frame", format!("{index} of job {job_id}")))
+            }
+        }
+    }
+
     async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)> {
         let _turn = self.writer.lock().await;
         let mut tx = self.begin_write().await?;

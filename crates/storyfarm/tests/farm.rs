@@ -242,6 +242,9 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
         assert_eq!((decoded.width(), decoded.height()), (64, 64));
     }
     assert_eq!(frames.iter().map(|f| f.seed).collect::<Vec<_>>(), (500..512).collect::<Vec<u64>>());
+    // A frame the job does not have is named.
+    let missing = jobs.download_frame(pb::DownloadFrameRequest { job_id: job_id.clone(), index: 12 }).await;
+    assert_status(missing.map(|_| ()), tonic::Code::NotFound, "frame 12 of job");
 
     // `storyfarm frames` downloads them all.
     let out = dir.path().join("frames");
