@@ -7,6 +7,7 @@
 
 mod attention;
 mod conv;
+mod flash;
 mod geglu;
 mod matmul;
 mod norm;
