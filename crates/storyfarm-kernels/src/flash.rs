@@ -272,7 +272,7 @@ mod imp {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn bcast(p: *const f32) -> __m512 {
-        _mm512_maskz_broadcastss_ps(!0, _mm_maskz_load_ss(!0, p))
+        _mm512_broadcastss_ps(_mm_load_ss(p))
     }
 
     #[inline]

@@ -12,6 +12,7 @@ mod flash;
 mod geglu;
 mod matmul;
 mod norm;
+mod sgemm;
 mod simd;
 mod view;
 

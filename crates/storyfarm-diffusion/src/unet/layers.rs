@@ -306,16 +306,20 @@ impl Attention {
         if hook.is_none() && kernels::supported(&[x, source, self.to_q.weight()]) {
             // Token layout straight through the fused kernel: no head split or merge copies.
             let out = kernels::attention(
-                &self.to_q.forward(x)?,
-                &self.to_k.forward(source)?,
-                &self.to_v.forward(source)?,
+                &linear_add(&self.to_q, x, None)?,
+                &linear_add(&self.to_k, source, None)?,
+                &linear_add(&self.to_v, source, None)?,
                 self.heads,
                 self.scale as f32,
                 &[],
             )?;
             return linear_add(&self.to_out, &out, residual);
         }
-        let (q, k, v) = (self.to_q.forward(x)?, self.to_k.forward(source)?, self.to_v.forward(source)?);
+        let (q, k, v) = (
+            linear_add(&self.to_q, x, None)?,
+            linear_add(&self.to_k, source, None)?,
+            linear_add(&self.to_v, source, None)?,
+        );
         let Some(hook) = hook else {
             let out = attention::plain_attention(
                 &self.split_heads(&q)?,
