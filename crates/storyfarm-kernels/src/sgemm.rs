@@ -21,7 +21,7 @@ mod imp {
     const NR: usize = 32;
     const KC: usize = 256;
     const MC: usize = 192;
-    const NC: usize = 2048;
+    const NC: usize = 4096;
     /// Below this many multiply-adds the `gemm` crate's lower overhead wins.
     const MIN_MACS: usize = 1 << 18;
 
@@ -150,40 +150,61 @@ mod imp {
 
     /// `panel[kk][r] = lhs[i0 + r][pc + kk]` for `rows` rows (zeros after).
     unsafe fn pack_lhs(panel: &mut [f32], lhs: Mat, i0: usize, rows: usize, pc: usize, kc: usize) {
+        let at = |r: usize| lhs.ptr.offset((i0 + r) as isize * lhs.rs + pc as isize * lhs.cs);
+        if lhs.cs == 1 {
+            // Rows are contiguous: transpose through a small block instead of scattering
+            // single floats across the panel.
+            let mut tmp = [[0f32; 16]; MR];
+            for k0 in (0..kc).step_by(16) {
+                let w = 16.min(kc - k0);
+                for (r, t) in tmp.iter_mut().enumerate().take(rows) {
+                    t[..w].copy_from_slice(std::slice::from_raw_parts(at(r).add(k0), w));
+                }
+                for (kk, o) in panel[k0 * MR..][..w * MR].chunks_exact_mut(MR).enumerate() {
+                    let o: &mut [f32; MR] = o.try_into().expect("MR floats");
+                    for (x, t) in o.iter_mut().zip(&tmp) {
+                        *x = t[kk & 15];
+                    }
+                }
+            }
+            return;
+        }
         for r in 0..rows {
-            let base = lhs.ptr.offset((i0 + r) as isize * lhs.rs + pc as isize * lhs.cs);
-            if lhs.cs == 1 {
-                let src = std::slice::from_raw_parts(base, kc);
-                for (kk, &x) in src.iter().enumerate() {
-                    panel[kk * MR + r] = x;
-                }
-            } else {
-                for kk in 0..kc {
-                    panel[kk * MR + r] = *base.offset(kk as isize * lhs.cs);
-                }
+            let base = at(r);
+            for kk in 0..kc {
+                panel[kk * MR + r] = *base.offset(kk as isize * lhs.cs);
             }
         }
     }
 
     /// `panel[kk][j] = rhs[pc + kk][j0 + j]` for `cols` columns (zeros after).
     unsafe fn pack_rhs(panel: &mut [f32], rhs: Mat, pc: usize, kc: usize, j0: usize, cols: usize) {
+        let at = |j: usize| rhs.ptr.offset(pc as isize * rhs.rs + (j0 + j) as isize * rhs.cs);
         if rhs.cs == 1 {
             for kk in 0..kc {
                 let src = std::slice::from_raw_parts(rhs.ptr.offset((pc + kk) as isize * rhs.rs + j0 as isize), cols);
                 panel[kk * NR..][..cols].copy_from_slice(src);
             }
+        } else if rhs.rs == 1 {
+            // Columns are contiguous (a transposed weight): transpose through a block.
+            let mut tmp = [[0f32; 16]; NR];
+            for k0 in (0..kc).step_by(16) {
+                let w = 16.min(kc - k0);
+                for (j, t) in tmp.iter_mut().enumerate().take(cols) {
+                    t[..w].copy_from_slice(std::slice::from_raw_parts(at(j).add(k0), w));
+                }
+                for (kk, o) in panel[k0 * NR..][..w * NR].chunks_exact_mut(NR).enumerate() {
+                    let o: &mut [f32; NR] = o.try_into().expect("NR floats");
+                    for (x, t) in o.iter_mut().zip(&tmp) {
+                        *x = t[kk & 15];
+                    }
+                }
+            }
         } else {
             for j in 0..cols {
-                let base = rhs.ptr.offset(pc as isize * rhs.rs + (j0 + j) as isize * rhs.cs);
-                if rhs.rs == 1 {
-                    let src = std::slice::from_raw_parts(base, kc);
-                    for (kk, &x) in src.iter().enumerate() {
-                        panel[kk * NR + j] = x;
-                    }
-                } else {
-                    for kk in 0..kc {
-                        panel[kk * NR + j] = *base.offset(kk as isize * rhs.rs);
-                    }
+                let base = at(j);
+                for kk in 0..kc {
+                    panel[kk * NR + j] = *base.offset(kk as isize * rhs.rs);
                 }
             }
         }
