@@ -151,16 +151,20 @@ pub struct StepContext {
     pub layout: BatchLayout,
 }
 
-/// Projected queries, keys and values, split into heads: `[B, H, N, d]`.
+/// Projected queries, keys and values as tokens `[B, N, H*d]`: head `h` is channels
+/// `h*d..(h+1)*d`, so a per-head, per-channel statistic over tokens is a per-channel one. The
+/// kernel reads heads in place; nothing is split or copied for a hook.
 pub struct Qkv {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    pub heads: usize,
 }
 
 /// An extra block of keys and values that some batch items attend to beside their own tokens.
 ///
-/// `keys`/`values` are `[items.len(), H, M, d]`, row r belonging to batch item `items[r]`.
+/// `keys`/`values` are tokens `[items.len(), M, H*d]`, row r belonging to batch item
+/// `items[r]`.
 /// `logit_bias` is added to every logit of this block (StyleAligned's `shared_score_shift`); a
 /// `key_mask` `[items.len(), M]` of 0/1 excludes keys (ConsiStory's subject masks and dropout).
 pub struct ExtraKeys {
@@ -183,7 +187,7 @@ pub trait AttentionHook: Send + Sync {
     /// Whether this hook takes part in this layer call; declined layers run the plain kernel.
     fn applies_to(&self, site: &AttentionSite, ctx: &StepContext) -> bool;
 
-    /// Transform Q/K/V (after projection and head split) and add extra keys/values per item.
+    /// Transform Q/K/V (after projection, as tokens) and add extra keys/values per item.
     fn prepare(
         &self,
         site: &AttentionSite,

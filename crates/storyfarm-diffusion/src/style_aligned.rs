@@ -18,6 +18,7 @@ use crate::attention::{
 };
 use crate::error::{DiffusionError, Result};
 use crate::unet::UNet;
+use storyfarm_kernels as kernels;
 
 /// The official `StyleAlignedArgs`, with the official defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -211,16 +212,20 @@ fn index(values: Vec<u32>, device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, n, device)?)
 }
 
-/// Mean and standard deviation over the token axis of `[B, H, N, d]` (unbiased variance,
-/// epsilon 1e-5 added before the square root, as the official `calc_mean_std`).
+/// Mean and standard deviation over the tokens of `[B, N, C]` per (item, channel), `[B, 1, C]`
+/// (unbiased variance, epsilon 1e-5 added before the square root, as the official
+/// `calc_mean_std` computes it per head over `[B, H, N, d]`).
 fn mean_std(feat: &Tensor) -> Result<(Tensor, Tensor)> {
-    let n = feat.dim(2)?;
-    let mean = feat.mean_keepdim(2)?;
-    let var = (feat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(2)? / (n.max(2) - 1) as f64)?;
+    if kernels::supported(&[feat]) {
+        return Ok(kernels::token_mean_std(feat, 1e-5)?);
+    }
+    let n = feat.dim(1)?;
+    let mean = feat.mean_keepdim(1)?;
+    let var = (feat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(1)? / (n.max(2) - 1) as f64)?;
     Ok((mean, (var + 1e-5)?.sqrt()?))
 }
 
-/// AdaIN of `feat` toward per-item style statistics (`[B, H, 1, d]` each).
+/// AdaIN of `feat` toward per-item style statistics (`[B, 1, C]` each).
 fn adain_toward(feat: &Tensor, style: &(Tensor, Tensor)) -> Result<Tensor> {
     restyle(feat, &mean_std(feat)?, style)
 }
@@ -233,11 +238,23 @@ fn adain(feat: &Tensor, style: &Tensor) -> Result<Tensor> {
 }
 
 fn restyle(feat: &Tensor, own: &(Tensor, Tensor), target: &(Tensor, Tensor)) -> Result<Tensor> {
+    if kernels::supported(&[feat, &own.0, &own.1, &target.0, &target.1]) {
+        return Ok(kernels::restyle(feat, &own.0, &own.1, &target.0, &target.1)?);
+    }
     Ok(feat
         .broadcast_sub(&own.0)?
         .broadcast_div(&own.1)?
         .broadcast_mul(&target.1)?
         .broadcast_add(&target.0)?)
+}
+
+/// Rows `rows` of `t` along dim 0; `t` itself when that is all of it in order (the usual
+/// single-image batch), so captured features are not copied per layer.
+fn select_rows(t: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    if t.dim(0)? == rows.len() && rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+        return Ok(t.clone());
+    }
+    Ok(t.index_select(&index(rows.to_vec(), t.device())?, 0)?)
 }
 
 /// For each item of a targets-only batch, the row of the captured reference of its half.
@@ -276,12 +293,12 @@ impl AttentionHook for StyleAligned {
             }
             StyleRole::Targets(store) => {
                 let reference = store.attention(&site.id)?;
-                let rows = index(reference_rows(&ctx.layout), qkv.q.device())?;
+                let rows = reference_rows(&ctx.layout);
                 let toward = |i: usize| -> Result<(Tensor, Tensor)> {
                     let (m, s) = &reference.stats[i];
-                    Ok((m.index_select(&rows, 0)?, s.index_select(&rows, 0)?))
+                    Ok((select_rows(m, &rows)?, select_rows(s, &rows)?))
                 };
-                let Qkv { mut q, mut k, mut v } = qkv;
+                let Qkv { mut q, mut k, mut v, heads } = qkv;
                 if self.options.adain_queries {
                     q = adain_toward(&q, &toward(0)?)?;
                 }
@@ -291,14 +308,14 @@ impl AttentionHook for StyleAligned {
                 if self.options.adain_values {
                     v = adain_toward(&v, &toward(2)?)?;
                 }
-                let mut keys = reference.k.index_select(&rows, 0)?;
+                let mut keys = select_rows(&reference.k, &rows)?;
                 if self.options.shared_score_scale != 1.0 {
                     keys = (keys * self.options.shared_score_scale as f64)?;
                 }
-                let values = reference.v.index_select(&rows, 0)?;
+                let values = select_rows(&reference.v, &rows)?;
                 let items = (0..ctx.layout.batch_size()).collect();
                 Ok(AttentionInputs {
-                    qkv: Qkv { q, k, v },
+                    qkv: Qkv { q, k, v, heads },
                     extra: vec![ExtraKeys {
                         items,
                         keys,
@@ -317,7 +334,7 @@ impl StyleAligned {
         let layout = &ctx.layout;
         let device = qkv.q.device().clone();
         let style = index(Self::style_items(layout), &device)?;
-        let Qkv { mut q, mut k, mut v } = qkv;
+        let Qkv { mut q, mut k, mut v, heads } = qkv;
         if self.options.adain_queries {
             q = adain(&q, &style)?;
         }
@@ -341,7 +358,7 @@ impl StyleAligned {
         }
         let values = v.index_select(&target_styles, 0)?;
         Ok(AttentionInputs {
-            qkv: Qkv { q, k, v },
+            qkv: Qkv { q, k, v, heads },
             extra: vec![ExtraKeys {
                 items: targets,
                 keys,
@@ -386,8 +403,8 @@ impl NormHook for StyleAligned {
                 let (m, v) = norms.get(id).ok_or_else(|| {
                     DiffusionError::invalid_argument("style_aligned.reference", format!("no captured statistics for {id:?}"))
                 })?;
-                let rows = index(reference_rows(&ctx.layout), mean.device())?;
-                (m.index_select(&rows, 0)?, v.index_select(&rows, 0)?)
+                let rows = reference_rows(&ctx.layout);
+                (select_rows(m, &rows)?, select_rows(v, &rows)?)
             }
         };
         let pooled_mean = ((&mean + &style_mean)? * 0.5)?;

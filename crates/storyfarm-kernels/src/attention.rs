@@ -7,6 +7,7 @@
 use candle_core::{bail, DType, Tensor};
 use rayon::prelude::*;
 
+use crate::flash;
 use crate::matmul::{gemm, Mat};
 use crate::simd::{exp, multiversion};
 use crate::view::{output, F32View, SendPtr};
@@ -94,6 +95,19 @@ pub fn attention(
     scale: f32,
     extra: &[ExtraBlock],
 ) -> Result<Tensor> {
+    attention_with(q, k, v, heads, scale, extra, flash::available())
+}
+
+/// [`attention`], through the AVX-512 kernel when `use_flash` (the CPU must have AVX-512F).
+pub(crate) fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f32,
+    extra: &[ExtraBlock],
+    use_flash: bool,
+) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let b = q.dim(0)?;
     let c = match q.dims() {
@@ -147,6 +161,33 @@ pub fn attention(
         per_item.push(blocks);
     }
 
+    #[cfg(target_arch = "x86_64")]
+    if use_flash {
+        let sources: Vec<Vec<flash::Source>> = per_item
+            .iter()
+            .map(|blocks| {
+                blocks
+                    .iter()
+                    .map(|bl| flash::Source {
+                        k: bl.k,
+                        v: bl.v,
+                        k_token: bl.ks.token,
+                        k_head: bl.ks.head,
+                        v_token: bl.vs.token,
+                        v_head: bl.vs.head,
+                        tokens: bl.ks.tokens,
+                        bias: bl.bias,
+                        mask: bl.mask,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut dst = vec![0f32; b * n * c];
+        flash::run(qv.slice(), qs.item, qs.token, qs.head, n, heads, d, scale, &sources, &mut dst);
+        return output(dst, (b, n, c));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = use_flash;
     let max_keys = per_item.iter().map(|bl| bl.iter().map(|x| x.ks.tokens).sum::<usize>()).max().unwrap_or(1);
     let chunk = (CHUNK_LOGITS / max_keys.max(1)).clamp(8, n.max(8));
     let chunks = n.div_ceil(chunk);
@@ -226,8 +267,22 @@ mod tests {
         o.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
     }
 
+    /// Both kernels where the CPU has AVX-512, the `gemm` path elsewhere.
+    fn paths() -> Vec<bool> {
+        if flash::available() { vec![false, true] } else { vec![false] }
+    }
+
     #[test]
     fn token_layout_matches_candle_softmax() {
+        for flash in paths() {
+            token_layout_case(flash);
+        }
+    }
+
+    fn token_layout_case(flash: bool) {
+        let attention = |q: &Tensor, k: &Tensor, v: &Tensor, h: usize, s: f32, e: &[ExtraBlock]| {
+            attention_with(q, k, v, h, s, e, flash)
+        };
         let (b, n, m, heads, d) = (2, 37, 11, 3, 4);
         let q = rand(&[b, n, heads * d], 1);
         let k = rand(&[b, m, heads * d], 2);
@@ -243,16 +298,25 @@ mod tests {
 
     #[test]
     fn extra_blocks_equal_concatenated_keys() {
-        let (b, n, m, heads, d) = (3, 9, 5, 2, 4);
+        for flash in paths() {
+            for (n, m, heads, d) in [(9, 5, 2, 4), (300, 77, 2, 40), (70, 150, 1, 80), (20, 33, 2, 160)] {
+                extra_blocks_case(flash, n, m, heads, d);
+            }
+        }
+    }
+
+    fn extra_blocks_case(flash: bool, n: usize, m: usize, heads: usize, d: usize) {
+        let b = 3;
         let q = split(&rand(&[b, n, heads * d], 4), heads);
         let k = split(&rand(&[b, n, heads * d], 5), heads);
         let v = split(&rand(&[b, n, heads * d], 6), heads);
         let ek = rand(&[2, heads, m, d], 7);
         let ev = rand(&[2, heads, m, d], 8);
-        let mask = Tensor::from_vec(vec![1f32, 0., 1., 1., 0., 1., 1., 1., 1., 1.], (2, m), &Device::Cpu).unwrap();
+        let keep: Vec<f32> = (0..2 * m).map(|i| if i % 3 == 1 || i == 4 { 0.0 } else { 1.0 }).collect();
+        let mask = Tensor::from_vec(keep, (2, m), &Device::Cpu).unwrap();
         let items = [2usize, 0];
         let extra = [ExtraBlock { items: &items, keys: &ek, values: &ev, logit_bias: 0.7, key_mask: Some(&mask) }];
-        let got = attention(&q, &k, &v, heads, 0.5, &extra).unwrap();
+        let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
         for (row, item) in [(0usize, 2usize), (1, 0)] {
             let kk = Tensor::cat(&[k.narrow(0, item, 1).unwrap(), ek.narrow(0, row, 1).unwrap()], 2).unwrap();
             let vv = Tensor::cat(&[v.narrow(0, item, 1).unwrap(), ev.narrow(0, row, 1).unwrap()], 2).unwrap();
@@ -262,10 +326,11 @@ mod tests {
                 .collect();
             let shift = Tensor::from_vec(shift, n + m, &Device::Cpu).unwrap();
             let want = reference(&q.narrow(0, item, 1).unwrap(), &kk, &vv, 0.5, &shift);
-            assert!(max_abs(&got.narrow(0, item, 1).unwrap(), &want) < 1e-5, "item {item}");
+            let err = max_abs(&got.narrow(0, item, 1).unwrap(), &want);
+            assert!(err < 1e-5, "flash {flash}, n {n} m {m} d {d}, item {item}: {err}");
         }
         let zero = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
         let want = reference(&q.narrow(0, 1, 1).unwrap(), &k.narrow(0, 1, 1).unwrap(), &v.narrow(0, 1, 1).unwrap(), 0.5, &zero);
-        assert!(max_abs(&got.narrow(0, 1, 1).unwrap(), &want) < 1e-5);
+        assert!(max_abs(&got.narrow(0, 1, 1).unwrap(), &want) < 1e-5, "flash {flash}, n {n} m {m} d {d}");
     }
 }

@@ -1,18 +1,22 @@
 //! Fused f32 CPU kernels for the UNet hot path: convolutions and linear layers that write
 //! bias (and residual) in the same pass as the matrix product, GroupNorm (+SiLU) in one pass
-//! with caller-supplied statistics, GEGLU, and a per-(batch, head) attention kernel with a
-//! fused softmax. Every kernel takes and returns candle tensors and only applies to
+//! with caller-supplied statistics, GEGLU, AdaIN on tokens, and a per-(batch, head) attention
+//! kernel with a fused softmax. Every kernel takes and returns candle tensors and only applies to
 //! contiguous-able f32 tensors on the CPU; callers keep their candle-op path for anything else
 //! (see [`supported`]).
 
+mod adain;
 mod attention;
 mod conv;
+mod flash;
 mod geglu;
 mod matmul;
 mod norm;
+mod sgemm;
 mod simd;
 mod view;
 
+pub use adain::{restyle, token_mean_std};
 pub use attention::{attention, ExtraBlock};
 pub use conv::conv2d;
 pub use geglu::geglu;

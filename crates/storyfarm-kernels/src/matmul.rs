@@ -39,6 +39,10 @@ pub(crate) unsafe fn gemm(
     if openblas::sgemm(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel) {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel) {
+        return;
+    }
     let par = if parallel && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {

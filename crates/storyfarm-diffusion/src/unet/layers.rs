@@ -5,11 +5,11 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use crate::attention::{
-    self, AttentionId, AttentionInputs, AttentionKind, AttentionSite, ForwardContext, NormId,
-    NormLayer, Qkv, UNetBlock,
+    self, AttentionId, AttentionInputs, AttentionKind, AttentionSite, ExtraKeys, ForwardContext,
+    NormId, NormLayer, Qkv, UNetBlock,
 };
 use crate::error::Result;
-use crate::layers::{layer_norm, linear, linear_no_bias, split_heads};
+use crate::layers::{layer_norm, linear, linear_no_bias, merge_heads, split_heads};
 use crate::weights::Weights;
 use storyfarm_kernels as kernels;
 
@@ -297,7 +297,6 @@ impl Attention {
         ctx: &ForwardContext,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
         let source = context.unwrap_or(x);
         let site = AttentionSite { id: self.id, height, width };
         let hook = ctx
@@ -307,52 +306,58 @@ impl Attention {
         if hook.is_none() && kernels::supported(&[x, source, self.to_q.weight()]) {
             // Token layout straight through the fused kernel: no head split or merge copies.
             let out = kernels::attention(
-                &self.to_q.forward(x)?,
-                &self.to_k.forward(source)?,
-                &self.to_v.forward(source)?,
+                &linear_add(&self.to_q, x, None)?,
+                &linear_add(&self.to_k, source, None)?,
+                &linear_add(&self.to_v, source, None)?,
                 self.heads,
                 self.scale as f32,
                 &[],
             )?;
             return linear_add(&self.to_out, &out, residual);
         }
-        let qkv = Qkv {
-            q: self.split_heads(&self.to_q.forward(x)?)?,
-            k: self.split_heads(&self.to_k.forward(source)?)?,
-            v: self.split_heads(&self.to_v.forward(source)?)?,
+        let (q, k, v) = (
+            linear_add(&self.to_q, x, None)?,
+            linear_add(&self.to_k, source, None)?,
+            linear_add(&self.to_v, source, None)?,
+        );
+        let Some(hook) = hook else {
+            let out = attention::plain_attention(
+                &self.split_heads(&q)?,
+                &self.split_heads(&k)?,
+                &self.split_heads(&v)?,
+                self.scale,
+            )?;
+            return linear_add(&self.to_out, &merge_heads(&out)?, residual);
         };
-        let out = match hook {
-            None => attention::plain_attention(&qkv.q, &qkv.k, &qkv.v, self.scale)?,
-            Some(hook) => {
-                if hook.wants_probabilities(&site, &ctx.step) {
-                    let p = attention::attention_probabilities(&qkv.q, &qkv.k, self.scale)?;
-                    hook.observe_probabilities(&site, &ctx.step, &p)?;
-                }
-                let AttentionInputs { qkv, extra } = hook.prepare(&site, &ctx.step, qkv)?;
-                if kernels::supported(&[&qkv.q, &qkv.k, &qkv.v]) {
-                    let blocks: Vec<kernels::ExtraBlock> = extra
-                        .iter()
-                        .map(|e| kernels::ExtraBlock {
-                            items: &e.items,
-                            keys: &e.keys,
-                            values: &e.values,
-                            logit_bias: e.logit_bias,
-                            key_mask: e.key_mask.as_ref(),
-                        })
-                        .collect();
-                    kernels::attention(&qkv.q, &qkv.k, &qkv.v, self.heads, self.scale as f32, &blocks)?
-                } else {
-                    attention::attention(&qkv.q, &qkv.k, &qkv.v, self.scale, &extra)?
-                        .transpose(1, 2)?
-                        .reshape((b, n, c))?
-                }
-            }
+        if hook.wants_probabilities(&site, &ctx.step) {
+            let p = attention::attention_probabilities(&self.split_heads(&q)?, &self.split_heads(&k)?, self.scale)?;
+            hook.observe_probabilities(&site, &ctx.step, &p)?;
+        }
+        let AttentionInputs { qkv, extra } =
+            hook.prepare(&site, &ctx.step, Qkv { q, k, v, heads: self.heads })?;
+        let out = if kernels::supported(&[&qkv.q, &qkv.k, &qkv.v]) {
+            let blocks: Vec<kernels::ExtraBlock> = extra
+                .iter()
+                .map(|e| kernels::ExtraBlock {
+                    items: &e.items,
+                    keys: &e.keys,
+                    values: &e.values,
+                    logit_bias: e.logit_bias,
+                    key_mask: e.key_mask.as_ref(),
+                })
+                .collect();
+            kernels::attention(&qkv.q, &qkv.k, &qkv.v, self.heads, self.scale as f32, &blocks)?
+        } else {
+            let extra = extra
+                .into_iter()
+                .map(|e| {
+                    Ok(ExtraKeys { keys: self.split_heads(&e.keys)?, values: self.split_heads(&e.values)?, ..e })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (q, k, v) = (self.split_heads(&qkv.q)?, self.split_heads(&qkv.k)?, self.split_heads(&qkv.v)?);
+            merge_heads(&attention::attention(&q, &k, &v, self.scale, &extra)?)?
         };
-        let out = if hook.is_none() { out.transpose(1, 2)?.reshape((b, n, c))? } else { out };
-        let out = match hook {
-            Some(hook) => hook.finish(&site, &ctx.step, out)?,
-            None => out,
-        };
+        let out = hook.finish(&site, &ctx.step, out)?;
         linear_add(&self.to_out, &out, residual)
     }
 }
