@@ -7,7 +7,7 @@
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 
-use crate::matmul::{gemm, prefill, with_bias_residual, Mat};
+use crate::matmul::{gemm, prefill, with_bias_residual, Mat, PackedWeight};
 use crate::view::{output, F32View};
 use crate::Result;
 
@@ -19,6 +19,23 @@ const MAX_COL_ELEMS: usize = if cfg!(test) { 4096 } else { 4 << 20 };
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    channel_add: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    conv2d_packed(x, weight, None, bias, stride, padding, channel_add, residual)
+}
+
+/// [`conv2d`] reading the weight from `packed` (built from `weight` by
+/// [`PackedWeight::conv`]) where it applies; the im2col panels are then built straight in the
+/// sgemm's packed layout, with no im2col matrix in between.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_packed(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: Option<&PackedWeight>,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
@@ -61,6 +78,31 @@ pub fn conv2d(
     }
 
     let direct = kh == 1 && kw == 1 && stride == 1 && padding == 0;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(pw) = packed.and_then(|p| p.for_dims((cout, k))) {
+        use crate::sgemm::{sgemm_ops, Lhs, Rhs};
+        let mut done = true;
+        for item in 0..b {
+            let x_item = &xs[item * cin * h * w..][..cin * h * w];
+            let dst_item = dst[item * cout * plane..].as_mut_ptr();
+            let geom = Geometry { h, w, kh, kw, stride, padding, wo, r0: 0, rows: ho };
+            let fill = |panel: &mut [f32], pc: usize, kc: usize, j0: usize, cols: usize| {
+                fill_panel(x_item, panel, pc, kc, j0, cols, &geom);
+            };
+            let rhs = if direct {
+                Rhs::Mat(Mat { ptr: x_item.as_ptr(), rs: plane as isize, cs: 1 })
+            } else {
+                Rhs::Fill(&fill)
+            };
+            // SAFETY: [Cout, K] x [K, H*W] into this item's output.
+            done &= unsafe { sgemm_ops(cout, plane, k, dst_item, plane as isize, true, Lhs::Packed(pw), rhs, 1.0, true) };
+        }
+        // Only the first item can fail (no AVX-512F), before anything was written.
+        if done {
+            return output(dst, (b, cout, ho, wo));
+        }
+    }
+    let _ = packed;
     let rows_per_tile = (MAX_COL_ELEMS / (k * wo).max(1)).clamp(1, ho);
     let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_tile * wo] };
     for item in 0..b {
@@ -109,6 +151,56 @@ struct Geometry {
     rows: usize,
 }
 
+/// Rows `pc..pc + kc`, columns `j0..j0 + cols` of the im2col matrix of one item `x` `[Cin, H,
+/// W]` (all output rows) as an sgemm panel `[kc][panel.len() / kc]`.
+#[cfg(target_arch = "x86_64")]
+fn fill_panel(x: &[f32], panel: &mut [f32], pc: usize, kc: usize, j0: usize, cols: usize, g: &Geometry) {
+    let width = panel.len() / kc;
+    let taps = g.kh * g.kw;
+    // The (channel, tap row, tap column) of row pc, stepped instead of divided per row.
+    let (mut c, mut i, mut j) = (pc / taps, pc % taps / g.kw, pc % g.kw);
+    for out in panel.chunks_exact_mut(width).take(kc) {
+        let src = &x[c * g.h * g.w..][..g.h * g.w];
+        let mut t = 0;
+        while t < cols {
+            let pix = j0 + t;
+            let (oy, ox0) = (pix / g.wo, pix % g.wo);
+            let run = (g.wo - ox0).min(cols - t);
+            let o = &mut out[t..t + run];
+            let iy = (oy * g.stride + i) as isize - g.padding as isize;
+            if iy < 0 || iy >= g.h as isize {
+                o.fill(0.0);
+            } else {
+                let row = &src[iy as usize * g.w..][..g.w];
+                if g.stride == 1 {
+                    // Output column ox reads input column ox + j - padding.
+                    let lo = g.padding.saturating_sub(j + ox0).min(run);
+                    let hi = (g.w + g.padding).saturating_sub(j + ox0).min(run).max(lo);
+                    o[..lo].fill(0.0);
+                    o[hi..].fill(0.0);
+                    let s0 = ox0 + lo + j - g.padding;
+                    o[lo..hi].copy_from_slice(&row[s0..s0 + hi - lo]);
+                } else {
+                    for (d, v) in o.iter_mut().enumerate() {
+                        let ix = ((ox0 + d) * g.stride + j) as isize - g.padding as isize;
+                        *v = if ix >= 0 && ix < g.w as isize { row[ix as usize] } else { 0.0 };
+                    }
+                }
+            }
+            t += run;
+        }
+        j += 1;
+        if j == g.kw {
+            j = 0;
+            i += 1;
+            if i == g.kh {
+                i = 0;
+                c += 1;
+            }
+        }
+    }
+}
+
 /// The `kh * kw` im2col rows of one input channel for output rows `r0..r0 + rows`.
 fn im2col_channel(plane: &[f32], out: &mut [f32], g: &Geometry) {
     let p = g.rows * g.wo;
@@ -155,6 +247,9 @@ mod tests {
             (5, 3, 6, 5, 1, 1, 0),
             (2, 3, 5, 5, 3, 1, 0),
             (300, 4, 9, 9, 3, 1, 1), // several im2col tiles
+            (40, 30, 12, 20, 3, 1, 1), // several k blocks; panels span output rows
+            (7, 200, 11, 11, 3, 2, 1), // several row blocks, strided
+            (64, 26, 10, 10, 1, 1, 0), // packed 1x1
         ] {
             let x = rand(&[2, cin, h, w], 1);
             let wt = rand(&[cout, cin, k, k], 2);
@@ -170,6 +265,10 @@ mod tests {
             let got = conv2d(&x, &wt, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
             let err = max_abs(&got, &want);
             assert!(err < 1e-4, "{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
+            let packed = PackedWeight::conv(&wt).unwrap();
+            let got = conv2d_packed(&x, &wt, packed.as_ref(), Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
+            let err = max_abs(&got, &want);
+            assert!(err < 1e-4, "packed {cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
         }
     }
 }

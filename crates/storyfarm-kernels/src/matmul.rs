@@ -174,6 +174,61 @@ mod openblas {
     }
 }
 
+/// A layer's weight in the panel layout of the AVX-512 sgemm, packed once when the layer is
+/// built: the per-call products then read it as is instead of re-packing it for every call
+/// and every im2col tile. Only exists where that sgemm runs (x86-64 with AVX-512F, not the
+/// `openblas` build); elsewhere the constructors return `None` and callers keep the tensor.
+pub struct PackedWeight {
+    data: Vec<f32>,
+    /// The product dimensions it was packed for: `(rows, depth)` of a left operand
+    /// (convolutions) or `(depth, cols)` of a right one (linear layers).
+    dims: (usize, usize),
+}
+
+impl PackedWeight {
+    #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+    fn usable(w: &Tensor) -> bool {
+        crate::sgemm::available() && crate::supported(&[w])
+    }
+
+    /// A convolution weight `[Cout, Cin, kh, kw]` as the `[Cout, Cin*kh*kw]` left operand.
+    pub fn conv(weight: &Tensor) -> Result<Option<Self>> {
+        #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+        if Self::usable(weight) {
+            let (cout, cin, kh, kw) = weight.dims4()?;
+            let k = cin * kh * kw;
+            let w = weight.contiguous()?;
+            let v = F32View::new(&w)?;
+            // SAFETY: a contiguous [cout, k] matrix.
+            let data = unsafe { crate::sgemm::pack_lhs_all(Mat { ptr: v.slice().as_ptr(), rs: k as isize, cs: 1 }, cout, k) };
+            return Ok(Some(Self { data, dims: (cout, k) }));
+        }
+        let _ = weight;
+        Ok(None)
+    }
+
+    /// A linear weight `[out, in]` as the `[in, out]` right operand of `x W^T`.
+    pub fn linear(weight: &Tensor) -> Result<Option<Self>> {
+        #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+        if Self::usable(weight) {
+            let (out_f, inp) = weight.dims2()?;
+            let w = weight.contiguous()?;
+            let v = F32View::new(&w)?;
+            // SAFETY: W^T of a contiguous [out, in] matrix.
+            let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: v.slice().as_ptr(), rs: 1, cs: inp as isize }, inp, out_f) };
+            return Ok(Some(Self { data, dims: (inp, out_f) }));
+        }
+        let _ = weight;
+        Ok(None)
+    }
+
+    /// The packed data if it was packed for these product dimensions.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn for_dims(&self, dims: (usize, usize)) -> Option<&[f32]> {
+        (self.dims == dims).then_some(&self.data[..])
+    }
+}
+
 /// Fills `dst`, seen as rows of `row_len`, with `bias[col] + residual[i]` (either optional);
 /// `bias_per_row` instead takes `bias[row % bias.len()]` (channel-major maps).
 pub(crate) fn prefill(
@@ -217,6 +272,18 @@ pub fn linear(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
+    linear_packed(x, weight, None, bias, residual)
+}
+
+/// [`linear`] reading the weight from `packed` (built from `weight` by
+/// [`PackedWeight::linear`]) where it applies.
+pub fn linear_packed(
+    x: &Tensor,
+    weight: &Tensor,
+    packed: Option<&PackedWeight>,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (rows, inp) = dims_of(&x);
     let (out_f, w_in) = weight.dims2()?;
@@ -233,6 +300,16 @@ pub fn linear(
         prefill(&mut dst, out_f, b, false, r);
         Ok(())
     })?;
+    let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = packed.and_then(|p| p.for_dims((inp, out_f))) {
+        use crate::sgemm::{sgemm_ops, Lhs, Rhs};
+        // SAFETY: as below, the weight packed for [in, out].
+        if unsafe { sgemm_ops(rows, out_f, inp, dst.as_mut_ptr(), out_f as isize, true, Lhs::Mat(xm), Rhs::Packed(p), 1.0, true) } {
+            return output(dst, shape);
+        }
+    }
+    let _ = packed;
     // SAFETY: sizes and strides describe the owned buffers above.
     unsafe {
         gemm(
@@ -243,7 +320,7 @@ pub fn linear(
             out_f as isize,
             1,
             true,
-            Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 },
+            xm,
             Mat { ptr: w.slice().as_ptr(), rs: 1, cs: inp as isize },
             1.0,
             true,
@@ -365,6 +442,22 @@ mod tests {
         assert!(max_abs(&linear(&x, &w, Some(&b), Some(&r)).unwrap(), &want) < 1e-5);
         let want = x.matmul(&w.t().unwrap().broadcast_left(2).unwrap()).unwrap();
         assert!(max_abs(&linear(&x, &w, None, None).unwrap(), &want) < 1e-5);
+    }
+
+    #[test]
+    fn packed_linear_matches_candle() {
+        // Edge tiles in both directions, several k blocks and row blocks.
+        for &(rows, inp, out) in &[(7, 12, 5), (300, 600, 70), (50, 40, 33)] {
+            let x = rand(&[2, rows, inp], 11);
+            let w = rand(&[out, inp], 12);
+            let b = rand(&[out], 13);
+            let r = rand(&[2, rows, out], 14);
+            let want = (candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap() + &r).unwrap();
+            let packed = PackedWeight::linear(&w).unwrap();
+            let got = linear_packed(&x, &w, packed.as_ref(), Some(&b), Some(&r)).unwrap();
+            let err = max_abs(&got, &want);
+            assert!(err < 1e-4, "{rows}x{inp}->{out}: {err}");
+        }
     }
 
     #[test]

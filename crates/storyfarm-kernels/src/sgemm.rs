@@ -6,7 +6,10 @@
 //! zero-padded tile.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::sgemm;
+pub(crate) use imp::{sgemm, sgemm_ops, Lhs, Rhs};
+// The `openblas` build keeps weights unpacked (OpenBLAS takes the products).
+#[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -25,11 +28,6 @@ mod imp {
     /// Below this many multiply-adds the `gemm` crate's lower overhead wins.
     const MIN_MACS: usize = 1 << 18;
 
-    fn available() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-
     #[derive(Clone, Copy)]
     struct Ptr(*mut f32);
     // SAFETY: threads write disjoint row blocks of the destination.
@@ -41,15 +39,85 @@ mod imp {
         }
     }
 
+    /// The left operand: strided, or pre-packed by [`pack_lhs_all`] (a layer's weight).
     #[derive(Clone, Copy)]
-    struct In(Mat);
-    // SAFETY: operands are only read.
-    unsafe impl Send for In {}
-    unsafe impl Sync for In {}
-    impl In {
-        fn get(&self) -> Mat {
+    pub(crate) enum Lhs<'a> {
+        Mat(Mat),
+        Packed(&'a [f32]),
+    }
+
+    /// Writes `panel[kk][j] = rhs[pc + kk][j0 + j]` for `kk < kc`, `j < cols`; `(panel, pc,
+    /// kc, j0, cols)`. Lets a convolution build its im2col panels in place.
+    pub(crate) type Fill<'a> = &'a (dyn Fn(&mut [f32], usize, usize, usize, usize) + Sync);
+
+    /// The right operand: strided, pre-packed by [`pack_rhs_all`], or built panel by panel.
+    #[derive(Clone, Copy)]
+    pub(crate) enum Rhs<'a> {
+        Mat(Mat),
+        Packed(&'a [f32]),
+        Fill(Fill<'a>),
+    }
+
+    #[derive(Clone, Copy)]
+    struct Ops<'a>(Lhs<'a>, Rhs<'a>);
+    // SAFETY: operands are only read (a `Fill` is `Sync`).
+    unsafe impl Send for Ops<'_> {}
+    unsafe impl Sync for Ops<'_> {}
+    impl<'a> Ops<'a> {
+        // Accessors, so closures capture the `Sync` wrapper rather than its fields.
+        fn lhs(&self) -> Lhs<'a> {
             self.0
         }
+        fn rhs(&self) -> Rhs<'a> {
+            self.1
+        }
+    }
+
+    pub(crate) fn available() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+
+    /// The depth of every k block but the last; equal blocks, so no short block pays a full
+    /// block's load and store of the destination tile. Packed operands use the same split.
+    fn k_block(k: usize) -> usize {
+        k.div_ceil(k.div_ceil(KC).max(1)).max(1)
+    }
+
+    /// `lhs` `[m, k]` in the 12-row panels [`sgemm_ops`] reads for [`Lhs::Packed`].
+    ///
+    /// # Safety
+    /// `lhs` must be valid for `m x k`.
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    pub(crate) unsafe fn pack_lhs_all(lhs: Mat, m: usize, k: usize) -> Vec<f32> {
+        let (kb, rp) = (k_block(k), m.div_ceil(MR));
+        let mut out = vec![0f32; rp * MR * k];
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            for r in 0..rp {
+                let i0 = r * MR;
+                pack_lhs(&mut out[pc * rp * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+            }
+        }
+        out
+    }
+
+    /// `rhs` `[k, n]` in the 32-column panels [`sgemm_ops`] reads for [`Rhs::Packed`].
+    ///
+    /// # Safety
+    /// `rhs` must be valid for `k x n`.
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    pub(crate) unsafe fn pack_rhs_all(rhs: Mat, k: usize, n: usize) -> Vec<f32> {
+        let (kb, np) = (k_block(k), n.div_ceil(NR));
+        let mut out = vec![0f32; np * NR * k];
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            for p in 0..np {
+                let j0 = p * NR;
+                pack_rhs(&mut out[pc * np * NR + p * kc * NR..][..kc * NR], rhs, pc, kc, j0, NR.min(n - j0));
+            }
+        }
+        out
     }
 
     /// `dst[m, n] = (accumulate ? dst : 0) + scale * lhs rhs` when the CPU has AVX-512F, the
@@ -72,42 +140,142 @@ mod imp {
         scale: f32,
         parallel: bool,
     ) -> bool {
-        if dst_cs != 1 || dst_rs < n as isize || m * n * k < MIN_MACS || k == 0 || !available() {
+        if dst_cs != 1 || m * n * k < MIN_MACS {
+            return false;
+        }
+        sgemm_ops(m, n, k, dst, dst_rs, accumulate, Lhs::Mat(lhs), Rhs::Mat(rhs), scale, parallel)
+    }
+
+    /// [`sgemm`] for any operand source and size; `false` (nothing written) when the CPU lacks
+    /// AVX-512F, `k == 0` or the destination rows overlap.
+    ///
+    /// # Safety
+    /// As for [`crate::matmul::gemm`]; packed operands must come from [`pack_lhs_all`] /
+    /// [`pack_rhs_all`] with the same `m`, `k` / `k`, `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn sgemm_ops(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: isize,
+        accumulate: bool,
+        lhs: Lhs,
+        rhs: Rhs,
+        scale: f32,
+        parallel: bool,
+    ) -> bool {
+        if dst_rs < n as isize || k == 0 || m == 0 || n == 0 || !available() {
             return false;
         }
         let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
-        // Row blocks: at most MC rows, and at least one per thread when m allows.
-        let mc = MC.min(m.div_ceil(threads).next_multiple_of(MR)).max(MR);
-        let (dst, lhs, rhs) = (Ptr(dst), In(lhs), In(rhs));
+        // Row blocks of at most MC rows, as many as a multiple of the thread count so no
+        // thread idles through the last round.
+        let blocks = m.div_ceil(MC).next_multiple_of(threads);
+        let mc = m.div_ceil(blocks).next_multiple_of(MR).max(MR);
+        let (rpanels_all, panels_all) = (m.div_ceil(MR), n.div_ceil(NR));
+        let kb = k_block(k);
+        let (dst, ops) = (Ptr(dst), Ops(lhs, rhs));
         let ldc = dst_rs as usize;
+        if let Rhs::Packed(b_all) = rhs {
+            by_row_blocks(threads, m, mc, |ic, apack| {
+                let rpanels = mc.min(m - ic).div_ceil(MR);
+                // All of the block's k blocks: offsets of (k block, panel) into `ap`.
+                let (ap, a_panels, r_off): (&[f32], usize, usize) = match ops.lhs() {
+                    Lhs::Packed(all) => (all, rpanels_all, ic / MR),
+                    Lhs::Mat(lhs) => {
+                        if apack.len() < rpanels * MR * k {
+                            apack.resize(rpanels * MR * k, 0.0);
+                        }
+                        for pc in (0..k).step_by(kb) {
+                            let kc = kb.min(k - pc);
+                            for r in 0..rpanels {
+                                let i0 = ic + r * MR;
+                                pack_lhs(&mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+                            }
+                        }
+                        (&apack[..rpanels * MR * k], rpanels, 0)
+                    }
+                };
+                // The whole depth per destination tile: the tile is read and written once
+                // instead of once per k block, which is what bounds wide products (GEGLU).
+                for p in 0..panels_all {
+                    let j0 = p * NR;
+                    let cols = NR.min(n - j0);
+                    for r in 0..rpanels {
+                        let i0 = ic + r * MR;
+                        let rows = MR.min(m - i0);
+                        let c = dst.get().add(i0 * ldc + j0);
+                        let full = rows == MR && cols == NR;
+                        let mut tile = [0f32; MR * NR];
+                        for pc in (0..k).step_by(kb) {
+                            let kc = kb.min(k - pc);
+                            let a = ap[pc * a_panels * MR + (r_off + r) * kc * MR..].as_ptr();
+                            let b = b_all[pc * panels_all * NR + p * kc * NR..].as_ptr();
+                            // SAFETY: the CPU has AVX-512F; tile (i0, j0) is this block's.
+                            if full {
+                                kernel(kc, a, b, c, ldc, scale, !accumulate && pc == 0);
+                            } else {
+                                kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, pc == 0);
+                            }
+                        }
+                        if !full {
+                            store_tile(&tile, c, ldc, rows, cols, !accumulate);
+                        }
+                    }
+                }
+            });
+            return true;
+        }
         let mut bpack: Vec<f32> = Vec::new();
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             let panels = nc.div_ceil(NR);
-            for pc in (0..k).step_by(KC) {
-                let kc = KC.min(k - pc);
-                bpack.clear();
-                bpack.resize(panels * kc * NR, 0.0);
-                let pack_b = |(p, panel): (usize, &mut [f32])| {
-                    let j0 = jc + p * NR;
-                    pack_rhs(panel, rhs.get(), pc, kc, j0, NR.min(n - j0));
+            for pc in (0..k).step_by(kb) {
+                let kc = kb.min(k - pc);
+                let bp: &[f32] = match ops.rhs() {
+                    Rhs::Packed(all) => &all[pc * panels_all * NR + jc / NR * kc * NR..][..panels * kc * NR],
+                    Rhs::Mat(_) | Rhs::Fill(_) => {
+                        // Every element a kernel reads is rewritten below, so the buffer is
+                        // only zeroed when it grows.
+                        if bpack.len() < panels * kc * NR {
+                            bpack.resize(panels * kc * NR, 0.0);
+                        }
+                        let pack_b = |(p, panel): (usize, &mut [f32])| {
+                            let j0 = jc + p * NR;
+                            let cols = NR.min(n - j0);
+                            match ops.rhs() {
+                                Rhs::Mat(rhs) => pack_rhs(panel, rhs, pc, kc, j0, cols),
+                                Rhs::Fill(fill) => fill(panel, pc, kc, j0, cols),
+                                Rhs::Packed(_) => unreachable!(),
+                            }
+                        };
+                        let bpack = &mut bpack[..panels * kc * NR];
+                        if threads > 1 {
+                            bpack.par_chunks_mut(kc * NR).enumerate().for_each(pack_b);
+                        } else {
+                            bpack.chunks_mut(kc * NR).enumerate().for_each(pack_b);
+                        }
+                        &bpack[..panels * kc * NR]
+                    }
                 };
-                if threads > 1 {
-                    bpack.par_chunks_mut(kc * NR).enumerate().for_each(pack_b);
-                } else {
-                    bpack.chunks_mut(kc * NR).enumerate().for_each(pack_b);
-                }
                 let overwrite = !accumulate && pc == 0;
-                let bp = &bpack;
                 let block = move |ic: usize, apack: &mut Vec<f32>| {
                     let mcur = mc.min(m - ic);
                     let rpanels = mcur.div_ceil(MR);
-                    apack.clear();
-                    apack.resize(rpanels * kc * MR, 0.0);
-                    for (r, panel) in apack.chunks_mut(kc * MR).enumerate() {
-                        let i0 = ic + r * MR;
-                        pack_lhs(panel, lhs.get(), i0, MR.min(m - i0), pc, kc);
-                    }
+                    let ap: &[f32] = match ops.lhs() {
+                        Lhs::Packed(all) => &all[pc * rpanels_all * MR + ic / MR * kc * MR..][..rpanels * kc * MR],
+                        Lhs::Mat(lhs) => {
+                            if apack.len() < rpanels * kc * MR {
+                                apack.resize(rpanels * kc * MR, 0.0);
+                            }
+                            for (r, panel) in apack.chunks_mut(kc * MR).take(rpanels).enumerate() {
+                                let i0 = ic + r * MR;
+                                pack_lhs(panel, lhs, i0, MR.min(m - i0), pc, kc);
+                            }
+                            &apack[..rpanels * kc * MR]
+                        }
+                    };
                     for p in 0..panels {
                         let j0 = jc + p * NR;
                         let cols = NR.min(n - j0);
@@ -115,7 +283,7 @@ mod imp {
                         for r in 0..rpanels {
                             let i0 = ic + r * MR;
                             let rows = MR.min(m - i0);
-                            let a = apack[r * kc * MR..].as_ptr();
+                            let a = ap[r * kc * MR..].as_ptr();
                             let c = dst.get().add(i0 * ldc + j0);
                             // SAFETY: the CPU has AVX-512F; tile (i0, j0) is this block's.
                             if rows == MR && cols == NR {
@@ -123,29 +291,43 @@ mod imp {
                             } else {
                                 let mut tile = [0f32; MR * NR];
                                 kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, true);
-                                for i in 0..rows {
-                                    let row = std::slice::from_raw_parts_mut(c.add(i * ldc), cols);
-                                    let t = &tile[i * NR..][..cols];
-                                    if overwrite {
-                                        row.copy_from_slice(t);
-                                    } else {
-                                        row.iter_mut().zip(t).for_each(|(x, &v)| *x += v);
-                                    }
-                                }
+                                store_tile(&tile, c, ldc, rows, cols, overwrite);
                             }
                         }
                     }
                 };
-                let starts: Vec<usize> = (0..m).step_by(mc).collect();
-                if threads > 1 && starts.len() > 1 {
-                    starts.into_par_iter().for_each_init(Vec::new, |ap, ic| block(ic, ap));
-                } else {
-                    let mut ap = Vec::new();
-                    starts.into_iter().for_each(|ic| block(ic, &mut ap));
-                }
+                by_row_blocks(threads, m, mc, block);
             }
         }
         true
+    }
+
+    /// Runs `block(ic, scratch)` for every row block start, across threads when there are
+    /// several.
+    fn by_row_blocks(threads: usize, m: usize, mc: usize, block: impl Fn(usize, &mut Vec<f32>) + Send + Sync) {
+        let starts: Vec<usize> = (0..m).step_by(mc).collect();
+        if threads > 1 && starts.len() > 1 {
+            starts.into_par_iter().for_each_init(Vec::new, |ap, ic| block(ic, ap));
+        } else {
+            let mut ap = Vec::new();
+            starts.into_iter().for_each(|ic| block(ic, &mut ap));
+        }
+    }
+
+    /// The `rows x cols` corner of an edge tile into `c` (row stride `ldc`), written or added.
+    ///
+    /// # Safety
+    /// `c` must be valid for `rows` rows of `cols` floats at stride `ldc`.
+    unsafe fn store_tile(tile: &[f32; MR * NR], c: *mut f32, ldc: usize, rows: usize, cols: usize, overwrite: bool) {
+        for i in 0..rows {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), cols);
+            let t = &tile[i * NR..][..cols];
+            if overwrite {
+                row.copy_from_slice(t);
+            } else {
+                row.iter_mut().zip(t).for_each(|(x, &v)| *x += v);
+            }
+        }
     }
 
     /// `panel[kk][r] = lhs[i0 + r][pc + kk]` for `rows` rows (zeros after).

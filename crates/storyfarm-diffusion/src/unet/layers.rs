@@ -15,6 +15,8 @@ use storyfarm_kernels as kernels;
 
 pub(crate) struct Conv2d {
     weight: Tensor,
+    /// `weight` in the CPU sgemm's panel layout, packed once here instead of per call.
+    packed: Option<kernels::PackedWeight>,
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
@@ -29,8 +31,10 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
+        let weight = w.get(&[out_c, in_c, kernel, kernel], "weight")?;
         Ok(Self {
-            weight: w.get(&[out_c, in_c, kernel, kernel], "weight")?,
+            packed: kernels::PackedWeight::conv(&weight)?,
+            weight,
             bias: Some(w.get(&[out_c], "bias")?),
             padding,
             stride,
@@ -49,9 +53,10 @@ impl Conv2d {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         if kernels::supported(&[x, &self.weight]) {
-            return Ok(kernels::conv2d(
+            return Ok(kernels::conv2d_packed(
                 x,
                 &self.weight,
+                self.packed.as_ref(),
                 self.bias.as_ref(),
                 self.stride,
                 self.padding,
@@ -83,8 +88,18 @@ impl Conv2d {
 
 /// `x W^T + b (+ residual)`, bias and residual fused into the product on the CPU (f32).
 fn linear_add(layer: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    linear_packed_add(layer, None, x, residual)
+}
+
+/// [`linear_add`] with the layer's weight pre-packed (see [`kernels::PackedWeight::linear`]).
+fn linear_packed_add(
+    layer: &Linear,
+    packed: Option<&kernels::PackedWeight>,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     if kernels::supported(&[x, layer.weight()]) {
-        return Ok(kernels::linear(x, layer.weight(), layer.bias(), residual)?);
+        return Ok(kernels::linear_packed(x, layer.weight(), packed, layer.bias(), residual)?);
     }
     let y = layer.forward(x)?;
     Ok(match residual {
@@ -366,27 +381,35 @@ impl Attention {
 struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
+    /// The two weights packed once at load for the CPU sgemm.
+    packed: [Option<kernels::PackedWeight>; 2],
 }
 
 impl FeedForward {
     fn new(w: &Weights, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
+        let proj_in = linear(&w.pp("net.0.proj"), dim, 2 * inner)?;
+        let proj_out = linear(&w.pp("net.2"), inner, dim)?;
         Ok(Self {
-            proj_in: linear(&w.pp("net.0.proj"), dim, 2 * inner)?,
-            proj_out: linear(&w.pp("net.2"), inner, dim)?,
+            packed: [
+                kernels::PackedWeight::linear(proj_in.weight())?,
+                kernels::PackedWeight::linear(proj_out.weight())?,
+            ],
+            proj_in,
+            proj_out,
         })
     }
 
     /// The feed-forward of `x`, plus `residual`.
     fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = linear_add(&self.proj_in, x, None)?;
+        let h = linear_packed_add(&self.proj_in, self.packed[0].as_ref(), x, None)?;
         let gated = if kernels::supported(&[&h]) {
             kernels::geglu(&h)?
         } else {
             let half = h.dim(D::Minus1)? / 2;
             (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
         };
-        linear_add(&self.proj_out, &gated, Some(residual))
+        linear_packed_add(&self.proj_out, self.packed[1].as_ref(), &gated, Some(residual))
     }
 }
 
