@@ -37,19 +37,21 @@ fn main() -> candle_core::Result<()> {
         let flops = 2.0 * (2 * c * c * 9 * side * side) as f64;
         time(&format!("conv3x3 {c} at {side}"), flops, || storyfarm_kernels::conv2d(&x, &w, Some(&b), 1, 1, None, None))?;
         // The weight packed at load, as the UNet's layers hold it (no-op without AVX-512).
-        let pw = PackedWeight::conv(&w)?;
-        time(&format!("conv3x3 {c} at {side} packed"), flops, || {
-            storyfarm_kernels::conv2d_packed(&x, &w, pw.as_ref(), Some(&b), 1, 1, None, None)
-        })?;
+        if let Some(pw) = PackedWeight::conv(&w)? {
+            time(&format!("conv3x3 {c} at {side} packed"), flops, || {
+                storyfarm_kernels::conv2d_packed(&x, &pw, Some(&b), 1, 1, None, None)
+            })?;
+        }
         let t = r(&[2, side * side, c])?;
         let w1 = r(&[8 * c, c])?;
         let b1 = r(&[8 * c])?;
         let flops = 2.0 * (2 * side * side * 8 * c * c) as f64;
         time(&format!("geglu proj {c} at {side}"), flops, || storyfarm_kernels::linear(&t, &w1, Some(&b1), None))?;
-        let pw1 = PackedWeight::linear(&w1)?;
-        time(&format!("geglu proj {c} at {side} packed"), flops, || {
-            storyfarm_kernels::linear_packed(&t, &w1, pw1.as_ref(), Some(&b1), None)
-        })?;
+        if let Some(pw1) = PackedWeight::linear(&w1)? {
+            time(&format!("geglu proj {c} at {side} packed"), flops, || {
+                storyfarm_kernels::linear_packed(&t, &pw1, Some(&b1), None)
+            })?;
+        }
         let wq = r(&[c, c])?;
         let flops = 2.0 * (2 * side * side * c * c) as f64;
         time(&format!("to_q {c} at {side}"), flops, || storyfarm_kernels::linear(&t, &wq, None, None))?;

@@ -25,17 +25,31 @@ pub fn conv2d(
     channel_add: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    conv2d_packed(x, weight, None, bias, stride, padding, channel_add, residual)
+    conv(x, Weight::Tensor(weight), bias, stride, padding, channel_add, residual)
 }
 
-/// [`conv2d`] reading the weight from `packed` (built from `weight` by
-/// [`PackedWeight::conv`]) where it applies; the im2col panels are then built straight in the
-/// sgemm's packed layout, with no im2col matrix in between.
-#[allow(clippy::too_many_arguments)]
+/// [`conv2d`] with the weight packed at load by [`PackedWeight::conv`]; the im2col panels
+/// are then built straight in the sgemm's packed layout, with no im2col matrix in between.
 pub fn conv2d_packed(
     x: &Tensor,
-    weight: &Tensor,
-    packed: Option<&PackedWeight>,
+    weight: &PackedWeight,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    channel_add: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    conv(x, Weight::Packed(weight), bias, stride, padding, channel_add, residual)
+}
+
+enum Weight<'a> {
+    Tensor(&'a Tensor),
+    Packed(&'a PackedWeight),
+}
+
+fn conv(
+    x: &Tensor,
+    weight: Weight,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
@@ -44,9 +58,15 @@ pub fn conv2d_packed(
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (b, cin, h, w) = x.dims4()?;
-    let (cout, wcin, kh, kw) = weight.dims4()?;
+    let (cout, wcin, kh, kw) = match weight {
+        Weight::Tensor(t) => t.dims4()?,
+        Weight::Packed(p) => match *p.dims() {
+            [o, i, kh, kw] => (o, i, kh, kw),
+            _ => bail!("conv2d_packed: weight {:?} is not a convolution weight", p.dims()),
+        },
+    };
     if wcin != cin || stride == 0 {
-        bail!("conv2d: input {:?}, weight {:?}, stride {stride}", x.dims(), weight.dims());
+        bail!("conv2d: input {:?}, weight [{cout}, {wcin}, {kh}, {kw}], stride {stride}", x.dims());
     }
     if h + 2 * padding < kh || w + 2 * padding < kw {
         bail!("conv2d: kernel larger than the padded input");
@@ -55,10 +75,8 @@ pub fn conv2d_packed(
     let wo = (w + 2 * padding - kw) / stride + 1;
     let plane = ho * wo;
     let k = cin * kh * kw;
-    let weight = weight.contiguous()?;
-    let wv = F32View::new(&weight)?;
     let xv = F32View::new(&x)?;
-    let (xs, ws) = (xv.slice(), wv.slice());
+    let xs = xv.slice();
 
     let mut dst = vec![0f32; b * cout * plane];
     with_bias_residual(bias, residual, |bias, res| {
@@ -79,7 +97,10 @@ pub fn conv2d_packed(
 
     let direct = kh == 1 && kw == 1 && stride == 1 && padding == 0;
     #[cfg(target_arch = "x86_64")]
-    if let Some(pw) = packed.and_then(|p| p.for_dims((cout, k))) {
+    if let Some(pw) = match weight {
+        Weight::Packed(p) => p.for_dims((cout, k)),
+        Weight::Tensor(_) => None,
+    } {
         use crate::sgemm::{sgemm_ops, Lhs, Rhs};
         let mut done = true;
         for item in 0..b {
@@ -102,7 +123,12 @@ pub fn conv2d_packed(
             return output(dst, (b, cout, ho, wo));
         }
     }
-    let _ = packed;
+    let weight = match weight {
+        Weight::Tensor(t) => t.contiguous()?,
+        Weight::Packed(p) => p.unpack()?,
+    };
+    let wv = F32View::new(&weight)?;
+    let ws = wv.slice();
     let rows_per_tile = (MAX_COL_ELEMS / (k * wo).max(1)).clamp(1, ho);
     let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_tile * wo] };
     for item in 0..b {
@@ -265,8 +291,9 @@ mod tests {
             let got = conv2d(&x, &wt, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
             let err = max_abs(&got, &want);
             assert!(err < 1e-4, "{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
-            let packed = PackedWeight::conv(&wt).unwrap();
-            let got = conv2d_packed(&x, &wt, packed.as_ref(), Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
+            let Some(packed) = PackedWeight::conv(&wt).unwrap() else { continue };
+            assert_eq!(max_abs(&packed.unpack().unwrap(), &wt), 0.0);
+            let got = conv2d_packed(&x, &packed, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
             let err = max_abs(&got, &want);
             assert!(err < 1e-4, "packed {cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
         }

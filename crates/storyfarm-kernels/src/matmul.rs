@@ -176,19 +176,25 @@ mod openblas {
 
 /// A layer's weight in the panel layout of the AVX-512 sgemm, packed once when the layer is
 /// built: the per-call products then read it as is instead of re-packing it for every call
-/// and every im2col tile. Only exists where that sgemm runs (x86-64 with AVX-512F, not the
-/// `openblas` build); elsewhere the constructors return `None` and callers keep the tensor.
+/// and every im2col tile, and the layer need not keep the tensor as well. Only exists where
+/// that sgemm runs (x86-64 with AVX-512F, not the `openblas` build); elsewhere the
+/// constructors return `None` and callers keep the tensor.
 pub struct PackedWeight {
     data: Vec<f32>,
     /// The product dimensions it was packed for: `(rows, depth)` of a left operand
     /// (convolutions) or `(depth, cols)` of a right one (linear layers).
     dims: (usize, usize),
+    /// The weight tensor's own shape.
+    shape: Vec<usize>,
+    lhs: bool,
 }
 
 impl PackedWeight {
+    /// Broadcast weights (structure-only models of zeros) stay unpacked: packing would
+    /// allocate what they save.
     #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
     fn usable(w: &Tensor) -> bool {
-        crate::sgemm::available() && crate::supported(&[w])
+        crate::sgemm::available() && crate::supported(&[w]) && w.is_contiguous()
     }
 
     /// A convolution weight `[Cout, Cin, kh, kw]` as the `[Cout, Cin*kh*kw]` left operand.
@@ -197,11 +203,10 @@ impl PackedWeight {
         if Self::usable(weight) {
             let (cout, cin, kh, kw) = weight.dims4()?;
             let k = cin * kh * kw;
-            let w = weight.contiguous()?;
-            let v = F32View::new(&w)?;
+            let v = F32View::new(weight)?;
             // SAFETY: a contiguous [cout, k] matrix.
             let data = unsafe { crate::sgemm::pack_lhs_all(Mat { ptr: v.slice().as_ptr(), rs: k as isize, cs: 1 }, cout, k) };
-            return Ok(Some(Self { data, dims: (cout, k) }));
+            return Ok(Some(Self { data, dims: (cout, k), shape: weight.dims().to_vec(), lhs: true }));
         }
         let _ = weight;
         Ok(None)
@@ -212,14 +217,34 @@ impl PackedWeight {
         #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
         if Self::usable(weight) {
             let (out_f, inp) = weight.dims2()?;
-            let w = weight.contiguous()?;
-            let v = F32View::new(&w)?;
+            let v = F32View::new(weight)?;
             // SAFETY: W^T of a contiguous [out, in] matrix.
             let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: v.slice().as_ptr(), rs: 1, cs: inp as isize }, inp, out_f) };
-            return Ok(Some(Self { data, dims: (inp, out_f) }));
+            return Ok(Some(Self { data, dims: (inp, out_f), shape: weight.dims().to_vec(), lhs: false }));
         }
         let _ = weight;
         Ok(None)
+    }
+
+    /// The shape of the weight tensor it was packed from.
+    pub fn dims(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The weight tensor it was packed from, for the paths the packed kernels do not take.
+    pub fn unpack(&self) -> Result<Tensor> {
+        #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+        {
+            let (a, b) = self.dims;
+            let data = if self.lhs {
+                crate::sgemm::unpack_lhs_all(&self.data, a, b)
+            } else {
+                crate::sgemm::unpack_rhs_all(&self.data, a, b)
+            };
+            Tensor::from_vec(data, self.shape.as_slice(), &candle_core::Device::Cpu)
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(feature = "openblas"))))]
+        bail!("packed weights {:?} {}: not built in this configuration", self.shape, self.lhs)
     }
 
     /// The packed data if it was packed for these product dimensions.
@@ -272,44 +297,16 @@ pub fn linear(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    linear_packed(x, weight, None, bias, residual)
-}
-
-/// [`linear`] reading the weight from `packed` (built from `weight` by
-/// [`PackedWeight::linear`]) where it applies.
-pub fn linear_packed(
-    x: &Tensor,
-    weight: &Tensor,
-    packed: Option<&PackedWeight>,
-    bias: Option<&Tensor>,
-    residual: Option<&Tensor>,
-) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (rows, inp) = dims_of(&x);
     let (out_f, w_in) = weight.dims2()?;
     if w_in != inp {
         bail!("linear: input has {inp} features, weight expects {w_in}");
     }
-    let mut shape = x.dims().to_vec();
-    *shape.last_mut().expect("rank >= 1") = out_f;
     let weight = weight.contiguous()?;
     let w = F32View::new(&weight)?;
     let xv = F32View::new(&x)?;
-    let mut dst = vec![0f32; rows * out_f];
-    with_bias_residual(bias, residual, |b, r| {
-        prefill(&mut dst, out_f, b, false, r);
-        Ok(())
-    })?;
-    let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
-    #[cfg(target_arch = "x86_64")]
-    if let Some(p) = packed.and_then(|p| p.for_dims((inp, out_f))) {
-        use crate::sgemm::{sgemm_ops, Lhs, Rhs};
-        // SAFETY: as below, the weight packed for [in, out].
-        if unsafe { sgemm_ops(rows, out_f, inp, dst.as_mut_ptr(), out_f as isize, true, Lhs::Mat(xm), Rhs::Packed(p), 1.0, true) } {
-            return output(dst, shape);
-        }
-    }
-    let _ = packed;
+    let mut dst = linear_prefill(&x, out_f, bias, residual)?;
     // SAFETY: sizes and strides describe the owned buffers above.
     unsafe {
         gemm(
@@ -320,13 +317,58 @@ pub fn linear_packed(
             out_f as isize,
             1,
             true,
-            xm,
+            Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 },
             Mat { ptr: w.slice().as_ptr(), rs: 1, cs: inp as isize },
             1.0,
             true,
         );
     }
-    output(dst, shape)
+    output(dst, linear_shape(&x, out_f))
+}
+
+/// [`linear`] with the weight packed at load by [`PackedWeight::linear`].
+pub fn linear_packed(
+    x: &Tensor,
+    packed: &PackedWeight,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, inp) = dims_of(&x);
+    let &[out_f, w_in] = packed.dims() else {
+        bail!("linear_packed: weight {:?} is not a linear weight", packed.dims());
+    };
+    if w_in != inp {
+        bail!("linear: input has {inp} features, weight expects {w_in}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(p) = packed.for_dims((inp, out_f)) {
+        use crate::sgemm::{sgemm_ops, Lhs, Rhs};
+        let xv = F32View::new(&x)?;
+        let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
+        let mut dst = linear_prefill(&x, out_f, bias, residual)?;
+        // SAFETY: [rows, in] x [in, out] into the owned buffer.
+        if unsafe { sgemm_ops(rows, out_f, inp, dst.as_mut_ptr(), out_f as isize, true, Lhs::Mat(xm), Rhs::Packed(p), 1.0, true) } {
+            return output(dst, linear_shape(&x, out_f));
+        }
+    }
+    linear(&x, &packed.unpack()?, bias, residual)
+}
+
+/// The output of `x W^T` for `out_f` features, prefilled with bias and residual.
+fn linear_prefill(x: &Tensor, out_f: usize, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+    let mut dst = vec![0f32; dims_of(x).0 * out_f];
+    with_bias_residual(bias, residual, |b, r| {
+        prefill(&mut dst, out_f, b, false, r);
+        Ok(())
+    })?;
+    Ok(dst)
+}
+
+fn linear_shape(x: &Tensor, out_f: usize) -> Vec<usize> {
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = out_f;
+    shape
 }
 
 /// A 1x1 projection of a channel map `[B, C, H, W]` straight to tokens `[B, H*W, out]`
@@ -453,8 +495,9 @@ mod tests {
             let b = rand(&[out], 13);
             let r = rand(&[2, rows, out], 14);
             let want = (candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap() + &r).unwrap();
-            let packed = PackedWeight::linear(&w).unwrap();
-            let got = linear_packed(&x, &w, packed.as_ref(), Some(&b), Some(&r)).unwrap();
+            let Some(packed) = PackedWeight::linear(&w).unwrap() else { return };
+            assert_eq!(max_abs(&packed.unpack().unwrap(), &w), 0.0);
+            let got = linear_packed(&x, &packed, Some(&b), Some(&r)).unwrap();
             let err = max_abs(&got, &want);
             assert!(err < 1e-4, "{rows}x{inp}->{out}: {err}");
         }

@@ -9,7 +9,7 @@
 pub(crate) use imp::{sgemm, sgemm_ops, Lhs, Rhs};
 // The `openblas` build keeps weights unpacked (OpenBLAS takes the products).
 #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
-pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all};
+pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all, unpack_lhs_all, unpack_rhs_all};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -115,6 +115,45 @@ mod imp {
             for p in 0..np {
                 let j0 = p * NR;
                 pack_rhs(&mut out[pc * np * NR + p * kc * NR..][..kc * NR], rhs, pc, kc, j0, NR.min(n - j0));
+            }
+        }
+        out
+    }
+
+    /// The `[m, k]` matrix [`pack_lhs_all`] packed.
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    pub(crate) fn unpack_lhs_all(data: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let (kb, rp) = (k_block(k), m.div_ceil(MR));
+        let mut out = vec![0f32; m * k];
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            for r in 0..rp {
+                let panel = &data[pc * rp * MR + r * kc * MR..][..kc * MR];
+                for (kk, v) in panel.chunks_exact(MR).enumerate() {
+                    for (rr, &x) in v.iter().enumerate().take(m - r * MR) {
+                        out[(r * MR + rr) * k + pc + kk] = x;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The `[n, k]` transpose of the `[k, n]` matrix [`pack_rhs_all`] packed (a linear
+    /// weight's own layout).
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    pub(crate) fn unpack_rhs_all(data: &[f32], k: usize, n: usize) -> Vec<f32> {
+        let (kb, np) = (k_block(k), n.div_ceil(NR));
+        let mut out = vec![0f32; n * k];
+        for pc in (0..k).step_by(kb) {
+            let kc = kb.min(k - pc);
+            for p in 0..np {
+                let panel = &data[pc * np * NR + p * kc * NR..][..kc * NR];
+                for (kk, v) in panel.chunks_exact(NR).enumerate() {
+                    for (j, &x) in v.iter().enumerate().take(n - p * NR) {
+                        out[(p * NR + j) * k + pc + kk] = x;
+                    }
+                }
             }
         }
         out

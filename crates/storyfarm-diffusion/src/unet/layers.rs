@@ -1,6 +1,8 @@
 //! The UNet's building blocks (convolutions, GroupNorm with statistic hooks, ResNet blocks,
 //! transformer blocks with hookable attention), named as in diffusers checkpoints.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
@@ -13,10 +15,39 @@ use crate::layers::{layer_norm, linear, linear_no_bias, merge_heads, split_heads
 use crate::weights::Weights;
 use storyfarm_kernels as kernels;
 
+/// A layer's weight as a tensor, or only in the CPU sgemm's panel layout: packed once at load
+/// instead of per call, and the tensor dropped so the weights are not held twice.
+enum LayerWeight {
+    Tensor(Tensor),
+    Packed(kernels::PackedWeight),
+}
+
+impl LayerWeight {
+    fn conv(t: Tensor) -> Result<Self> {
+        Ok(match kernels::PackedWeight::conv(&t)? {
+            Some(p) => Self::Packed(p),
+            None => Self::Tensor(t),
+        })
+    }
+
+    fn linear(t: Tensor) -> Result<Self> {
+        Ok(match kernels::PackedWeight::linear(&t)? {
+            Some(p) => Self::Packed(p),
+            None => Self::Tensor(t),
+        })
+    }
+
+    /// The tensor, rebuilt from the packed form for the paths the packed kernels do not take.
+    fn tensor(&self) -> Result<Cow<'_, Tensor>> {
+        Ok(match self {
+            Self::Tensor(t) => Cow::Borrowed(t),
+            Self::Packed(p) => Cow::Owned(p.unpack()?),
+        })
+    }
+}
+
 pub(crate) struct Conv2d {
-    weight: Tensor,
-    /// `weight` in the CPU sgemm's panel layout, packed once here instead of per call.
-    packed: Option<kernels::PackedWeight>,
+    weight: LayerWeight,
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
@@ -33,11 +64,21 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = w.get(&[out_c, in_c, kernel, kernel], "weight")?;
         Ok(Self {
-            packed: kernels::PackedWeight::conv(&weight)?,
-            weight,
+            weight: LayerWeight::conv(weight)?,
             bias: Some(w.get(&[out_c], "bias")?),
             padding,
             stride,
+        })
+    }
+
+    /// A convolution that keeps its weight tensor (a transformer's 1x1 projection, which the
+    /// token kernels read as a `[C, C]` matrix).
+    fn new_unpacked(w: &Weights, in_c: usize, out_c: usize) -> Result<Self> {
+        Ok(Self {
+            weight: LayerWeight::Tensor(w.get(&[out_c, in_c, 1, 1], "weight")?),
+            bias: Some(w.get(&[out_c], "bias")?),
+            padding: 0,
+            stride: 1,
         })
     }
 
@@ -52,19 +93,17 @@ impl Conv2d {
         channel_add: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if kernels::supported(&[x, &self.weight]) {
-            return Ok(kernels::conv2d_packed(
-                x,
-                &self.weight,
-                self.packed.as_ref(),
-                self.bias.as_ref(),
-                self.stride,
-                self.padding,
-                channel_add,
-                residual,
-            )?);
+        let (b, s, p) = (self.bias.as_ref(), self.stride, self.padding);
+        match &self.weight {
+            LayerWeight::Packed(pw) if kernels::supported(&[x]) => {
+                return Ok(kernels::conv2d_packed(x, pw, b, s, p, channel_add, residual)?);
+            }
+            LayerWeight::Tensor(t) if kernels::supported(&[x, t]) => {
+                return Ok(kernels::conv2d(x, t, b, s, p, channel_add, residual)?);
+            }
+            _ => {}
         }
-        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let mut y = x.conv2d(&*self.weight.tensor()?, self.padding, self.stride, 1, 1)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
         }
@@ -77,8 +116,8 @@ impl Conv2d {
         })
     }
 
-    fn weight(&self) -> &Tensor {
-        &self.weight
+    fn weight(&self) -> Result<Cow<'_, Tensor>> {
+        self.weight.tensor()
     }
 
     fn bias(&self) -> Option<&Tensor> {
@@ -88,24 +127,39 @@ impl Conv2d {
 
 /// `x W^T + b (+ residual)`, bias and residual fused into the product on the CPU (f32).
 fn linear_add(layer: &Linear, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    linear_packed_add(layer, None, x, residual)
-}
-
-/// [`linear_add`] with the layer's weight pre-packed (see [`kernels::PackedWeight::linear`]).
-fn linear_packed_add(
-    layer: &Linear,
-    packed: Option<&kernels::PackedWeight>,
-    x: &Tensor,
-    residual: Option<&Tensor>,
-) -> Result<Tensor> {
     if kernels::supported(&[x, layer.weight()]) {
-        return Ok(kernels::linear_packed(x, layer.weight(), packed, layer.bias(), residual)?);
+        return Ok(kernels::linear(x, layer.weight(), layer.bias(), residual)?);
     }
     let y = layer.forward(x)?;
     Ok(match residual {
         Some(r) => (y + r)?,
         None => y,
     })
+}
+
+/// A linear layer whose weight may live packed (see [`LayerWeight`]).
+struct PackedLinear {
+    weight: LayerWeight,
+    bias: Option<Tensor>,
+}
+
+impl PackedLinear {
+    fn new(layer: Linear) -> Result<Self> {
+        Ok(Self {
+            bias: layer.bias().cloned(),
+            weight: LayerWeight::linear(layer.weight().clone())?,
+        })
+    }
+
+    /// `x W^T + b (+ residual)`.
+    fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match &self.weight {
+            LayerWeight::Packed(p) if kernels::supported(&[x]) => {
+                Ok(kernels::linear_packed(x, p, self.bias.as_ref(), residual)?)
+            }
+            _ => linear_add(&Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()), x, residual),
+        }
+    }
 }
 
 /// GroupNorm whose per-group statistics a [`crate::attention::NormHook`] may replace.
@@ -379,37 +433,29 @@ impl Attention {
 
 /// GEGLU feed-forward: `ff.net.0.proj` to 2x4C, `hidden * gelu(gate)`, `ff.net.2` back to C.
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-    /// The two weights packed once at load for the CPU sgemm.
-    packed: [Option<kernels::PackedWeight>; 2],
+    proj_in: PackedLinear,
+    proj_out: PackedLinear,
 }
 
 impl FeedForward {
     fn new(w: &Weights, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
-        let proj_in = linear(&w.pp("net.0.proj"), dim, 2 * inner)?;
-        let proj_out = linear(&w.pp("net.2"), inner, dim)?;
         Ok(Self {
-            packed: [
-                kernels::PackedWeight::linear(proj_in.weight())?,
-                kernels::PackedWeight::linear(proj_out.weight())?,
-            ],
-            proj_in,
-            proj_out,
+            proj_in: PackedLinear::new(linear(&w.pp("net.0.proj"), dim, 2 * inner)?)?,
+            proj_out: PackedLinear::new(linear(&w.pp("net.2"), inner, dim)?)?,
         })
     }
 
     /// The feed-forward of `x`, plus `residual`.
     fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = linear_packed_add(&self.proj_in, self.packed[0].as_ref(), x, None)?;
+        let h = self.proj_in.forward_add(x, None)?;
         let gated = if kernels::supported(&[&h]) {
             kernels::geglu(&h)?
         } else {
             let half = h.dim(D::Minus1)? / 2;
             (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
         };
-        linear_packed_add(&self.proj_out, self.packed[1].as_ref(), &gated, Some(residual))
+        self.proj_out.forward_add(&gated, Some(residual))
     }
 }
 
@@ -444,11 +490,11 @@ enum Projection {
 }
 
 impl Projection {
-    fn weight_bias(&self) -> (&Tensor, Option<&Tensor>) {
-        match self {
-            Self::Conv(c) => (c.weight(), c.bias()),
-            Self::Linear(l) => (l.weight(), l.bias()),
-        }
+    fn weight_bias(&self) -> Result<(Cow<'_, Tensor>, Option<&Tensor>)> {
+        Ok(match self {
+            Self::Conv(c) => (c.weight()?, c.bias()),
+            Self::Linear(l) => (Cow::Borrowed(l.weight()), l.bias()),
+        })
     }
 }
 
@@ -480,7 +526,7 @@ impl Transformer2D {
             Ok(if s.linear_projection {
                 Projection::Linear(linear(&w.pp(name), c, c)?)
             } else {
-                Projection::Conv(Conv2d::new(&w.pp(name), c, c, 1, 0, 1)?)
+                Projection::Conv(Conv2d::new_unpacked(&w.pp(name), c, c)?)
             })
         };
         let mut blocks = Vec::with_capacity(s.layers);
@@ -542,13 +588,13 @@ impl Transformer2D {
         if kernels::supported(&[x]) {
             // Both projection kinds are a [C, C] matrix; the NCHW <-> token transposes live in
             // the kernels' operand strides, and the residual rides with the output projection.
-            let (pw, pb) = self.proj_in.weight_bias();
-            let mut tokens = kernels::linear_from_channels(&normed, pw, pb)?;
+            let (pw, pb) = self.proj_in.weight_bias()?;
+            let mut tokens = kernels::linear_from_channels(&normed, &pw, pb)?;
             for block in &self.blocks {
                 tokens = block.forward(&tokens, context, h, w, ctx)?;
             }
-            let (pw, pb) = self.proj_out.weight_bias();
-            return Ok(kernels::linear_to_channels(&tokens, pw, pb, Some(x), h, w)?);
+            let (pw, pb) = self.proj_out.weight_bias()?;
+            return Ok(kernels::linear_to_channels(&tokens, &pw, pb, Some(x), h, w)?);
         }
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
