@@ -52,6 +52,14 @@ fn main() -> candle_core::Result<()> {
                 storyfarm_kernels::linear_packed(&t, &pw1, Some(&b1), None)
             })?;
         }
+        time(&format!("geglu proj+gate {c} at {side}"), flops, || {
+            storyfarm_kernels::geglu(&storyfarm_kernels::linear(&t, &w1, Some(&b1), None)?)
+        })?;
+        if let Some(pg) = PackedWeight::geglu(&w1)? {
+            time(&format!("geglu proj+gate {c} at {side} fused"), flops, || {
+                storyfarm_kernels::linear_geglu(&t, &pg, Some(&b1))
+            })?;
+        }
         let wq = r(&[c, c])?;
         let flops = 2.0 * (2 * side * side * c * c) as f64;
         time(&format!("to_q {c} at {side}"), flops, || storyfarm_kernels::linear(&t, &wq, None, None))?;

@@ -20,7 +20,7 @@ pub use adain::{restyle, token_mean_std};
 pub use attention::{attention, ExtraBlock};
 pub use conv::{conv2d, conv2d_packed};
 pub use geglu::geglu;
-pub use matmul::{linear, linear_from_channels, linear_packed, linear_to_channels, PackedWeight};
+pub use matmul::{linear, linear_from_channels, linear_geglu, linear_packed, linear_to_channels, PackedWeight};
 pub use norm::{group_norm_apply, group_norm_stats};
 pub use view::supported;
 

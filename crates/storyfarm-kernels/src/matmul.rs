@@ -187,6 +187,18 @@ pub struct PackedWeight {
     /// The weight tensor's own shape.
     shape: Vec<usize>,
     lhs: bool,
+    /// A GEGLU projection's columns, interleaved in 16s (see [`PackedWeight::geglu`]).
+    geglu: bool,
+}
+
+/// The weight row (output column) behind each column of a GEGLU projection packed by
+/// [`PackedWeight::geglu`]: every 32 columns are 16 hidden ones and their 16 gates.
+#[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+fn geglu_order(n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |q| {
+        let (p, l) = (q / 32, q % 32);
+        if l < 16 { 16 * p + l } else { n / 2 + 16 * p + l - 16 }
+    })
 }
 
 impl PackedWeight {
@@ -206,7 +218,7 @@ impl PackedWeight {
             let v = F32View::new(weight)?;
             // SAFETY: a contiguous [cout, k] matrix.
             let data = unsafe { crate::sgemm::pack_lhs_all(Mat { ptr: v.slice().as_ptr(), rs: k as isize, cs: 1 }, cout, k) };
-            return Ok(Some(Self { data, dims: (cout, k), shape: weight.dims().to_vec(), lhs: true }));
+            return Ok(Some(Self { data, dims: (cout, k), shape: weight.dims().to_vec(), lhs: true, geglu: false }));
         }
         let _ = weight;
         Ok(None)
@@ -220,7 +232,30 @@ impl PackedWeight {
             let v = F32View::new(weight)?;
             // SAFETY: W^T of a contiguous [out, in] matrix.
             let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: v.slice().as_ptr(), rs: 1, cs: inp as isize }, inp, out_f) };
-            return Ok(Some(Self { data, dims: (inp, out_f), shape: weight.dims().to_vec(), lhs: false }));
+            return Ok(Some(Self { data, dims: (inp, out_f), shape: weight.dims().to_vec(), lhs: false, geglu: false }));
+        }
+        let _ = weight;
+        Ok(None)
+    }
+
+    /// A GEGLU projection weight `[2 * inner, in]` for [`linear_geglu`]: [`Self::linear`] with
+    /// each hidden column next to its gate, so the gate is applied per tile. `None` also when
+    /// `inner` is not a multiple of 16.
+    pub fn geglu(weight: &Tensor) -> Result<Option<Self>> {
+        #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+        if Self::usable(weight) {
+            let (two, inp) = weight.dims2()?;
+            if two.is_multiple_of(32) {
+                let v = F32View::new(weight)?;
+                let w = v.slice();
+                let mut permuted = vec![0f32; two * inp];
+                for (dst, src) in permuted.chunks_exact_mut(inp).zip(geglu_order(two)) {
+                    dst.copy_from_slice(&w[src * inp..][..inp]);
+                }
+                // SAFETY: W^T of the [two, in] matrix above.
+                let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: permuted.as_ptr(), rs: 1, cs: inp as isize }, inp, two) };
+                return Ok(Some(Self { data, dims: (inp, two), shape: weight.dims().to_vec(), lhs: false, geglu: true }));
+            }
         }
         let _ = weight;
         Ok(None)
@@ -236,11 +271,18 @@ impl PackedWeight {
         #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
         {
             let (a, b) = self.dims;
-            let data = if self.lhs {
+            let mut data = if self.lhs {
                 crate::sgemm::unpack_lhs_all(&self.data, a, b)
             } else {
                 crate::sgemm::unpack_rhs_all(&self.data, a, b)
             };
+            if self.geglu {
+                let permuted = std::mem::take(&mut data);
+                data = vec![0f32; permuted.len()];
+                for (src, dst) in permuted.chunks_exact(a).zip(geglu_order(b)) {
+                    data[dst * a..][..a].copy_from_slice(src);
+                }
+            }
             Tensor::from_vec(data, self.shape.as_slice(), &candle_core::Device::Cpu)
         }
         #[cfg(not(all(target_arch = "x86_64", not(feature = "openblas"))))]
@@ -250,7 +292,7 @@ impl PackedWeight {
     /// The packed data if it was packed for these product dimensions.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn for_dims(&self, dims: (usize, usize)) -> Option<&[f32]> {
-        (self.dims == dims).then_some(&self.data[..])
+        (self.dims == dims && !self.geglu).then_some(&self.data[..])
     }
 }
 
@@ -353,6 +395,41 @@ pub fn linear_packed(
         }
     }
     linear(&x, &packed.unpack()?, bias, residual)
+}
+
+/// `geglu(x W^T + bias)` (hidden `* gelu_erf(gate)`, see [`crate::geglu`]) with `packed` from
+/// [`PackedWeight::geglu`]: the gate is applied to each product tile, so the `[.., 2 * inner]`
+/// projection is never written out.
+pub fn linear_geglu(x: &Tensor, packed: &PackedWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let inp = dims_of(&x).1;
+    let &[two, w_in] = packed.dims() else {
+        bail!("linear_geglu: weight {:?} is not a linear weight", packed.dims());
+    };
+    if w_in != inp || !two.is_multiple_of(2) {
+        bail!("linear_geglu: input has {inp} features, weight {:?}", packed.dims());
+    }
+    #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
+    if packed.geglu && packed.dims == (inp, two) {
+        let mut b = vec![0f32; two];
+        if let Some(bias) = bias {
+            let bias = bias.contiguous()?;
+            let bv = F32View::new(&bias)?;
+            if bv.slice().len() != two {
+                bail!("linear_geglu: bias {:?} for {two} outputs", bias.dims());
+            }
+            b.iter_mut().zip(geglu_order(two)).for_each(|(o, src)| *o = bv.slice()[src]);
+        }
+        let xv = F32View::new(&x)?;
+        let rows = dims_of(&x).0;
+        let mut dst = vec![0f32; rows * two / 2];
+        let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
+        // SAFETY: [rows, in] x [in, two] gated into the owned [rows, two / 2] buffer.
+        if unsafe { crate::sgemm::sgemm_geglu(rows, two, inp, dst.as_mut_ptr(), xm, &packed.data, &b, true) } {
+            return output(dst, linear_shape(&x, two / 2));
+        }
+    }
+    crate::geglu(&linear(&x, &packed.unpack()?, bias, None)?)
 }
 
 /// The output of `x W^T` for `out_f` features, prefilled with bias and residual.
@@ -500,6 +577,20 @@ mod tests {
             let got = linear_packed(&x, &packed, Some(&b), Some(&r)).unwrap();
             let err = max_abs(&got, &want);
             assert!(err < 1e-4, "{rows}x{inp}->{out}: {err}");
+        }
+    }
+
+    #[test]
+    fn geglu_projection_matches_linear_then_geglu() {
+        for &(rows, inp, inner) in &[(7, 12, 16), (300, 600, 48)] {
+            let x = rand(&[2, rows, inp], 21);
+            let w = rand(&[2 * inner, inp], 22);
+            let b = rand(&[2 * inner], 23);
+            let want = crate::geglu(&linear(&x, &w, Some(&b), None).unwrap()).unwrap();
+            let Some(packed) = PackedWeight::geglu(&w).unwrap() else { return };
+            assert_eq!(max_abs(&packed.unpack().unwrap(), &w), 0.0);
+            let err = max_abs(&linear_geglu(&x, &packed, Some(&b)).unwrap(), &want);
+            assert!(err < 1e-4, "{rows}x{inp}->{inner}: {err}");
         }
     }
 

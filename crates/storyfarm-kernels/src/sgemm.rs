@@ -9,7 +9,7 @@
 pub(crate) use imp::{sgemm, sgemm_ops, Lhs, Rhs};
 // The `openblas` build keeps weights unpacked (OpenBLAS takes the products).
 #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
-pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all, unpack_lhs_all, unpack_rhs_all};
+pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all, sgemm_geglu, unpack_lhs_all, unpack_rhs_all};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -338,6 +338,70 @@ mod imp {
                 by_row_blocks(threads, m, mc, block);
             }
         }
+        true
+    }
+
+    /// GEGLU straight from the projection: `dst[m, n / 2] = hidden * gelu_erf(gate)` of
+    /// `lhs rhs + bias` for `rhs` packed by [`pack_rhs_all`] with its columns interleaved in
+    /// 16s (each 32-column panel `[16 hidden | the 16 matching gate]`, `bias` likewise), so the
+    /// `[m, n]` projection never goes through memory. `false` when the CPU lacks AVX-512F.
+    ///
+    /// # Safety
+    /// As for [`sgemm_ops`]; `n` a multiple of 32, `dst` valid for `m` rows of `n / 2`.
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn sgemm_geglu(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        lhs: Mat,
+        b_all: &[f32],
+        bias: &[f32],
+        parallel: bool,
+    ) -> bool {
+        if k == 0 || m == 0 || !n.is_multiple_of(NR) || bias.len() != n || !available() {
+            return false;
+        }
+        let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let blocks = m.div_ceil(MC).next_multiple_of(threads);
+        let mc = m.div_ceil(blocks).next_multiple_of(MR).max(MR);
+        let (panels, kb, ldd) = (n / NR, k_block(k), n / 2);
+        let (dst, ops) = (Ptr(dst), Ops(Lhs::Mat(lhs), Rhs::Packed(b_all)));
+        by_row_blocks(threads, m, mc, |ic, apack| {
+            let Lhs::Mat(lhs) = ops.lhs() else { return };
+            let rpanels = mc.min(m - ic).div_ceil(MR);
+            if apack.len() < rpanels * MR * k {
+                apack.resize(rpanels * MR * k, 0.0);
+            }
+            for pc in (0..k).step_by(kb) {
+                let kc = kb.min(k - pc);
+                for r in 0..rpanels {
+                    let i0 = ic + r * MR;
+                    pack_lhs(&mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+                }
+            }
+            let mut tile = [0f32; MR * NR];
+            let mut gated = [0f32; MR * NR / 2];
+            for p in 0..panels {
+                for r in 0..rpanels {
+                    let i0 = ic + r * MR;
+                    let rows = MR.min(m - i0);
+                    for pc in (0..k).step_by(kb) {
+                        let kc = kb.min(k - pc);
+                        let a = apack[pc * rpanels * MR + r * kc * MR..].as_ptr();
+                        let b = b_all[pc * panels * NR + p * kc * NR..].as_ptr();
+                        // SAFETY: the CPU has AVX-512F; the tile is local.
+                        kernel(kc, a, b, tile.as_mut_ptr(), NR, 1.0, pc == 0);
+                    }
+                    crate::geglu::gate_tile_avx512(&tile[..rows * NR], &bias[p * NR..][..NR], &mut gated[..rows * NR / 2]);
+                    for i in 0..rows {
+                        let row = std::slice::from_raw_parts_mut(dst.get().add((i0 + i) * ldd + p * NR / 2), NR / 2);
+                        row.copy_from_slice(&gated[i * NR / 2..][..NR / 2]);
+                    }
+                }
+            }
+        });
         true
     }
 

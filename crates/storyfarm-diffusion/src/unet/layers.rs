@@ -30,6 +30,14 @@ impl LayerWeight {
         })
     }
 
+    /// A GEGLU projection, packed for [`kernels::linear_geglu`].
+    fn geglu(t: Tensor) -> Result<Self> {
+        Ok(match kernels::PackedWeight::geglu(&t)? {
+            Some(p) => Self::Packed(p),
+            None => Self::Tensor(t),
+        })
+    }
+
     fn linear(t: Tensor) -> Result<Self> {
         Ok(match kernels::PackedWeight::linear(&t)? {
             Some(p) => Self::Packed(p),
@@ -149,6 +157,29 @@ impl PackedLinear {
             bias: layer.bias().cloned(),
             weight: LayerWeight::linear(layer.weight().clone())?,
         })
+    }
+
+    /// A GEGLU projection (`[2 * inner, in]`), see [`Self::forward_geglu`].
+    fn new_geglu(layer: Linear) -> Result<Self> {
+        Ok(Self {
+            bias: layer.bias().cloned(),
+            weight: LayerWeight::geglu(layer.weight().clone())?,
+        })
+    }
+
+    /// `hidden * gelu_erf(gate)` of `x W^T + b`, gated per product tile on the CPU (f32).
+    fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            LayerWeight::Packed(p) if kernels::supported(&[x]) => Ok(kernels::linear_geglu(x, p, self.bias.as_ref())?),
+            _ => {
+                let h = linear_add(&Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()), x, None)?;
+                if kernels::supported(&[&h]) {
+                    return Ok(kernels::geglu(&h)?);
+                }
+                let half = h.dim(D::Minus1)? / 2;
+                Ok((h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
+            }
+        }
     }
 
     /// `x W^T + b (+ residual)`.
@@ -441,20 +472,14 @@ impl FeedForward {
     fn new(w: &Weights, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: PackedLinear::new(linear(&w.pp("net.0.proj"), dim, 2 * inner)?)?,
+            proj_in: PackedLinear::new_geglu(linear(&w.pp("net.0.proj"), dim, 2 * inner)?)?,
             proj_out: PackedLinear::new(linear(&w.pp("net.2"), inner, dim)?)?,
         })
     }
 
     /// The feed-forward of `x`, plus `residual`.
     fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward_add(x, None)?;
-        let gated = if kernels::supported(&[&h]) {
-            kernels::geglu(&h)?
-        } else {
-            let half = h.dim(D::Minus1)? / 2;
-            (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
-        };
+        let gated = self.proj_in.forward_geglu(x)?;
         self.proj_out.forward_add(&gated, Some(residual))
     }
 }
