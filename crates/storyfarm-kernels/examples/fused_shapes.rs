@@ -60,6 +60,15 @@ fn main() -> candle_core::Result<()> {
                 storyfarm_kernels::linear_geglu(&t, &pg, Some(&b1))
             })?;
         }
+        let t4 = r(&[2, side * side, 4 * c])?;
+        let w2 = r(&[c, 4 * c])?;
+        let flops = 2.0 * (2 * side * side * 4 * c * c) as f64;
+        time(&format!("ff out {c} at {side}"), flops, || storyfarm_kernels::linear(&t4, &w2, Some(&b), Some(&t)))?;
+        if let Some(pw2) = PackedWeight::linear(&w2)? {
+            time(&format!("ff out {c} at {side} packed"), flops, || {
+                storyfarm_kernels::linear_packed(&t4, &pw2, Some(&b), Some(&t))
+            })?;
+        }
         let wq = r(&[c, c])?;
         let flops = 2.0 * (2 * side * side * c * c) as f64;
         time(&format!("to_q {c} at {side}"), flops, || storyfarm_kernels::linear(&t, &wq, None, None))?;
