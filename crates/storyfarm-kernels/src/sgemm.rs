@@ -123,35 +123,29 @@ mod imp {
     /// The `[m, k]` matrix [`pack_lhs_all`] packed.
     #[cfg_attr(feature = "openblas", allow(dead_code))]
     pub(crate) fn unpack_lhs_all(data: &[f32], m: usize, k: usize) -> Vec<f32> {
-        let (kb, rp) = (k_block(k), m.div_ceil(MR));
-        let mut out = vec![0f32; m * k];
-        for pc in (0..k).step_by(kb) {
-            let kc = kb.min(k - pc);
-            for r in 0..rp {
-                let panel = &data[pc * rp * MR + r * kc * MR..][..kc * MR];
-                for (kk, v) in panel.chunks_exact(MR).enumerate() {
-                    for (rr, &x) in v.iter().enumerate().take(m - r * MR) {
-                        out[(r * MR + rr) * k + pc + kk] = x;
-                    }
-                }
-            }
-        }
-        out
+        unpack_panels(data, m, k, MR)
     }
 
     /// The `[n, k]` transpose of the `[k, n]` matrix [`pack_rhs_all`] packed (a linear
     /// weight's own layout).
     #[cfg_attr(feature = "openblas", allow(dead_code))]
     pub(crate) fn unpack_rhs_all(data: &[f32], k: usize, n: usize) -> Vec<f32> {
-        let (kb, np) = (k_block(k), n.div_ceil(NR));
-        let mut out = vec![0f32; n * k];
+        unpack_panels(data, n, k, NR)
+    }
+
+    /// Both packings store, per depth block, panels of `width` rows (lhs) or columns (rhs),
+    /// each `kc` deep and `width` wide; this gathers them back into `[rows, k]`.
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
+    fn unpack_panels(data: &[f32], rows: usize, k: usize, width: usize) -> Vec<f32> {
+        let (kb, panels) = (k_block(k), rows.div_ceil(width));
+        let mut out = vec![0f32; rows * k];
         for pc in (0..k).step_by(kb) {
             let kc = kb.min(k - pc);
-            for p in 0..np {
-                let panel = &data[pc * np * NR + p * kc * NR..][..kc * NR];
-                for (kk, v) in panel.chunks_exact(NR).enumerate() {
-                    for (j, &x) in v.iter().enumerate().take(n - p * NR) {
-                        out[(p * NR + j) * k + pc + kk] = x;
+            for p in 0..panels {
+                let panel = &data[pc * panels * width + p * kc * width..][..kc * width];
+                for (kk, v) in panel.chunks_exact(width).enumerate() {
+                    for (r, &x) in v.iter().enumerate().take(rows - p * width) {
+                        out[(p * width + r) * k + pc + kk] = x;
                     }
                 }
             }
