@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::client::{follow_job, submit_spec, Endpoint};
 use crate::models::prepare_model;
-use crate::sheet::{contact_sheet, Cell};
+use crate::sheet::{contact_sheet, sheet_names, thumbnail, Cell, FRAMES_PER_SHEET};
 
 #[derive(Args, Debug)]
 pub struct RenderArgs {
@@ -92,7 +92,7 @@ fn board_key(spec: &StoryboardSpec, style_image: Option<&[u8]>) -> Result<String
 }
 
 /// Reads the board and everything it points to, so a bad file fails before anything starts.
-fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<Vec<u8>>)> {
+fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<StyleImage>)> {
     let mut spec = StoryboardSpec::load(&args.board)?;
     if let Some(model) = &args.model {
         let local = Path::new(model);
@@ -107,14 +107,20 @@ fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<Vec<u8>>)> {
         Some(style) => {
             let bytes = std::fs::read(&style.image)
                 .with_context(|| format!("{}: style.image: cannot read {}", args.board.display(), style.image.display()))?;
-            image::load_from_memory(&bytes).map_err(|e| {
+            let picture = image::load_from_memory(&bytes).map_err(|e| {
                 anyhow::anyhow!("{}: style.image: {} is not a readable image: {e}", args.board.display(), style.image.display())
             })?;
-            Some(bytes)
+            Some(StyleImage { thumbnail: thumbnail(&picture.to_rgb8()), bytes })
         }
         None => None,
     };
     Ok((spec, style_image))
+}
+
+/// The style reference as read once: its bytes (hashed, uploaded) and its contact-sheet cell.
+struct StyleImage {
+    bytes: Vec<u8>,
+    thumbnail: image::RgbImage,
 }
 
 /// The embedded farm: coordinator and workers on one queue, store and artifact directory.
@@ -255,13 +261,13 @@ struct Manifest {
     guidance: f64,
     frames_per_task: u32,
     style: Option<serde_json::Value>,
-    contact_sheet: String,
+    contact_sheets: Vec<String>,
     frames: Vec<ManifestFrame>,
 }
 
 pub async fn run(args: RenderArgs) -> Result<()> {
     let (spec, style_image) = load_board(&args)?;
-    let key = board_key(&spec, style_image.as_deref())?;
+    let key = board_key(&spec, style_image.as_ref().map(|s| s.bytes.as_slice()))?;
     let stem = args.board.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "storyboard".into());
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from("renders").join(&stem));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -297,7 +303,7 @@ pub async fn run(args: RenderArgs) -> Result<()> {
     }
 
     let farm = LocalFarm::start(&data_dir, &args).await?;
-    let result = render_board(&farm, &args, &spec, style_image.as_deref(), &key, &runs, &out).await;
+    let result = render_board(&farm, &args, &spec, style_image.as_ref(), &key, &runs, &out).await;
     farm.stop().await;
     result
 }
@@ -306,7 +312,7 @@ async fn render_board(
     farm: &LocalFarm,
     args: &RenderArgs,
     spec: &StoryboardSpec,
-    style_image: Option<&[u8]>,
+    style_image: Option<&StyleImage>,
     key: &str,
     runs: &Path,
     out: &Path,
@@ -346,12 +352,17 @@ async fn render_board(
     };
 
     let already = &already;
+    // Frames written (or found already written) by this run: the final pass reads them from disk
+    // instead of fetching and comparing them again.
+    let written = std::sync::Mutex::new(std::collections::HashSet::new());
+    let written_ref = &written;
     let write_finished = move |frame: pb::Frame| async move {
         if frame.state != pb::FrameState::Succeeded as i32 || frame.png_key.is_empty() {
             return Ok(None);
         }
         // Written as they finish, so an interrupted run leaves every finished frame on disk.
         let (path, _) = write_frame(farm.blobs.as_ref(), out, frame.index, &frame.png_key).await?;
+        written_ref.lock().unwrap_or_else(|p| p.into_inner()).insert(frame.index);
         if already.contains(&frame.index) {
             return Ok(None);
         }
@@ -370,43 +381,51 @@ async fn render_board(
 
     // Every frame again from the store: those of an earlier run were not in this run's events.
     let frames = store.list_frames(job_id).await?;
+    let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
+    let board_name = args.board.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sheets = sheet_names(frames.len());
     let mut manifest_frames = Vec::new();
-    let mut cells = Vec::new();
-    if let (Some(style), Some(bytes)) = (&spec.style, style_image) {
-        cells.push(Cell {
-            label: "style".into(),
-            caption: style.prompt.clone(),
-            image: image::load_from_memory(bytes).ok().map(|i| i.to_rgb8()),
-        });
-    }
-    for f in &frames {
-        let mut entry = ManifestFrame {
-            index: f.index,
-            file: None,
-            prompt: f.prompt.clone(),
-            negative_prompt: f.negative_prompt.clone(),
-            seed: f.seed,
-            state: f.state.as_str().to_string(),
-            png_sha256: None,
-            latents_key: f.latents_key.clone(),
-            error: f.error.clone(),
-            finished_at: f.finished_at.map(|t| t.to_rfc3339()),
-        };
-        let mut picture = None;
-        if let (FrameState::Succeeded, Some(png)) = (f.state, &f.png_key) {
-            let (_, bytes) = write_frame(farm.blobs.as_ref(), out, f.index, png).await?;
-            entry.png_sha256 = Some(sha256_hex(&bytes));
-            entry.file = Some(frame_file(f.index));
-            picture = image::load_from_memory(&bytes).ok().map(|i| i.to_rgb8());
+    for (page, (chunk, sheet_name)) in frames.chunks(FRAMES_PER_SHEET).zip(&sheets).enumerate() {
+        // One page of thumbnails in memory at a time, however long the storyboard.
+        let mut cells = Vec::new();
+        if let (Some(style), Some(image)) = (&spec.style, style_image) {
+            cells.push(Cell { label: "style".into(), caption: style.prompt.clone(), image: Some(image.thumbnail.clone()) });
         }
-        cells.push(Cell { label: format!("#{}", f.index + 1), caption: f.prompt.clone(), image: picture });
-        manifest_frames.push(entry);
+        for f in chunk {
+            let mut entry = ManifestFrame {
+                index: f.index,
+                file: None,
+                prompt: f.prompt.clone(),
+                negative_prompt: f.negative_prompt.clone(),
+                seed: f.seed,
+                state: f.state.as_str().to_string(),
+                png_sha256: None,
+                latents_key: f.latents_key.clone(),
+                error: f.error.clone(),
+                finished_at: f.finished_at.map(|t| t.to_rfc3339()),
+            };
+            let mut picture = None;
+            if let (FrameState::Succeeded, Some(png)) = (f.state, &f.png_key) {
+                let path = out.join(frame_file(f.index));
+                let bytes = match written.contains(&f.index) {
+                    true => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                    false => write_frame(farm.blobs.as_ref(), out, f.index, png).await?.1,
+                };
+                entry.png_sha256 = Some(sha256_hex(&bytes));
+                entry.file = Some(frame_file(f.index));
+                picture = image::load_from_memory(&bytes).ok().map(|i| thumbnail(&i.to_rgb8()));
+            }
+            cells.push(Cell { label: format!("#{}", f.index + 1), caption: f.prompt.clone(), image: picture });
+            manifest_frames.push(entry);
+        }
+        let title = match sheets.len() {
+            1 => format!("{board_name} - {} frames", frames.len()),
+            n => format!("{board_name} - page {} of {n}", page + 1),
+        };
+        contact_sheet(&title, &cells)
+            .save(out.join(sheet_name))
+            .with_context(|| format!("writing {}", out.join(sheet_name).display()))?;
     }
-    let sheet_name = "contact-sheet.png";
-    let title = format!("{} - {} frames", args.board.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), frames.len());
-    contact_sheet(&title, &cells)
-        .save(out.join(sheet_name))
-        .with_context(|| format!("writing {}", out.join(sheet_name).display()))?;
     let manifest = Manifest {
         storyfarm: env!("CARGO_PKG_VERSION"),
         board: args.board.display().to_string(),
@@ -419,9 +438,9 @@ async fn render_board(
         guidance: spec.guidance,
         frames_per_task: spec.frames_per_task,
         style: match (&spec.style, style_image) {
-            (Some(style), Some(bytes)) => Some(serde_json::json!({
+            (Some(style), Some(image)) => Some(serde_json::json!({
                 "image": style.image.display().to_string(),
-                "image_sha256": sha256_hex(bytes),
+                "image_sha256": sha256_hex(&image.bytes),
                 "prompt": style.prompt,
                 "offset": style.offset,
                 "inversion_guidance": style.inversion_guidance,
@@ -429,7 +448,7 @@ async fn render_board(
             })),
             _ => None,
         },
-        contact_sheet: sheet_name.into(),
+        contact_sheets: sheets,
         frames: manifest_frames,
     };
     std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;

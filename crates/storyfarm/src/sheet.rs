@@ -22,6 +22,28 @@ pub struct Cell {
     pub image: Option<RgbImage>,
 }
 
+/// Frames per contact sheet: a storyboard of up to 10,000 frames becomes pages a person can open
+/// (6 x 8 cells), not one picture of gigabytes.
+pub const FRAMES_PER_SHEET: usize = 48;
+
+/// The sheet files of `frames` frames: `contact-sheet.png`, or `contact-sheet-01.png`, ... when
+/// they fill several pages.
+pub fn sheet_names(frames: usize) -> Vec<String> {
+    let pages = frames.div_ceil(FRAMES_PER_SHEET).max(1);
+    if pages == 1 {
+        return vec!["contact-sheet.png".into()];
+    }
+    let digits = pages.to_string().len().max(2);
+    (1..=pages).map(|p| format!("contact-sheet-{p:0digits$}.png")).collect()
+}
+
+/// A picture at the size the sheet shows it, so a sheet's cells are held as thumbnails only.
+pub fn thumbnail(img: &RgbImage) -> RgbImage {
+    let (tw, th) = thumb_size(img.width(), img.height());
+    let filter = if img.width() < tw { FilterType::Nearest } else { FilterType::Triangle };
+    image::imageops::resize(img, tw, th, filter)
+}
+
 /// Thumbnail width: frames shrink to at most 256 px, and tiny ones grow to 128 px (nearest
 /// neighbour, so pixels stay visible) so their captions fit.
 fn thumb_size(width: u32, height: u32) -> (u32, u32) {
@@ -130,6 +152,9 @@ pub fn contact_sheet(title: &str, cells: &[Cell]) -> RgbImage {
         let x = MARGIN + col * (tw + MARGIN);
         let y = MARGIN + title_h + row * (cell_h + MARGIN);
         match &cell.image {
+            Some(img) if (img.width(), img.height()) == (tw, th) => {
+                image::imageops::replace(&mut sheet, img, x as i64, y as i64);
+            }
             Some(img) => {
                 let filter = if img.width() < tw { FilterType::Nearest } else { FilterType::Triangle };
                 let thumb = image::imageops::resize(img, tw, th, filter);
@@ -163,6 +188,19 @@ mod tests {
         assert!(long[1].ends_with("..."), "{long:?}");
         assert!(long.iter().all(|l| l.len() <= 9), "{long:?}");
         assert_eq!(wrap("", 10, 3), Vec::<String>::new());
+    }
+
+    #[test]
+    fn large_storyboards_get_numbered_pages() {
+        assert_eq!(sheet_names(1), vec!["contact-sheet.png"]);
+        assert_eq!(sheet_names(FRAMES_PER_SHEET), vec!["contact-sheet.png"]);
+        assert_eq!(sheet_names(FRAMES_PER_SHEET + 1), vec!["contact-sheet-01.png", "contact-sheet-02.png"]);
+        let many = sheet_names(10_000);
+        assert_eq!(many.len(), 209);
+        assert_eq!((many[0].as_str(), many[208].as_str()), ("contact-sheet-001.png", "contact-sheet-209.png"));
+        // A thumbnail is what the sheet draws, at the sheet's cell size.
+        let t = thumbnail(&RgbImage::new(512, 256));
+        assert_eq!((t.width(), t.height()), (256, 128));
     }
 
     #[test]

@@ -157,7 +157,8 @@ fn render_writes_frames_sheet_and_manifest_and_resumes_after_interrupts() {
     assert_eq!(frames[3]["seed"], 7, "explicit seed");
     assert_eq!(frames[4]["seed"], 104, "default seed: base + index");
     assert_eq!(m["style"]["prompt"], "a colorful geometric pattern, flat illustration");
-    let sheet = image::open(out.join(m["contact_sheet"].as_str().unwrap())).unwrap();
+    assert_eq!(m["contact_sheets"], serde_json::json!(["contact-sheet.png"]));
+    let sheet = image::open(out.join(m["contact_sheets"][0].as_str().unwrap())).unwrap();
     assert!(sheet.width() >= 3 * 128 && sheet.height() >= 3 * 128, "{}x{}", sheet.width(), sheet.height());
 
     // A run that was never interrupted (its own data dir, two workers) gives the same frames.
@@ -262,4 +263,27 @@ fn every_example_storyboard_is_valid_and_its_style_image_reads() {
         boards += 1;
     }
     assert!(boards >= 2, "{boards} example storyboards");
+}
+
+#[test]
+fn long_storyboards_get_contact_sheet_pages() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(repo().join("examples/style-geometric.png"), tmp.path().join("style.png")).unwrap();
+    let mut board = format!(
+        "model: {}\nwidth: 64\nheight: 64\nsteps: 2\nframes_per_task: 25\nstyle:\n  image: style.png\n  prompt: geometric\nframes:\n",
+        repo().join("tests/fixtures/models/tiny-sd15").display()
+    );
+    for i in 0..50 {
+        board.push_str(&format!("  - prompt: panel {i}\n"));
+    }
+    std::fs::write(tmp.path().join("fifty.yaml"), board).unwrap();
+    let out = tmp.path().join("out");
+    let o = render(&tmp.path().join("data"), &tmp.path().join("fifty.yaml"), &out).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let m = manifest(&out);
+    assert_eq!(m["contact_sheets"], serde_json::json!(["contact-sheet-01.png", "contact-sheet-02.png"]));
+    let (first, second) = (image::open(out.join("contact-sheet-01.png")).unwrap(), image::open(out.join("contact-sheet-02.png")).unwrap());
+    // The style and 48 frames on the first page (9 rows of 6), the style and 2 frames on the second (one row).
+    assert!(first.height() > 3 * second.height(), "{}x{} vs {}x{}", first.width(), first.height(), second.width(), second.height());
+    assert_eq!(m["frames"].as_array().unwrap().len(), 50);
 }
