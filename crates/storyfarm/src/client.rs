@@ -64,7 +64,7 @@ pub struct FramesArgs {
     endpoint: Endpoint,
 }
 
-pub fn status_error(e: tonic::Status) -> anyhow::Error {
+fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", e.code().description(), e.message())
 }
 

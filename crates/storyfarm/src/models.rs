@@ -94,10 +94,8 @@ fn fetch(args: FetchArgs) -> Result<()> {
             folder
         }
         ModelLocation::Hub(repo_id) => {
-            let mut bar = DownloadBar::new();
-            let folder = ModelFolder::fetch(&repo_id, &hub, dtype, &mut bar)?;
-            bar.bar.finish_and_clear();
-            eprintln!("{}", bar.summary(&hub, &folder));
+            let (folder, summary, _) = fetch_with_bar(&repo_id, &hub, args.precision)?;
+            eprintln!("{summary}");
             folder
         }
     };
@@ -108,19 +106,27 @@ fn fetch(args: FetchArgs) -> Result<()> {
 /// Finds `spec` before a render starts: a local folder is opened, a hub repo id is fetched into
 /// the cache with the download bar (nothing to download when it is complete there).
 pub fn prepare_model(spec: &str, hub: &HubOptions, precision: Precision) -> Result<ModelFolder> {
-    let dtype = precision.to_dtype();
     Ok(match ModelLocation::parse(spec)? {
-        ModelLocation::Local(_) => ModelFolder::open_for_dtype(spec, hub, dtype)?,
+        ModelLocation::Local(_) => ModelFolder::open_for_dtype(spec, hub, precision.to_dtype())?,
         ModelLocation::Hub(repo_id) => {
-            let mut bar = DownloadBar::new();
-            let folder = ModelFolder::fetch(&repo_id, hub, dtype, &mut bar)?;
-            bar.bar.finish_and_clear();
-            if bar.started > 0 {
-                eprintln!("{}", bar.summary(hub, &folder));
+            let (folder, summary, downloaded) = fetch_with_bar(&repo_id, hub, precision)?;
+            // A render says nothing about a model the cache already held.
+            if downloaded {
+                eprintln!("{summary}");
             }
             folder
         }
     })
+}
+
+/// Fetches a hub pipeline with the download bar; returns the folder, the summary line and
+/// whether anything was downloaded.
+fn fetch_with_bar(repo_id: &str, hub: &HubOptions, precision: Precision) -> Result<(ModelFolder, String, bool)> {
+    let mut bar = DownloadBar::new();
+    let folder = ModelFolder::fetch(repo_id, hub, precision.to_dtype(), &mut bar)?;
+    bar.bar.finish_and_clear();
+    let summary = bar.summary(hub, &folder);
+    Ok((folder, summary, bar.started > 0))
 }
 
 /// One bar for the file being downloaded, prefixed with its place among the files to fetch;
