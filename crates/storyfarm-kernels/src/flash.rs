@@ -1,10 +1,11 @@
 //! AVX-512 attention with an online softmax over key tiles (chosen at run time; the `gemm`
-//! path in `attention.rs` serves other CPUs). `gemm` runs the small-`d` products of attention
-//! poorly: it re-packs the strided keys for every query chunk and its micro-kernel is only
-//! AVX2. Here every (item, key block, head) is packed once per call into 16-key panels and
-//! zero-padded value rows, and register-blocked micro-kernels compute the logits of 8 queries
-//! x 32 keys and accumulate 8 output rows, so a tile's logits stay in L1/L2 and an extra key
-//! block costs exactly its own arithmetic.
+//! path in `attention.rs` serves other CPUs). Queries sit in the SIMD lanes: a task takes 48
+//! query rows of one head, transposed to `[d][48]`, and every key (or value) element is a
+//! broadcast scalar. So no head size is padded (SD's 40 and 80 are not multiples of 16), the
+//! softmax statistics of 48 rows are three vectors (the row maximum is a vertical max over the
+//! tile's keys, not a horizontal reduction per row), and masked keys are dropped when a block is
+//! packed instead of being computed and thrown away. An extra key block costs exactly its own
+//! arithmetic; a tile's logits (`64 x 48`) stay in L1.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use imp::{available, run, Source};
@@ -21,16 +22,16 @@ mod imp {
 
     use rayon::prelude::*;
 
-    use crate::simd::exp;
     use crate::view::SendPtr;
 
-    /// Query rows per micro-tile and keys per logit panel.
-    const MR: usize = 8;
     const LANES: usize = 16;
-    /// Keys per tile of the online softmax; a tile's logits (`rows x TILE`) stay cache-resident.
-    const TILE: usize = 128;
-    /// Query rows per task.
-    const ROWS: usize = 64;
+    /// Vectors of queries per task, and the query rows they hold.
+    const NQ: usize = 3;
+    const QW: usize = NQ * LANES;
+    /// Keys per logit micro-tile and head dimensions per output micro-tile.
+    const KB: usize = 8;
+    /// Keys per tile of the online softmax; a tile's logits (`TILE x QW`) stay in L1.
+    const TILE: usize = 64;
 
     pub(crate) fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
@@ -51,33 +52,34 @@ mod imp {
         pub mask: Option<&'a [f32]>,
     }
 
-    /// A source packed for one call: per head, keys as `[key / 16][d][16]` panels (zero keys
-    /// past the end) and values as `[key][dpad]` rows (zero columns past `d`).
+    /// A source packed for one call: per head, the kept keys and their values as `[key][d]`
+    /// rows, zero rows up to a multiple of `KB`.
     struct Packed {
         keys: Vec<f32>,
         values: Vec<f32>,
-        /// Keys rounded up to a multiple of 16.
+        /// Kept (unmasked) keys.
+        kept: usize,
+        /// `kept` rounded up to a multiple of `KB`.
         mpad: usize,
+        /// The block's logit bias, in base 2 like the logits.
+        bias: f32,
     }
 
-    fn pack(src: &Source, heads: usize, d: usize, dpad: usize) -> Packed {
-        let m = src.tokens;
-        let mpad = m.next_multiple_of(LANES);
+    fn pack(src: &Source, heads: usize, d: usize) -> Packed {
+        let kept: Vec<usize> = match src.mask {
+            Some(mask) => (0..src.tokens).filter(|&j| mask.get(j).is_none_or(|&keep| keep != 0.0)).collect(),
+            None => (0..src.tokens).collect(),
+        };
+        let mpad = kept.len().next_multiple_of(KB);
         let mut keys = vec![0f32; heads * mpad * d];
-        let mut values = vec![0f32; heads * mpad * dpad];
-        keys.chunks_mut(mpad * d).zip(values.chunks_mut(mpad * dpad)).enumerate().for_each(
-            |(h, (kh, vh))| {
-                for j in 0..m {
-                    let k = &src.k[j * src.k_token + h * src.k_head..][..d];
-                    let panel = &mut kh[(j / LANES) * d * LANES..][..d * LANES];
-                    for (dd, &x) in k.iter().enumerate() {
-                        panel[dd * LANES + j % LANES] = x;
-                    }
-                    vh[j * dpad..][..d].copy_from_slice(&src.v[j * src.v_token + h * src.v_head..][..d]);
-                }
-            },
-        );
-        Packed { keys, values, mpad }
+        let mut values = vec![0f32; heads * mpad * d];
+        keys.chunks_mut(mpad * d).zip(values.chunks_mut(mpad * d)).enumerate().for_each(|(h, (kh, vh))| {
+            for (row, &j) in kept.iter().enumerate() {
+                kh[row * d..][..d].copy_from_slice(&src.k[j * src.k_token + h * src.k_head..][..d]);
+                vh[row * d..][..d].copy_from_slice(&src.v[j * src.v_token + h * src.v_head..][..d]);
+            }
+        });
+        Packed { keys, values, kept: kept.len(), mpad, bias: src.bias * std::f32::consts::LOG2_E }
     }
 
     /// Attention of `rows` query tokens (element (token, head, 0) at `token * q_token + head *
@@ -96,177 +98,162 @@ mod imp {
         sources: &[Vec<Source>],
         out: &mut [f32],
     ) {
-        let dpad = d.next_multiple_of(LANES);
         let items = sources.len();
         let jobs: Vec<(usize, usize)> =
             (0..items).flat_map(|i| (0..sources[i].len()).map(move |b| (i, b))).collect();
-        let packed: Vec<Packed> =
-            jobs.par_iter().map(|&(i, b)| pack(&sources[i][b], heads, d, dpad)).collect();
+        let packed: Vec<Packed> = jobs.par_iter().map(|&(i, b)| pack(&sources[i][b], heads, d)).collect();
         let mut first = Vec::with_capacity(items);
         let mut at = 0;
         for s in sources {
             first.push(at);
             at += s.len();
         }
+        // Logits in base 2 (`log2(e)` folded into the query scale and the block bias): the
+        // softmax is the same, and `2^x` is cheaper than `e^x`.
+        let scale2 = scale * std::f32::consts::LOG2_E;
         let c = heads * d;
-        let chunks = rows.div_ceil(ROWS);
+        let chunks = rows.div_ceil(QW);
         let dst = SendPtr(out.as_mut_ptr());
         (0..items * heads * chunks).into_par_iter().for_each_init(Scratch::default, |sc, task| {
             let (item, h, ci) = (task / (heads * chunks), (task / chunks) % heads, task % chunks);
-            let (n0, len) = (ci * ROWS, ROWS.min(rows - ci * ROWS));
-            let rpad = len.next_multiple_of(MR);
-            sc.reset(rpad, d, dpad);
+            let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
+            sc.reset(d);
             for r in 0..len {
                 let src = &q[item * q_item + (n0 + r) * q_token + h * q_head..][..d];
-                sc.q[r * d..][..d].iter_mut().zip(src).for_each(|(x, &s)| *x = s * scale);
+                for (dd, &x) in src.iter().enumerate() {
+                    sc.qt[dd * QW + r] = x * scale2;
+                }
             }
-            for (b, src) in sources[item].iter().enumerate() {
-                let p = &packed[first[item] + b];
+            let mut state = Softmax::new();
+            for p in &packed[first[item]..][..sources[item].len()] {
                 let kh = &p.keys[h * p.mpad * d..][..p.mpad * d];
-                let vh = &p.values[h * p.mpad * dpad..][..p.mpad * dpad];
+                let vh = &p.values[h * p.mpad * d..][..p.mpad * d];
                 let mut t0 = 0;
                 while t0 < p.mpad {
                     let tl = TILE.min(p.mpad - t0);
-                    // SAFETY: the CPU has AVX-512F (checked by the caller through `available`).
+                    let valid = (p.kept - t0).min(tl);
+                    // SAFETY: the CPU has AVX-512F (checked by the caller through `available`);
+                    // the slices hold `tl` rows of `d` floats.
                     unsafe {
-                        tile(sc, rpad, d, dpad, &kh[t0 * d..][..tl * d], &vh[t0 * dpad..][..tl * dpad], tl, t0, src);
+                        tile(sc, &mut state, d, &kh[t0 * d..][..tl * d], &vh[t0 * d..][..tl * d], tl, valid, p.bias);
                     }
                     t0 += tl;
                 }
             }
+            let inv = state.inverse_sums();
             #[allow(clippy::redundant_locals)]
             let dst = dst;
-            for r in 0..len {
+            for (r, &inv) in inv.iter().enumerate().take(len) {
                 // SAFETY: row n0 + r, columns h*d..(h+1)*d of this item: this task's alone.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(item * rows * c + (n0 + r) * c + h * d), d) };
-                let inv = 1.0 / sc.l[r];
-                o.iter_mut().zip(&sc.o[r * dpad..][..d]).for_each(|(x, &v)| *x = v * inv);
+                for (dd, x) in o.iter_mut().enumerate() {
+                    *x = sc.ot[dd * QW + r] * inv;
+                }
             }
         });
     }
 
     #[derive(Default)]
     struct Scratch {
-        q: Vec<f32>,
+        /// Scaled queries `[d][QW]` (zero lanes past the chunk's rows).
+        qt: Vec<f32>,
+        /// A tile's logits, then probabilities, `[TILE][QW]`.
         s: Vec<f32>,
-        o: Vec<f32>,
-        m: Vec<f32>,
-        l: Vec<f32>,
+        /// Unnormalised output `[d][QW]`.
+        ot: Vec<f32>,
     }
 
     impl Scratch {
-        fn reset(&mut self, rpad: usize, d: usize, dpad: usize) {
-            self.q.clear();
-            self.q.resize(rpad * d, 0.0);
-            self.s.resize(rpad * TILE, 0.0);
-            self.o.clear();
-            self.o.resize(rpad * dpad, 0.0);
-            self.m.clear();
-            self.m.resize(rpad, f32::NEG_INFINITY);
-            self.l.clear();
-            self.l.resize(rpad, 0.0);
+        fn reset(&mut self, d: usize) {
+            self.qt.clear();
+            self.qt.resize(d * QW, 0.0);
+            self.s.resize(TILE * QW, 0.0);
+            self.ot.clear();
+            self.ot.resize(d * QW, 0.0);
         }
     }
 
-    /// One key tile (`tl` keys from key `t0` of `src`, a multiple of 16) for all `rpad` rows:
-    /// logits, bias/mask, online-softmax update and the value product.
+    /// Running maximum and sum of the online softmax, one lane per query row.
+    struct Softmax {
+        m: [f32; QW],
+        l: [f32; QW],
+    }
+
+    impl Softmax {
+        fn new() -> Self {
+            Self { m: [f32::NEG_INFINITY; QW], l: [0.0; QW] }
+        }
+
+        fn inverse_sums(&self) -> [f32; QW] {
+            self.l.map(|l| 1.0 / l)
+        }
+    }
+
+    /// One tile of `tl` packed keys (`valid` of them real, the rest zero padding) for the
+    /// task's 48 query rows: logits, online-softmax update and the value product.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile(
-        sc: &mut Scratch,
-        rpad: usize,
-        d: usize,
-        dpad: usize,
-        kt: &[f32],
-        vt: &[f32],
-        tl: usize,
-        t0: usize,
-        src: &Source,
-    ) {
+    unsafe fn tile(sc: &mut Scratch, st: &mut Softmax, d: usize, kt: &[f32], vt: &[f32], tl: usize, valid: usize, bias: f32) {
         let sp = sc.s.as_mut_ptr();
-        for r0 in (0..rpad).step_by(MR) {
-            let qp = sc.q.as_ptr().add(r0 * d);
-            let mut g = 0;
-            while g + 2 * LANES <= tl {
-                qk::<2>(qp, d, kt.as_ptr().add(g * d), sp.add(r0 * TILE + g));
-                g += 2 * LANES;
-            }
-            if g < tl {
-                qk::<1>(qp, d, kt.as_ptr().add(g * d), sp.add(r0 * TILE + g));
-            }
+        let qp = sc.qt.as_ptr();
+        for j0 in (0..tl).step_by(KB) {
+            qk(qp, d, kt.as_ptr().wrapping_add(j0 * d), sp.wrapping_add(j0 * QW));
         }
-        // Keys past the end of the block (zero padding) and masked keys get -inf: exp makes
-        // their probability exactly 0.
-        let valid = src.tokens.saturating_sub(t0).min(tl);
-        let mask = src.mask.map(|m| &m[t0.min(m.len())..(t0 + valid).min(m.len())]);
-        for r in 0..rpad {
-            let row = &mut sc.s[r * TILE..][..tl];
-            if src.bias != 0.0 || mask.is_some() {
-                match mask {
-                    Some(mask) => row[..valid].iter_mut().zip(mask).for_each(|(x, &keep)| {
-                        *x = if keep != 0.0 { *x + src.bias } else { f32::NEG_INFINITY }
-                    }),
-                    None => row[..valid].iter_mut().for_each(|x| *x += src.bias),
-                }
+        let mut alpha = [_mm512_setzero_ps(); NQ];
+        let mut m_new = [_mm512_setzero_ps(); NQ];
+        let mut sum = [_mm512_setzero_ps(); NQ];
+        let b = _mm512_set1_ps(bias);
+        for c in 0..NQ {
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            for j in 0..valid {
+                mx = _mm512_max_ps(mx, load(sp.wrapping_add(j * QW + c * LANES)));
             }
-            row[valid..].fill(f32::NEG_INFINITY);
-            let o = &mut sc.o[r * dpad..][..dpad];
-            softmax_update(row, &mut sc.m[r], &mut sc.l[r], o);
+            let m_old = load(st.m.as_ptr().wrapping_add(c * LANES));
+            m_new[c] = _mm512_max_ps(m_old, _mm512_add_ps(mx, b));
+            // 2^-inf is 0: the first tile scales the empty output by 0.
+            alpha[c] = exp2_16(_mm512_sub_ps(m_old, m_new[c]));
+            store(st.m.as_mut_ptr().wrapping_add(c * LANES), m_new[c]);
         }
-        let op = sc.o.as_mut_ptr();
-        for r0 in (0..rpad).step_by(MR) {
-            let mut c0 = 0;
-            while c0 < dpad {
-                let p = sp.add(r0 * TILE);
-                let (v, o) = (vt.as_ptr().add(c0), op.add(r0 * dpad + c0));
-                match (dpad - c0) / LANES {
-                    1 => pv::<1>(p, tl, v, dpad, o, dpad),
-                    2 => pv::<2>(p, tl, v, dpad, o, dpad),
-                    _ => pv::<3>(p, tl, v, dpad, o, dpad),
-                }
-                c0 += LANES * ((dpad - c0) / LANES).min(3);
+        let shift: [__m512; NQ] = std::array::from_fn(|c| _mm512_sub_ps(b, m_new[c]));
+        for j in 0..valid {
+            for c in 0..NQ {
+                let at = sp.wrapping_add(j * QW + c * LANES);
+                let e = exp2_16(_mm512_add_ps(load(at), shift[c]));
+                sum[c] = _mm512_add_ps(sum[c], e);
+                store(at, e);
             }
         }
-    }
-
-    /// Turns a row of logits into probabilities relative to the row's running maximum `m`,
-    /// rescaling the running sum `l` and output row `o` when the maximum grows.
-    #[inline(always)]
-    fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
-        let mut lanes = [f32::NEG_INFINITY; LANES];
-        for c in row.chunks_exact(LANES) {
-            for i in 0..LANES {
-                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        for j in valid..tl {
+            for c in 0..NQ {
+                store(sp.wrapping_add(j * QW + c * LANES), _mm512_setzero_ps());
             }
         }
-        let tmax = lanes.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
-        let new = if tmax > *m { tmax } else { *m };
-        if new == f32::NEG_INFINITY {
-            // Everything so far is masked: nothing to add.
-            row.fill(0.0);
-            return;
+        for c in 0..NQ {
+            let lp = st.l.as_mut_ptr().wrapping_add(c * LANES);
+            store(lp, _mm512_fmadd_ps(load(lp), alpha[c], sum[c]));
         }
-        let mut sums = [0f32; LANES];
-        for c in row.chunks_exact_mut(LANES) {
-            for i in 0..LANES {
-                c[i] = exp(c[i] - new);
-                sums[i] += c[i];
+        let op = sc.ot.as_mut_ptr();
+        let mut d0 = 0;
+        while d0 < d {
+            let (v, o) = (vt.as_ptr().wrapping_add(d0), op.wrapping_add(d0 * QW));
+            match d - d0 {
+                1 => pv::<1>(sp, tl, v, d, o, &alpha),
+                2 => pv::<2>(sp, tl, v, d, o, &alpha),
+                3 => pv::<3>(sp, tl, v, d, o, &alpha),
+                4 => pv::<4>(sp, tl, v, d, o, &alpha),
+                5 => pv::<5>(sp, tl, v, d, o, &alpha),
+                6 => pv::<6>(sp, tl, v, d, o, &alpha),
+                7 => pv::<7>(sp, tl, v, d, o, &alpha),
+                _ => pv::<KB>(sp, tl, v, d, o, &alpha),
             }
+            d0 += KB;
         }
-        let sum: f32 = sums.iter().sum();
-        if new != *m {
-            let alpha = exp(*m - new);
-            *l *= alpha;
-            o.iter_mut().for_each(|x| *x *= alpha);
-            *m = new;
-        }
-        *l += sum;
     }
 
     // Pointer arithmetic in the micro-kernels is `wrapping_add`, and memory goes through masked
     // load/store intrinsics (full mask: the same instructions): `add`, `*p` and the plain
-    // `loadu`/`storeu` (`read_unaligned`) carry UB checks in debug-assertion builds such as the
-    // dev profile, which would sit in the innermost loops and force spills.
+    // `loadu`/`storeu` (`read_unaligned`) carry UB checks in debug-assertion builds, which
+    // would sit in the innermost loops and force spills.
 
     /// `*p` in every lane.
     #[inline]
@@ -287,57 +274,68 @@ mod imp {
         _mm512_mask_storeu_ps(p, !0, a)
     }
 
-    /// Logits of 8 query rows (`q`, `d` floats each) against `NP` 16-key panels (`kp`,
-    /// `[NP][d][16]`) into `s` (row stride `TILE`).
+    /// `2^x` in every lane (`x <= 0` here, relative error about 1.2e-7): `2^n` by `scalef`
+    /// and `2^f`, `|f| <= 1/2`, by its Taylor series to degree 6. Below -200 (and for `-inf`)
+    /// the result is exactly 0.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn qk<const NP: usize>(q: *const f32, d: usize, kp: *const f32, s: *mut f32) {
-        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+    unsafe fn exp2_16(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        let f = _mm512_sub_ps(x, n);
+        // (ln 2)^k / k!
+        let mut p = _mm512_set1_ps(1.540_353e-4);
+        for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Logits of `KB` keys (`k`, rows of `d` floats) against the task's queries (`qt`,
+    /// `[d][QW]`) into `s` (`[KB][QW]`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn qk(qt: *const f32, d: usize, k: *const f32, s: *mut f32) {
+        let mut acc = [[_mm512_setzero_ps(); NQ]; KB];
         for dd in 0..d {
-            let mut k = [_mm512_setzero_ps(); NP];
-            for (p, k) in k.iter_mut().enumerate() {
-                *k = load(kp.wrapping_add((p * d + dd) * LANES));
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let qb = bcast(q.wrapping_add(r * d + dd));
-                for p in 0..NP {
-                    acc[p] = _mm512_fmadd_ps(qb, k[p], acc[p]);
+            let q: [__m512; NQ] = std::array::from_fn(|c| load(qt.wrapping_add(dd * QW + c * LANES)));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let kb = bcast(k.wrapping_add(j * d + dd));
+                for c in 0..NQ {
+                    acc[c] = _mm512_fmadd_ps(kb, q[c], acc[c]);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            for (p, &a) in acc.iter().enumerate() {
-                store(s.wrapping_add(r * TILE + p * LANES), a);
+        for (j, acc) in acc.iter().enumerate() {
+            for (c, &a) in acc.iter().enumerate() {
+                store(s.wrapping_add(j * QW + c * LANES), a);
             }
         }
     }
 
-    /// `o[r][0..16 NV] += sum_j p[r][j] v[j][0..16 NV]` for 8 rows (`p` row stride `TILE`,
-    /// `v` row stride `vs`, `o` row stride `os`).
+    /// `o[e][..] = alpha * o[e][..] + sum_j v[j][e] p[j][..]` for `ND` head dimensions `e`
+    /// (`p` `[keys][QW]`, `v` row stride `vs`, `o` `[ND][QW]`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn pv<const NV: usize>(p: *const f32, keys: usize, v: *const f32, vs: usize, o: *mut f32, os: usize) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        for (r, acc) in acc.iter_mut().enumerate() {
+    unsafe fn pv<const ND: usize>(p: *const f32, keys: usize, v: *const f32, vs: usize, o: *mut f32, alpha: &[__m512; NQ]) {
+        let mut acc = [[_mm512_setzero_ps(); NQ]; ND];
+        for (e, acc) in acc.iter_mut().enumerate() {
             for (c, a) in acc.iter_mut().enumerate() {
-                *a = load(o.wrapping_add(r * os + c * LANES));
+                *a = _mm512_mul_ps(load(o.wrapping_add(e * QW + c * LANES)), alpha[c]);
             }
         }
         for j in 0..keys {
-            let mut vv = [_mm512_setzero_ps(); NV];
-            for (c, x) in vv.iter_mut().enumerate() {
-                *x = load(v.wrapping_add(j * vs + c * LANES));
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let pb = bcast(p.wrapping_add(r * TILE + j));
-                for c in 0..NV {
-                    acc[c] = _mm512_fmadd_ps(pb, vv[c], acc[c]);
+            let pj: [__m512; NQ] = std::array::from_fn(|c| load(p.wrapping_add(j * QW + c * LANES)));
+            for (e, acc) in acc.iter_mut().enumerate() {
+                let vb = bcast(v.wrapping_add(j * vs + e));
+                for c in 0..NQ {
+                    acc[c] = _mm512_fmadd_ps(vb, pj[c], acc[c]);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
+        for (e, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
-                store(o.wrapping_add(r * os + c * LANES), a);
+                store(o.wrapping_add(e * QW + c * LANES), a);
             }
         }
     }
