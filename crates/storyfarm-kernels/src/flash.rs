@@ -113,17 +113,33 @@ mod imp {
         let scale2 = scale * std::f32::consts::LOG2_E;
         let c = heads * d;
         let chunks = rows.div_ceil(QW);
-        let dst = SendPtr(out.as_mut_ptr());
-        (0..items * heads * chunks).into_par_iter().for_each_init(Scratch::default, |sc, task| {
-            let (item, h, ci) = (task / (heads * chunks), (task / chunks) % heads, task % chunks);
+        let blk = d * QW;
+        // Queries of each (item, chunk, head) scaled and transposed to `[d][QW]` in one pass
+        // that reads whole token rows (a task gathering its own rows would miss the cache on
+        // every one); each task then overwrites its block with its normalised output, which a
+        // last pass writes back as whole token rows.
+        let mut qo = vec![0f32; items * chunks * heads * blk];
+        qo.par_chunks_mut(heads * blk).enumerate().for_each(|(ic, dst)| {
+            let (item, ci) = (ic / chunks, ic % chunks);
             let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
-            sc.reset(d);
             for r in 0..len {
-                let src = &q[item * q_item + (n0 + r) * q_token + h * q_head..][..d];
-                for (dd, &x) in src.iter().enumerate() {
-                    sc.qt[dd * QW + r] = x * scale2;
+                let base = item * q_item + (n0 + r) * q_token;
+                for (h, o) in dst.chunks_exact_mut(blk).enumerate() {
+                    for (dd, &x) in q[base + h * q_head..][..d].iter().enumerate() {
+                        o[dd * QW + r] = x * scale2;
+                    }
                 }
             }
+        });
+        let qp = SendPtr(qo.as_mut_ptr());
+        (0..items * heads * chunks).into_par_iter().for_each_init(Scratch::default, |sc, task| {
+            // Consecutive tasks share a head's keys and values.
+            let (item, h, ci) = (task / (heads * chunks), (task / chunks) % heads, task % chunks);
+            #[allow(clippy::redundant_locals)]
+            let qp = qp;
+            // SAFETY: block (item, ci, h) of `qo` is this task's alone.
+            let qt = unsafe { std::slice::from_raw_parts_mut(qp.0.add(((item * chunks + ci) * heads + h) * blk), blk) };
+            sc.reset(d);
             let mut state = Softmax::new();
             for p in &packed[first[item]..][..sources[item].len()] {
                 let kh = &p.keys[h * p.mpad * d..][..p.mpad * d];
@@ -135,19 +151,32 @@ mod imp {
                     // SAFETY: the CPU has AVX-512F (checked by the caller through `available`);
                     // the slices hold `tl` rows of `d` floats.
                     unsafe {
-                        tile(sc, &mut state, d, &kh[t0 * d..][..tl * d], &vh[t0 * d..][..tl * d], tl, valid, p.bias);
+                        tile(sc, qt.as_ptr(), &mut state, d, &kh[t0 * d..][..tl * d], &vh[t0 * d..][..tl * d], tl, valid, p.bias);
                     }
                     t0 += tl;
                 }
             }
             let inv = state.inverse_sums();
+            for (o, x) in qt.chunks_exact_mut(QW).zip(sc.ot.chunks_exact(QW)) {
+                for ((o, &x), &inv) in o.iter_mut().zip(x).zip(&inv) {
+                    *o = x * inv;
+                }
+            }
+        });
+        let dst = SendPtr(out.as_mut_ptr());
+        qo.par_chunks(heads * blk).enumerate().for_each(|(ic, src)| {
+            let (item, ci) = (ic / chunks, ic % chunks);
+            let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
             #[allow(clippy::redundant_locals)]
             let dst = dst;
-            for (r, &inv) in inv.iter().enumerate().take(len) {
-                // SAFETY: row n0 + r, columns h*d..(h+1)*d of this item: this task's alone.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(item * rows * c + (n0 + r) * c + h * d), d) };
-                for (dd, x) in o.iter_mut().enumerate() {
-                    *x = sc.ot[dd * QW + r] * inv;
+            // SAFETY: rows n0..n0 + len of this item: this chunk's alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((item * rows + n0) * c), len * c) };
+            for (r, row) in o.chunks_exact_mut(c).enumerate() {
+                for (h, x) in row.chunks_exact_mut(d).enumerate() {
+                    let b = &src[h * blk..][..blk];
+                    for (dd, x) in x.iter_mut().enumerate() {
+                        *x = b[dd * QW + r];
+                    }
                 }
             }
         });
@@ -155,8 +184,6 @@ mod imp {
 
     #[derive(Default)]
     struct Scratch {
-        /// Scaled queries `[d][QW]` (zero lanes past the chunk's rows).
-        qt: Vec<f32>,
         /// A tile's logits, then probabilities, `[TILE][QW]`.
         s: Vec<f32>,
         /// Unnormalised output `[d][QW]`.
@@ -165,8 +192,6 @@ mod imp {
 
     impl Scratch {
         fn reset(&mut self, d: usize) {
-            self.qt.clear();
-            self.qt.resize(d * QW, 0.0);
             self.s.resize(TILE * QW, 0.0);
             self.ot.clear();
             self.ot.resize(d * QW, 0.0);
@@ -193,21 +218,18 @@ mod imp {
     /// task's 48 query rows: logits, online-softmax update and the value product.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile(sc: &mut Scratch, st: &mut Softmax, d: usize, kt: &[f32], vt: &[f32], tl: usize, valid: usize, bias: f32) {
+    unsafe fn tile(sc: &mut Scratch, qp: *const f32, st: &mut Softmax, d: usize, kt: &[f32], vt: &[f32], tl: usize, valid: usize, bias: f32) {
         let sp = sc.s.as_mut_ptr();
-        let qp = sc.qt.as_ptr();
+        let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); NQ];
         for j0 in (0..tl).step_by(KB) {
-            qk(qp, d, kt.as_ptr().wrapping_add(j0 * d), sp.wrapping_add(j0 * QW));
+            qk(qp, d, kt.as_ptr().wrapping_add(j0 * d), sp.wrapping_add(j0 * QW), valid.saturating_sub(j0), &mut mx);
         }
         let mut alpha = [_mm512_setzero_ps(); NQ];
         let mut m_new = [_mm512_setzero_ps(); NQ];
         let mut sum = [_mm512_setzero_ps(); NQ];
         let b = _mm512_set1_ps(bias);
         for c in 0..NQ {
-            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            for j in 0..valid {
-                mx = _mm512_max_ps(mx, load(sp.wrapping_add(j * QW + c * LANES)));
-            }
+            let mx = mx[c];
             let m_old = load(st.m.as_ptr().wrapping_add(c * LANES));
             m_new[c] = _mm512_max_ps(m_old, _mm512_add_ps(mx, b));
             // 2^-inf is 0: the first tile scales the empty output by 0.
@@ -274,28 +296,28 @@ mod imp {
         _mm512_mask_storeu_ps(p, !0, a)
     }
 
-    /// `2^x` in every lane (`x <= 0` here, relative error about 1.2e-7): `2^n` by `scalef`
-    /// and `2^f`, `|f| <= 1/2`, by its Taylor series to degree 6. Below -200 (and for `-inf`)
-    /// the result is exactly 0.
+    /// `2^x` in every lane (`x <= 0` here, relative error below 2.5e-7): `2^n` by `scalef`
+    /// and `2^f`, `|f| <= 1/2`, by a degree-5 polynomial fitted for least maximum relative
+    /// error on that interval. Below -200 (and for `-inf`) the result is exactly 0.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn exp2_16(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-200.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let f = _mm512_sub_ps(x, n);
-        // (ln 2)^k / k!
-        let mut p = _mm512_set1_ps(1.540_353e-4);
-        for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, 6.931_472e-1, 1.0] {
+        let mut p = _mm512_set1_ps(1.327_647_1e-3);
+        for c in [9.675_542e-3, 5.550_713e-2, 2.402_212e-1, 6.931_469_4e-1, 1.000_000_1] {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
         }
         _mm512_scalef_ps(p, n)
     }
 
     /// Logits of `KB` keys (`k`, rows of `d` floats) against the task's queries (`qt`,
-    /// `[d][QW]`) into `s` (`[KB][QW]`).
+    /// `[d][QW]`) into `s` (`[KB][QW]`); the first `real` of them (the others are padding)
+    /// also raise the running maximum `mx`, straight from the registers.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn qk(qt: *const f32, d: usize, k: *const f32, s: *mut f32) {
+    unsafe fn qk(qt: *const f32, d: usize, k: *const f32, s: *mut f32, real: usize, mx: &mut [__m512; NQ]) {
         let mut acc = [[_mm512_setzero_ps(); NQ]; KB];
         for dd in 0..d {
             let q: [__m512; NQ] = std::array::from_fn(|c| load(qt.wrapping_add(dd * QW + c * LANES)));
@@ -309,6 +331,9 @@ mod imp {
         for (j, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
                 store(s.wrapping_add(j * QW + c * LANES), a);
+                if j < real {
+                    mx[c] = _mm512_max_ps(mx[c], a);
+                }
             }
         }
     }
