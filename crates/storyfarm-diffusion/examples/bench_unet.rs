@@ -5,7 +5,10 @@
 //! `cargo run -p storyfarm-diffusion --example bench_unet -- <unet config.json> [runs] [modes]`
 //! modes: comma list of `plain`, `sa-batch` (reference + target in one CFG batch, the official
 //! layout), `sa-target` (the farm layout: the reference's features captured once per step, then a
-//! target pass against them; the target pass is what each further frame costs).
+//! target pass against them; the target pass is what each further frame costs), `sa-pair` (the
+//! farm layout's target pass and a plain forward alternated, in alternating order, with the
+//! median of the per-pair ratios: on a shared machine whose speed drifts, the ratio of
+//! neighbours is the steadier figure).
 
 use std::time::Instant;
 
@@ -57,7 +60,7 @@ fn main() -> Result<()> {
 
     for mode in modes.split(',') {
         let (images, hooks_on) = match mode {
-            "plain" | "sa-target" => (1, false),
+            "plain" | "sa-target" | "sa-pair" => (1, false),
             "sa-batch" => (2, true),
             other => anyhow::bail!("unknown mode {other}"),
         };
@@ -81,7 +84,7 @@ fn main() -> Result<()> {
         let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa) } } else { Hooks::none() };
         let step = StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } };
         let mut ctx = ForwardContext { step, hooks };
-        if mode == "sa-target" {
+        if mode == "sa-target" || mode == "sa-pair" {
             // Capture the reference once (not timed); every timed run is a target pass.
             let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture) } };
             let (w0, c0) = (Instant::now(), cpu_seconds());
@@ -93,6 +96,51 @@ fn main() -> Result<()> {
                 features_layers(&target)
             );
             ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target) } };
+        }
+        if mode == "sa-pair" {
+            let plain = ForwardContext { step, hooks: Hooks::none() };
+            let mut rows: Vec<[f64; 4]> = Vec::new();
+            for run in 0..=runs {
+                let mut row = [0f64; 4];
+                // Order alternates (plain first, then target first) so a drift in the machine's
+                // speed does not always fall on the same side.
+                let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+                for i in order {
+                    let c = [&plain, &ctx][i];
+                    let (w0, c0) = (Instant::now(), cpu_seconds());
+                    let out = unet.forward(&sample, 501.0, &cond, c)?;
+                    let _ = out.sum_all()?.to_scalar::<f32>()?;
+                    row[2 * i] = w0.elapsed().as_secs_f64();
+                    row[2 * i + 1] = cpu_seconds() - c0;
+                }
+                eprintln!(
+                    "sa-pair run {run}{}: plain wall {:.2}s cpu {:.2}s, target wall {:.2}s cpu {:.2}s",
+                    if run == 0 { " (warm-up)" } else { "" },
+                    row[0],
+                    row[1],
+                    row[2],
+                    row[3]
+                );
+                if run > 0 {
+                    rows.push(row);
+                }
+            }
+            let median = |f: &dyn Fn(&[f64; 4]) -> f64| {
+                let mut v: Vec<f64> = rows.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            println!(
+                "sa-pair   batch {batch}x4x{side}x{side}: median plain {:.2}s (cpu {:.2}s), target {:.2}s (cpu {:.2}s); \
+                 median ratio target/plain wall {:.3}x cpu {:.3}x",
+                median(&|r| r[0]),
+                median(&|r| r[1]),
+                median(&|r| r[2]),
+                median(&|r| r[3]),
+                median(&|r| r[2] / r[0]),
+                median(&|r| r[3] / r[1])
+            );
+            continue;
         }
         let mut walls = Vec::new();
         let mut cpus = Vec::new();
