@@ -68,7 +68,29 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| open_error(e.to_string()))?;
-        SQLITE_MIGRATOR.run(&pool).await.map_err(|e| open_error(format!("migration failed: {e}")))?;
+        // Several processes may open a brand-new file at once (two boards started together):
+        // each would find the migrations unapplied and all but the first would fail applying one
+        // the first had just applied. An OS lock on a file beside the database takes them in
+        // turn; the later ones find nothing left to do. (The lock file stays: removing it would
+        // let a third process lock a new file while the second still holds the old one.)
+        let lock_path = path.with_file_name(format!(
+            "{}-migrations.lock",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let lock = tokio::task::spawn_blocking({
+            let lock_path = lock_path.clone();
+            move || -> std::io::Result<std::fs::File> {
+                let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+                file.lock()?;
+                Ok(file)
+            }
+        })
+        .await
+        .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?
+        .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?;
+        let migrated = SQLITE_MIGRATOR.run(&pool).await;
+        drop(lock);
+        migrated.map_err(|e| open_error(format!("migration failed: {e}")))?;
         Ok(Self { pool, writer: Arc::new(Mutex::new(())) })
     }
 

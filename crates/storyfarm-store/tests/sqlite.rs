@@ -153,3 +153,24 @@ async fn busy_is_unavailable() {
     assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error:?}");
     drop(holding);
 }
+
+/// Several stores (as several processes would) opening one brand-new file at the same moment:
+/// each finds the migrations unapplied, and without a lock around them all but one would fail
+/// applying a migration the first had just applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_opening_a_new_file_at_once_all_migrate_it() {
+    for round in 0..10 {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(format!("new-{round}.sqlite"));
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                tokio::spawn(async move { SqliteStore::open(&path).await })
+            })
+            .collect();
+        for open in opens {
+            let store = open.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            store.create_project("after a concurrent open").await.unwrap();
+        }
+    }
+}
