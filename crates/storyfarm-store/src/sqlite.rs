@@ -56,25 +56,15 @@ impl SqliteStore {
                 .await
                 .map_err(|e| open_error(format!("cannot create directory {}: {e}", parent.display())))?;
         }
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options)
-            .await
-            .map_err(|e| open_error(e.to_string()))?;
         // Several processes may open a brand-new file at once (two boards started together):
-        // each would find the migrations unapplied and all but the first would fail applying one
-        // the first had just applied. An OS lock on a file beside the database takes them in
-        // turn; the later ones find nothing left to do. (The lock file stays: removing it would
-        // let a third process lock a new file while the second still holds the old one.)
+        // switching the new file to WAL needs it alone (SQLite answers busy at once, without
+        // the busy handler), and each would find the migrations unapplied, all but the first
+        // failing on one the first had just applied. An OS lock on a file beside the database
+        // takes the opens in turn, up to the migrations; the later ones find nothing to do.
+        // (The lock file stays: removing it would let a third process lock a new file while
+        // the second still holds the old one.)
         let lock_path = path.with_file_name(format!(
-            "{}-migrations.lock",
+            "{}-open.lock",
             path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
         ));
         let lock = tokio::task::spawn_blocking({
@@ -88,6 +78,18 @@ impl SqliteStore {
         .await
         .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?
         .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| open_error(e.to_string()))?;
         let migrated = SQLITE_MIGRATOR.run(&pool).await;
         drop(lock);
         migrated.map_err(|e| open_error(format!("migration failed: {e}")))?;
