@@ -154,9 +154,9 @@ async fn busy_is_unavailable() {
     drop(holding);
 }
 
-/// Several stores (as several processes would) opening one brand-new file at the same moment:
-/// each finds the migrations unapplied, and without a lock around them all but one would fail
-/// applying a migration the first had just applied.
+/// Several stores (as several processes would) opening one brand-new file at the same moment.
+/// Without the open lock, all but one failed: switching the new file to WAL answered "database is
+/// locked", or a migration the first had just applied failed with "table already exists".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_opening_a_new_file_at_once_all_migrate_it() {
     for round in 0..10 {
