@@ -312,6 +312,24 @@ mod imp {
         _mm512_scalef_ps(p, n)
     }
 
+    /// `acc[r] += b[r * rs + i * is] * a[i]` over `n` steps `i`, where `a[i]` is the `NQ`
+    /// vectors at `a + i * QW` and each `b` element is broadcast: the register-blocked loop
+    /// under both products (key elements against queries, value elements against
+    /// probabilities).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma_rows<const R: usize>(acc: &mut [[__m512; NQ]; R], a: *const f32, n: usize, b: *const f32, rs: usize, is: usize) {
+        for i in 0..n {
+            let ai: [__m512; NQ] = std::array::from_fn(|c| load(a.wrapping_add(i * QW + c * LANES)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let br = bcast(b.wrapping_add(r * rs + i * is));
+                for c in 0..NQ {
+                    acc[c] = _mm512_fmadd_ps(br, ai[c], acc[c]);
+                }
+            }
+        }
+    }
+
     /// Logits of `KB` keys (`k`, rows of `d` floats) against the task's queries (`qt`,
     /// `[d][QW]`) into `s` (`[KB][QW]`); the first `real` of them (the others are padding)
     /// also raise the running maximum `mx`, straight from the registers.
@@ -319,15 +337,7 @@ mod imp {
     #[target_feature(enable = "avx512f")]
     unsafe fn qk(qt: *const f32, d: usize, k: *const f32, s: *mut f32, real: usize, mx: &mut [__m512; NQ]) {
         let mut acc = [[_mm512_setzero_ps(); NQ]; KB];
-        for dd in 0..d {
-            let q: [__m512; NQ] = std::array::from_fn(|c| load(qt.wrapping_add(dd * QW + c * LANES)));
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let kb = bcast(k.wrapping_add(j * d + dd));
-                for c in 0..NQ {
-                    acc[c] = _mm512_fmadd_ps(kb, q[c], acc[c]);
-                }
-            }
-        }
+        fma_rows(&mut acc, qt, d, k, d, 1);
         for (j, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
                 store(s.wrapping_add(j * QW + c * LANES), a);
@@ -349,15 +359,7 @@ mod imp {
                 *a = _mm512_mul_ps(load(o.wrapping_add(e * QW + c * LANES)), alpha[c]);
             }
         }
-        for j in 0..keys {
-            let pj: [__m512; NQ] = std::array::from_fn(|c| load(p.wrapping_add(j * QW + c * LANES)));
-            for (e, acc) in acc.iter_mut().enumerate() {
-                let vb = bcast(v.wrapping_add(j * vs + e));
-                for c in 0..NQ {
-                    acc[c] = _mm512_fmadd_ps(vb, pj[c], acc[c]);
-                }
-            }
-        }
+        fma_rows(&mut acc, p, keys, v, 1, vs);
         for (e, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
                 store(o.wrapping_add(e * QW + c * LANES), a);
