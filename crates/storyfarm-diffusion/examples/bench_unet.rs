@@ -37,6 +37,13 @@ fn peak_rss_gib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Wall and CPU seconds of one forward, its output read back so no work is left pending.
+fn timed(forward: &mut dyn FnMut() -> storyfarm_diffusion::Result<Tensor>) -> Result<(f64, f64)> {
+    let (w0, c0) = (Instant::now(), cpu_seconds());
+    let _ = forward()?.sum_all()?.to_scalar::<f32>()?;
+    Ok((w0.elapsed().as_secs_f64(), cpu_seconds() - c0))
+}
+
 fn features_layers(hook: &StyleAligned) -> usize {
     match hook.role() {
         StyleRole::Targets(f) | StyleRole::CaptureReference(f) => f.captured_layers(),
@@ -106,12 +113,7 @@ fn main() -> Result<()> {
                 // speed does not always fall on the same side.
                 let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
                 for i in order {
-                    let c = [&plain, &ctx][i];
-                    let (w0, c0) = (Instant::now(), cpu_seconds());
-                    let out = unet.forward(&sample, 501.0, &cond, c)?;
-                    let _ = out.sum_all()?.to_scalar::<f32>()?;
-                    row[2 * i] = w0.elapsed().as_secs_f64();
-                    row[2 * i + 1] = cpu_seconds() - c0;
+                    (row[2 * i], row[2 * i + 1]) = timed(&mut || unet.forward(&sample, 501.0, &cond, [&plain, &ctx][i]))?;
                 }
                 eprintln!(
                     "sa-pair run {run}{}: plain wall {:.2}s cpu {:.2}s, target wall {:.2}s cpu {:.2}s",
@@ -145,10 +147,7 @@ fn main() -> Result<()> {
         let mut walls = Vec::new();
         let mut cpus = Vec::new();
         for run in 0..=runs {
-            let (w0, c0) = (Instant::now(), cpu_seconds());
-            let out = unet.forward(&sample, 501.0, &cond, &ctx)?;
-            let _ = out.sum_all()?.to_scalar::<f32>()?;
-            let (wall, cpu) = (w0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+            let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &ctx))?;
             eprintln!("{mode} run {run}{}: wall {wall:.2}s cpu {cpu:.2}s", if run == 0 { " (warm-up)" } else { "" });
             if run > 0 {
                 walls.push(wall);

@@ -76,7 +76,8 @@ impl SqliteStore {
             }
         })
         .await
-        .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?
+        .map_err(std::io::Error::other)
+        .and_then(|locked| locked)
         .map_err(|e| open_error(format!("locking {}: {e}", lock_path.display())))?;
         let options = SqliteConnectOptions::new()
             .filename(path)
