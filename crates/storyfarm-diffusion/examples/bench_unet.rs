@@ -9,12 +9,15 @@
 //! farm layout's target pass and a plain forward alternated, in alternating order, with the
 //! median of the per-pair ratios: on a shared machine whose speed drifts, the ratio of
 //! neighbours is the steadier figure).
+//! `STORYFARM_DEVICE` (`cpu`, `cuda`, `cuda:N`; default cpu) and `STORYFARM_PRECISION` (`f32`,
+//! `f16`, `bf16`; default f32 on the CPU, f16 on a GPU) pick where and in what it runs.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use storyfarm_diffusion::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
+use storyfarm_diffusion::device::{default_precision, DeviceSpec, Precision};
 use storyfarm_diffusion::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
@@ -37,10 +40,11 @@ fn peak_rss_gib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Wall and CPU seconds of one forward, its output read back so no work is left pending.
+/// Wall and CPU seconds of one forward, its output read back so no work is left pending (on a
+/// GPU the read waits for the queued kernels).
 fn timed(forward: &mut dyn FnMut() -> storyfarm_diffusion::Result<Tensor>) -> Result<(f64, f64)> {
     let (w0, c0) = (Instant::now(), cpu_seconds());
-    let _ = forward()?.sum_all()?.to_scalar::<f32>()?;
+    let _ = forward()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     Ok((w0.elapsed().as_secs_f64(), cpu_seconds() - c0))
 }
 
@@ -57,10 +61,16 @@ fn main() -> Result<()> {
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
     let modes = args.get(3).cloned().unwrap_or_else(|| "plain,sa-batch".into());
     let config = UNetConfig::from_file(std::path::Path::new(config_path))?;
-    let device = Device::Cpu;
+    let device: DeviceSpec = std::env::var("STORYFARM_DEVICE").unwrap_or_else(|_| "cpu".into()).parse()?;
+    let device = device.device()?;
+    let precision: Precision = match std::env::var("STORYFARM_PRECISION") {
+        Ok(p) => p.parse()?,
+        Err(_) => default_precision(&device),
+    };
+    let dtype = precision.to_dtype();
     let started = Instant::now();
-    let unet = UNet::new(config.clone(), &Weights::random(DType::F32, &device))?;
-    eprintln!("random weights ready in {:.1}s", started.elapsed().as_secs_f64());
+    let unet = UNet::new(config.clone(), &Weights::random(dtype, &device))?;
+    eprintln!("random weights ready in {:.1}s ({precision} on {device:?})", started.elapsed().as_secs_f64());
     let xl = config.text_time.is_some();
     let side = if xl { 128 } else { 64 };
     let ctx_dim = config.context_dim();
@@ -72,14 +82,15 @@ fn main() -> Result<()> {
             other => anyhow::bail!("unknown mode {other}"),
         };
         let batch = 2 * images;
-        let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), &device)?;
-        let context = Tensor::randn(0f32, 1.0, (batch, 77, ctx_dim), &device)?;
+        let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), &device)?.to_dtype(dtype)?;
+        let context = Tensor::randn(0f32, 1.0, (batch, 77, ctx_dim), &device)?.to_dtype(dtype)?;
         let added = match &config.text_time {
             Some(tt) => Some((
-                Tensor::randn(0f32, 1.0, (batch, tt.projection_input_dim - 6 * tt.time_embed_dim), &device)?,
+                Tensor::randn(0f32, 1.0, (batch, tt.projection_input_dim - 6 * tt.time_embed_dim), &device)?.to_dtype(dtype)?,
                 Tensor::new(&[side as f32 * 8.0, side as f32 * 8.0, 0.0, 0.0, side as f32 * 8.0, side as f32 * 8.0], &device)?
                     .unsqueeze(0)?
-                    .repeat((batch, 1))?,
+                    .repeat((batch, 1))?
+                    .to_dtype(dtype)?,
             )),
             None => None,
         };
@@ -94,12 +105,9 @@ fn main() -> Result<()> {
         if mode == "sa-target" || mode == "sa-pair" {
             // Capture the reference once (not timed); every timed run is a target pass.
             let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture) } };
-            let (w0, c0) = (Instant::now(), cpu_seconds());
-            unet.forward(&sample, 501.0, &cond, &reference)?;
+            let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &reference))?;
             println!(
-                "sa-target reference capture pass: wall {:.2}s cpu {:.2}s ({} layers captured)",
-                w0.elapsed().as_secs_f64(),
-                cpu_seconds() - c0,
+                "sa-target reference capture pass: wall {wall:.3}s cpu {cpu:.3}s ({} layers captured)",
                 features_layers(&target)
             );
             ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target) } };
@@ -116,7 +124,7 @@ fn main() -> Result<()> {
                     (row[2 * i], row[2 * i + 1]) = timed(&mut || unet.forward(&sample, 501.0, &cond, [&plain, &ctx][i]))?;
                 }
                 eprintln!(
-                    "sa-pair run {run}{}: plain wall {:.2}s cpu {:.2}s, target wall {:.2}s cpu {:.2}s",
+                    "sa-pair run {run}{}: plain wall {:.3}s cpu {:.3}s, target wall {:.3}s cpu {:.3}s",
                     if run == 0 { " (warm-up)" } else { "" },
                     row[0],
                     row[1],
@@ -133,7 +141,7 @@ fn main() -> Result<()> {
                 v[v.len() / 2]
             };
             println!(
-                "sa-pair   batch {batch}x4x{side}x{side}: median plain {:.2}s (cpu {:.2}s), target {:.2}s (cpu {:.2}s); \
+                "sa-pair   batch {batch}x4x{side}x{side}: median plain {:.3}s (cpu {:.3}s), target {:.3}s (cpu {:.3}s); \
                  median ratio target/plain wall {:.3}x cpu {:.3}x",
                 median(&|r| r[0]),
                 median(&|r| r[1]),
@@ -148,7 +156,7 @@ fn main() -> Result<()> {
         let mut cpus = Vec::new();
         for run in 0..=runs {
             let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &ctx))?;
-            eprintln!("{mode} run {run}{}: wall {wall:.2}s cpu {cpu:.2}s", if run == 0 { " (warm-up)" } else { "" });
+            eprintln!("{mode} run {run}{}: wall {wall:.3}s cpu {cpu:.3}s", if run == 0 { " (warm-up)" } else { "" });
             if run > 0 {
                 walls.push(wall);
                 cpus.push(cpu);
@@ -157,7 +165,7 @@ fn main() -> Result<()> {
         walls.sort_by(f64::total_cmp);
         cpus.sort_by(f64::total_cmp);
         println!(
-            "{mode:<9} batch {batch}x4x{side}x{side}: best {:.2}s median {:.2}s cpu(median) {:.2}s peak RSS {:.1} GiB",
+            "{mode:<9} batch {batch}x4x{side}x{side}: best {:.3}s median {:.3}s cpu(median) {:.3}s peak RSS {:.1} GiB",
             walls[0],
             walls[walls.len() / 2],
             cpus[cpus.len() / 2],

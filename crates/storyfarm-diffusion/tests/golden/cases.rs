@@ -35,7 +35,7 @@ pub fn run(case: &mut Case) -> Result<()> {
 fn load_unet(case: &Case) -> Result<UNet> {
     let dir = case.model_dir()?.join("unet");
     let config = UNetConfig::from_file(&dir.join("config.json"))?;
-    let weights = Weights::from_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F32, &Device::Cpu)?;
+    let weights = Weights::from_safetensors(&[dir.join("diffusion_pytorch_model.safetensors")], DType::F32, &case.device)?;
     Ok(UNet::new(config, &weights)?)
 }
 
@@ -90,7 +90,7 @@ fn scheduler(case: &mut Case) -> Result<()> {
 
 fn load_pipeline(case: &Case) -> Result<StableDiffusion> {
     let folder = ModelFolder::open(&case.model_dir()?.display().to_string(), &HubOptions::default())?;
-    Ok(StableDiffusion::load(&folder, DType::F32, &Device::Cpu)?)
+    Ok(StableDiffusion::load(&folder, DType::F32, &case.device)?)
 }
 
 fn tokenizer(case: &mut Case) -> Result<()> {
@@ -105,7 +105,7 @@ fn tokenizer(case: &mut Case) -> Result<()> {
 
 fn text_encoder(case: &mut Case) -> Result<()> {
     let prompts: Vec<String> = case.setting("prompts")?;
-    let text = TextConditioner::load(&case.model_dir()?, DType::F32, &Device::Cpu)?;
+    let text = TextConditioner::load(&case.model_dir()?, DType::F32, &case.device)?;
     let mut contexts = Vec::new();
     let mut pooled = Vec::new();
     for p in &prompts {
@@ -126,7 +126,7 @@ fn text_encoder(case: &mut Case) -> Result<()> {
 }
 
 fn vae(case: &mut Case) -> Result<()> {
-    let vae = AutoencoderKl::load(&case.model_dir()?.join("vae"), DType::F32, &Device::Cpu)?;
+    let vae = AutoencoderKl::load(&case.model_dir()?.join("vae"), DType::F32, &case.device)?;
     let image = case.tensor("image")?;
     let dist = vae.encode(&image)?;
     case.check("latent_mean", &dist.mean, Tol::Abs(5e-4))?;
@@ -240,7 +240,7 @@ fn style_aligned(case: &mut Case) -> Result<()> {
     let reference_latents = match case.settings.get("inversion_file").and_then(|v| v.as_str()) {
         Some(file) => {
             let file = file.split(" (").next().unwrap_or(file);
-            let zts = candle_core::safetensors::load(case.root.join(file), &Device::Cpu)?
+            let zts = candle_core::safetensors::load(case.root.join(file), &case.device)?
                 .remove("zts")
                 .ok_or_else(|| anyhow::anyhow!("{file}: no zts"))?;
             ReferenceLatents::Replay { trajectory: zts, offset: case.setting("inversion_offset")? }

@@ -2,6 +2,8 @@
 //! like ../shared/fixtures against the reference tensors, and prints max-abs and relative error
 //! per tensor. Root: `STORYFARM_GOLDEN_DIR`, else the copy vendored in `tests/fixtures`.
 //! An unknown kind, a missing tensor or a value outside tolerance fails; nothing is skipped.
+//! `STORYFARM_GOLDEN_DEVICE` (`cpu`, `cuda`, `cuda:N`; default cpu) runs the cases on another
+//! device, in f32 and against the same tolerances.
 
 mod cases;
 
@@ -15,6 +17,8 @@ use serde_json::Value;
 
 /// One case file and its tensors.
 pub struct Case {
+    /// Where models run and golden inputs are loaded; checks compare on the CPU.
+    pub device: Device,
     pub root: PathBuf,
     pub path: PathBuf,
     pub kind: String,
@@ -81,7 +85,7 @@ impl Case {
             bail!("{name}: shape {:?}, golden {:?}", got.dims(), expected.dims());
         }
         let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let expected = expected.to_dtype(DType::F32)?;
+        let expected = expected.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let max_abs: f32 = (&got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
         let ref_absmax: f32 = expected.abs()?.flatten_all()?.max(0)?.to_scalar()?;
         let tolerance = match tol {
@@ -143,8 +147,23 @@ fn discover(root: &Path) -> Result<Vec<(PathBuf, String, Value)>> {
     Ok(found)
 }
 
+fn device() -> Result<Device> {
+    let spec: storyfarm_diffusion::device::DeviceSpec = match std::env::var("STORYFARM_GOLDEN_DEVICE") {
+        Ok(spec) => spec.parse()?,
+        Err(_) => Default::default(),
+    };
+    Ok(spec.device()?)
+}
+
 fn main() -> ExitCode {
     let root = fixtures_root();
+    let device = match device() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("STORYFARM_GOLDEN_DEVICE: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let cases = match discover(&root) {
         Ok(c) => c,
@@ -157,7 +176,7 @@ fn main() -> ExitCode {
         eprintln!("no golden cases under {}", root.display());
         return ExitCode::FAILURE;
     }
-    println!("golden cases under {}", root.display());
+    println!("golden cases under {} on {device:?}", root.display());
     let mut failed = Vec::new();
     let mut ran = 0;
     for (path, kind, settings) in cases {
@@ -168,9 +187,9 @@ fn main() -> ExitCode {
         ran += 1;
         let started = std::time::Instant::now();
         let result = (|| -> Result<Case> {
-            let tensors = candle_core::safetensors::load(path.with_extension("safetensors"), &Device::Cpu)
+            let tensors = candle_core::safetensors::load(path.with_extension("safetensors"), &device)
                 .with_context(|| format!("{rel}: tensors"))?;
-            let mut case = Case { root: root.clone(), path: path.clone(), kind: kind.clone(), settings, tensors, checks: Vec::new() };
+            let mut case = Case { device: device.clone(), root: root.clone(), path: path.clone(), kind: kind.clone(), settings, tensors, checks: Vec::new() };
             cases::run(&mut case)?;
             Ok(case)
         })();
