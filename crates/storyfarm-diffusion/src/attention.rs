@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 
@@ -372,7 +372,9 @@ pub fn attention_probabilities(q: &Tensor, k: &Tensor, scale: f64) -> Result<Ten
 
 fn softmax_f32(logits: &Tensor) -> Result<Tensor> {
     let dtype = logits.dtype();
-    if dtype == DType::F32 {
+    // candle's CUDA softmax accumulates half types in f32 already; converting would only add two
+    // passes over the largest tensor of the forward.
+    if dtype == DType::F32 || logits.device().is_cuda() {
         return Ok(candle_nn::ops::softmax_last_dim(logits)?);
     }
     Ok(candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
@@ -380,7 +382,11 @@ fn softmax_f32(logits: &Tensor) -> Result<Tensor> {
 
 type ExtraPart = (Tensor, Tensor, f32, Option<Tensor>);
 
-/// Own keys plus extra blocks, merged as separate softmax blocks sharing one normaliser.
+/// Own keys plus extra blocks under one softmax: the blocks' keys and values are concatenated
+/// after the own ones, and each block's logit bias (and `-inf` for masked keys) is one additive
+/// row over the keys. Query chunks keep the logits bounded as in [`plain_attention`]. This is the
+/// path of devices without our CPU kernels: on a GPU one large product and one softmax beat a
+/// per-block online merge, whose every step is another pass over the logits.
 fn merged_attention(
     q: &Tensor,
     k: &Tensor,
@@ -389,52 +395,44 @@ fn merged_attention(
     extra: &[ExtraPart],
 ) -> Result<Tensor> {
     let (b, h, n, _) = q.dims4()?;
-    let total_keys = k.dim(2)? + extra.iter().map(|e| e.0.dim(2).unwrap_or(0)).sum::<usize>();
-    let chunk = query_chunk(b, h, n, total_keys);
+    let device = q.device();
     let dtype = q.dtype();
-    let mut outs = Vec::new();
+    let mut keys = vec![k.clone()];
+    let mut values = vec![v.clone()];
+    let mut bias = vec![Tensor::zeros((b, k.dim(2)?), DType::F32, device)?];
+    for (ek, ev, logit_bias, mask) in extra {
+        keys.push(ek.clone());
+        values.push(ev.clone());
+        let mut row = Tensor::full(*logit_bias, (b, ek.dim(2)?), device)?;
+        if let Some(mask) = mask {
+            // Masked keys get -inf logits: exp() makes them exactly zero.
+            let keep = mask.to_dtype(DType::F32)?;
+            row = (row + ((keep.ones_like()? - &keep)? * -1e30)?)?;
+        }
+        bias.push(row);
+    }
+    let needs_bias = extra.iter().any(|(_, _, logit_bias, mask)| *logit_bias != 0.0 || mask.is_some());
+    let keys = Tensor::cat(&keys, 2)?;
+    let values = Tensor::cat(&values, 2)?;
+    let total_keys = keys.dim(2)?;
+    let bias = if needs_bias {
+        Some(Tensor::cat(&bias, 1)?.reshape((b, 1, 1, total_keys))?.to_dtype(dtype)?)
+    } else {
+        None
+    };
+    let kt = keys.t()?;
+    let q = (q * scale)?;
+    let chunk = query_chunk(b, h, n, total_keys);
+    let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
         let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
-        let mut blocks = Vec::with_capacity(extra.len() + 1);
-        blocks.push(((qc.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?, v));
-        for (ek, ev, bias, mask) in extra {
-            let mut logits = (qc.matmul(&ek.t()?)? * scale)?.to_dtype(DType::F32)?;
-            if *bias != 0.0 {
-                logits = (logits + *bias as f64)?;
-            }
-            if let Some(mask) = mask {
-                // Masked keys get -inf logits: exp() makes them exactly zero.
-                let keep = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
-                let neg = ((keep.ones_like()? - &keep)? * -1e30)?;
-                logits = logits.broadcast_add(&neg)?;
-            }
-            blocks.push((logits, ev));
+        let mut logits = qc.matmul(&kt)?;
+        if let Some(bias) = &bias {
+            logits = logits.broadcast_add(bias)?;
         }
-        let mut max = blocks[0].0.max_keepdim(D::Minus1)?;
-        for (logits, _) in &blocks[1..] {
-            max = max.maximum(&logits.max_keepdim(D::Minus1)?)?;
-        }
-        let mut numerator: Option<Tensor> = None;
-        let mut denominator: Option<Tensor> = None;
-        for (logits, values) in &blocks {
-            let p = logits.broadcast_sub(&max)?.exp()?;
-            let s = p.sum_keepdim(D::Minus1)?;
-            let o = p.to_dtype(dtype)?.matmul(values)?;
-            numerator = Some(match numerator {
-                Some(acc) => (acc + o)?,
-                None => o,
-            });
-            denominator = Some(match denominator {
-                Some(acc) => (acc + s)?,
-                None => s,
-            });
-        }
-        let (Some(numerator), Some(denominator)) = (numerator, denominator) else {
-            unreachable!("at least the own-token block exists")
-        };
-        outs.push(numerator.broadcast_div(&denominator.to_dtype(dtype)?)?);
+        outs.push(softmax_f32(&logits)?.matmul(&values)?);
         start += len;
     }
     if outs.len() == 1 {

@@ -250,13 +250,28 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let grouped = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
-        let mean = grouped.mean_keepdim(D::Minus1)?;
-        let centered = grouped.broadcast_sub(&mean)?;
         let hook = ctx
             .hooks
             .norm
             .filter(|h| h.applies_to(&self.id, &ctx.step));
+        let mut shape = vec![1, c];
+        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        if hook.is_none() && x.device().is_cuda() {
+            // A group is a row of candle's fused layer-norm kernel (f32 statistics, one pass
+            // over the data) where the ops below take ten; the affine is per channel, so the
+            // kernel's own is the identity.
+            let grouped = x.contiguous()?.reshape((b, self.groups, ()))?;
+            let row = grouped.dim(2)?;
+            let ones = Tensor::ones(row, dtype, x.device())?;
+            let zeros = Tensor::zeros(row, dtype, x.device())?;
+            return Ok(candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?
+                .reshape(dims.as_slice())?
+                .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+                .broadcast_add(&self.bias.reshape(shape.as_slice())?)?);
+        }
+        let grouped = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let mean = grouped.mean_keepdim(D::Minus1)?;
+        let centered = grouped.broadcast_sub(&mean)?;
         let normalized = match hook {
             None => {
                 let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -275,8 +290,6 @@ impl GroupNorm {
                     .broadcast_div(&(pv.unsqueeze(D::Minus1)? + self.eps)?.sqrt()?)?
             }
         };
-        let mut shape = vec![1, c];
-        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
         Ok(normalized
             .reshape(dims.as_slice())?
             .to_dtype(dtype)?
