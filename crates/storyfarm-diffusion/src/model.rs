@@ -7,10 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Cache, Repo, RepoType};
 use serde::de::DeserializeOwned;
 
@@ -34,6 +35,11 @@ const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
 /// Bounds the first request to the hub, so that a machine without network access fails in
 /// seconds instead of waiting for the operating system's connect timeout (minutes).
 const HUB_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a download may go without a byte before it is abandoned, unless
+/// `HF_HUB_DOWNLOAD_TIMEOUT` says otherwise (the Python hub client's variable and default).
+const DEFAULT_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(10);
+const DOWNLOAD_TIMEOUT_VAR: &str = "HF_HUB_DOWNLOAD_TIMEOUT";
 
 const NO_CACHE_DIR: &str = "no hugging face cache directory: set HF_HOME or HF_HUB_CACHE";
 
@@ -68,39 +74,50 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// Hub URL; `None` means `https://huggingface.co`.
     pub endpoint: Option<String>,
+    /// How long a file download may receive nothing before it fails; `None` means 10 s.
+    pub download_timeout: Option<Duration>,
 }
 
 impl HubOptions {
     /// Reads the variables the Python `huggingface_hub` reads: `HF_HUB_CACHE`, `HF_HOME`,
-    /// `XDG_CACHE_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`.
-    pub fn from_env() -> Self {
+    /// `XDG_CACHE_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`,
+    /// `HF_HUB_DOWNLOAD_TIMEOUT` (seconds). A timeout that is not a positive number is an
+    /// error naming the variable.
+    pub fn from_env() -> Result<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
     /// [`HubOptions::from_env`] over any variable lookup (tests pass a map, not the process
     /// environment, which all tests share).
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let non_empty = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let cache_dir = non_empty("HF_HUB_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| non_empty("HF_HOME").map(|home| PathBuf::from(home).join("hub")))
-            .or_else(|| {
-                non_empty("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface/hub"))
-            })
-            .or_else(|| non_empty("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")));
+        let cache_dir = cache_dir_from(&non_empty);
         let offline = non_empty("HF_HUB_OFFLINE").is_some_and(|v| {
             matches!(
                 v.trim().to_ascii_lowercase().as_str(),
                 "1" | "true" | "yes" | "on"
             )
         });
-        Self {
+        let download_timeout = match non_empty(DOWNLOAD_TIMEOUT_VAR) {
+            None => None,
+            Some(value) => match value.trim().parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs > 0.0 => Some(Duration::from_secs_f64(secs)),
+                _ => {
+                    return Err(DiffusionError::InvalidArgument {
+                        field: DOWNLOAD_TIMEOUT_VAR.into(),
+                        reason: format!("`{value}` is not a positive number of seconds"),
+                    })
+                }
+            },
+        };
+        Ok(Self {
             cache_dir,
             offline,
             revision: None,
             token: non_empty("HF_TOKEN"),
             endpoint: non_empty("HF_ENDPOINT"),
-        }
+            download_timeout,
+        })
     }
 
     fn cache_dir_or_default(&self, repo_id: &str) -> Result<PathBuf> {
@@ -111,14 +128,23 @@ impl HubOptions {
     }
 
     fn cache_root(&self) -> Option<PathBuf> {
-        self.cache_dir
-            .clone()
-            .or_else(|| Self::from_env().cache_dir)
+        self.cache_dir.clone().or_else(|| {
+            cache_dir_from(&|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+        })
     }
 
     fn revision(&self) -> &str {
         self.revision.as_deref().unwrap_or("main")
     }
+}
+
+/// The hub cache the Python client would use, from its variables.
+fn cache_dir_from(non_empty: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    non_empty("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| non_empty("HF_HOME").map(|home| PathBuf::from(home).join("hub")))
+        .or_else(|| non_empty("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("huggingface/hub")))
+        .or_else(|| non_empty("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
 }
 
 /// A diffusers pipeline folder on local disk (possibly a hub cache snapshot).
@@ -674,25 +700,14 @@ fn open_hub(
     }
 
     // Downloading by commit keeps every file in one snapshot even if the branch moves meanwhile.
-    let pinned = api.repo(Repo::with_revision(
-        repo_id.to_string(),
-        RepoType::Model,
-        info.sha.clone(),
-    ));
+    let pinned = Repo::with_revision(repo_id.to_string(), RepoType::Model, info.sha.clone());
+    let stall = hub.download_timeout.unwrap_or(DEFAULT_DOWNLOAD_TIMEOUT);
     let root = cache_dir
         .join(user_repo.folder_name())
         .join("snapshots")
         .join(&info.sha);
     let fetch = |file: &str, progress: &mut dyn FetchProgress| -> Result<()> {
-        pinned
-            .download_with_progress(
-                file,
-                HubProgress {
-                    sink: &mut *progress,
-                    started: false,
-                },
-            )
-            .map_err(|e| fetch_error(file, e.to_string()))?;
+        download_watched(&api, &pinned, file, stall, progress).map_err(|e| fetch_error(file, e))?;
         progress.file_finished(file);
         Ok(())
     };
@@ -773,30 +788,83 @@ pub trait FetchProgress {
     fn hub_unreachable(&mut self, error: &str);
 }
 
-/// Carries hf-hub's per-file callbacks to a [`FetchProgress`].
-struct HubProgress<'a> {
-    sink: &'a mut dyn FetchProgress,
+/// What a download thread tells the fetch loop.
+enum Transfer {
+    Started(String, u64),
+    Advanced(u64),
+    Done(std::result::Result<(), String>),
+}
+
+/// Carries hf-hub's per-file callbacks from the download thread to the fetch loop.
+struct ChannelProgress {
+    events: mpsc::Sender<Transfer>,
     started: bool,
 }
 
-impl hf_hub::api::Progress for HubProgress<'_> {
+impl hf_hub::api::Progress for ChannelProgress {
     fn init(&mut self, size: usize, filename: &str) {
         // hf-hub calls `init` twice per download (before opening the file and again once the
         // response arrives); the sink hears of the file once.
         if !self.started {
             self.started = true;
-            self.sink.file_started(filename, size as u64);
+            let _ = self
+                .events
+                .send(Transfer::Started(filename.to_string(), size as u64));
         }
     }
 
     fn update(&mut self, size: usize) {
         if size > 0 {
-            self.sink.advanced(size as u64);
+            let _ = self.events.send(Transfer::Advanced(size as u64));
         }
     }
 
     // The fetch loop reports a finished file itself, once the file is in the snapshot.
     fn finish(&mut self) {}
+}
+
+/// Downloads `file` of `repo` into the cache on a thread of its own and gives up once nothing
+/// has arrived for `stall`. hf-hub's blocking client sets no read timeout, so a connection
+/// that stalls without closing would otherwise hold a worker forever. The abandoned thread
+/// cannot be interrupted: it ends when its connection does, and until then it holds hf-hub's
+/// lock on that blob (another download of the same file in this process fails with a lock
+/// error; a new process resumes the partial file).
+fn download_watched(
+    api: &Api,
+    repo: &Repo,
+    file: &str,
+    stall: Duration,
+    progress: &mut dyn FetchProgress,
+) -> std::result::Result<(), String> {
+    let (events, received) = mpsc::channel();
+    let (api, repo, name) = (api.clone(), repo.clone(), file.to_string());
+    std::thread::Builder::new()
+        .name("hub-download".into())
+        .spawn(move || {
+            let progress = ChannelProgress {
+                events: events.clone(),
+                started: false,
+            };
+            let result = api.repo(repo).download_with_progress(&name, progress);
+            let _ = events.send(Transfer::Done(result.map(drop).map_err(|e| e.to_string())));
+        })
+        .map_err(|e| format!("could not start a download thread: {e}"))?;
+    loop {
+        match received.recv_timeout(stall) {
+            Ok(Transfer::Started(name, bytes)) => progress.file_started(&name, bytes),
+            Ok(Transfer::Advanced(bytes)) => progress.advanced(bytes),
+            Ok(Transfer::Done(result)) => return result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "nothing arrived for {:.1} s, so the download was abandoned (set {DOWNLOAD_TIMEOUT_VAR} to wait longer)",
+                    stall.as_secs_f64()
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("the download thread ended without a result".into())
+            }
+        }
+    }
 }
 
 /// Logs download progress through `tracing` every tenth of a file, so workers' logs show it
@@ -1707,7 +1775,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            HubOptions::from_vars(move |k| map.get(k).cloned())
+            HubOptions::from_vars(move |k| map.get(k).cloned()).unwrap()
         };
         let options = vars(&[
             ("HF_HOME", "/hf"),
@@ -1740,6 +1808,22 @@ mod tests {
         assert!(options.offline);
         assert_eq!(options.token, None);
         assert_eq!(vars(&[]).cache_dir, None);
+        assert_eq!(vars(&[]).download_timeout, None);
+        assert_eq!(
+            vars(&[("HF_HUB_DOWNLOAD_TIMEOUT", "2.5")]).download_timeout,
+            Some(Duration::from_millis(2500))
+        );
+        for bad in ["0", "-1", "ten", "inf"] {
+            let err = HubOptions::from_vars(|k| {
+                (k == "HF_HUB_DOWNLOAD_TIMEOUT").then(|| bad.to_string())
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("HF_HUB_DOWNLOAD_TIMEOUT") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

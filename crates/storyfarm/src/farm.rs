@@ -152,7 +152,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     let blobs = storyfarm_blob::open_blob_store(&args.queue.blobs).await?;
     let queue = args.queue.connect(&worker_id).await?;
     let models = Arc::new(ModelCache::new(
-        ModelLoader { device: args.device, precision: args.precision, hub: HubOptions::from_env() },
+        ModelLoader { device: args.device, precision: args.precision, hub: HubOptions::from_env()? },
         args.models,
     ));
     let config = WorkerConfig {

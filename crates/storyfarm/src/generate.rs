@@ -108,7 +108,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let loading = ProgressBar::new_spinner().with_message(format!("loading {}", args.model));
     loading.enable_steady_tick(Duration::from_millis(120));
-    let folder = ModelFolder::open_for_dtype(&args.model, &HubOptions::from_env(), dtype)?;
+    let folder = ModelFolder::open_for_dtype(&args.model, &HubOptions::from_env()?, dtype)?;
     let sd = StableDiffusion::load(&folder, dtype, &device)?;
     loading.finish_with_message(format!("loaded {} ({:?}, {precision} on {})", folder.id(), sd.family, args.device));
 

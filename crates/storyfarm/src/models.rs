@@ -55,19 +55,19 @@ pub fn run(args: ModelsArgs) -> Result<()> {
     }
 }
 
-fn hub_options(cache_dir: Option<PathBuf>) -> HubOptions {
-    let mut hub = HubOptions::from_env();
+fn hub_options(cache_dir: Option<PathBuf>) -> Result<HubOptions> {
+    let mut hub = HubOptions::from_env()?;
     if cache_dir.is_some() {
         hub.cache_dir = cache_dir;
     }
-    hub
+    Ok(hub)
 }
 
 /// The snapshot folder goes to stdout and everything else to stderr, so that
 /// `--model "$(storyfarm models fetch org/name)"` works in scripts.
 fn fetch(args: FetchArgs) -> Result<()> {
     let dtype = args.precision.to_dtype();
-    let mut hub = hub_options(args.cache_dir);
+    let mut hub = hub_options(args.cache_dir)?;
     hub.revision = args.revision;
     let folder = match ModelLocation::parse(&args.model)? {
         ModelLocation::Local(_) => {
@@ -232,7 +232,7 @@ impl FetchProgress for DownloadBar {
 }
 
 fn list(args: ListArgs) -> Result<()> {
-    let hub = hub_options(args.cache_dir);
+    let hub = hub_options(args.cache_dir)?;
     let models = list_cached(&hub)?;
     if models.is_empty() {
         let place = hub

@@ -167,7 +167,7 @@ impl LocalFarm {
 
         let devices = if args.device.is_empty() { vec![DeviceSpec::Cpu] } else { args.device.clone() };
         let count = args.workers.unwrap_or(devices.len()).max(1);
-        let hub = HubOptions::from_env();
+        let hub = HubOptions::from_env()?;
         let caches: Vec<Arc<ModelCache>> = devices
             .iter()
             .map(|&device| Arc::new(ModelCache::new(ModelLoader { device, precision: args.precision, hub: hub.clone() }, 1)))
@@ -282,7 +282,7 @@ pub async fn run(args: RenderArgs) -> Result<()> {
         Some(p) => p,
         None => default_precision(&first_device.device()?),
     };
-    let (model, hub) = (spec.model.clone(), HubOptions::from_env());
+    let (model, hub) = (spec.model.clone(), HubOptions::from_env()?);
     tokio::task::spawn_blocking(move || prepare_model(&model, &hub, precision))
         .await?
         .with_context(|| format!("{}: model", args.board.display()))?;

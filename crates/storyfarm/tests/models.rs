@@ -1,7 +1,8 @@
 //! `storyfarm models fetch|list` as a user runs them, against a fake Hugging Face hub: an
 //! HTTP/1.1 server on loopback answering the requests of hf-hub's blocking client the way
 //! huggingface.co does, and serving the tiny SD 1.5 fixture as repo `org/tiny-sd15` (and, with
-//! its text encoder split into two shards, as `org/tiny-sd15-sharded`).
+//! its text encoder split into two shards, as `org/tiny-sd15-sharded`; as `org/tiny-sd15-stalling`
+//! its CDN sends half of each weight file and then nothing while holding the connection open).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -17,6 +18,9 @@ const REPO: &str = "org/tiny-sd15";
 const COMMIT: &str = "5d2c1f0b9e8a7d6c5b4a39281706f5e4d3c2b1a0";
 const SHARDED: &str = "org/tiny-sd15-sharded";
 const SHARDED_COMMIT: &str = "e0f1a2b3c4d5e6f708192a3b4c5d6e7f80910a1b";
+const STALLING: &str = "org/tiny-sd15-stalling";
+/// How long the stalling CDN holds a connection after the half it sends.
+const STALL: Duration = Duration::from_secs(30);
 const SHARDS: [&str; 2] = [
     "model-00001-of-00002.safetensors",
     "model-00002-of-00002.safetensors",
@@ -38,6 +42,8 @@ struct HubFile {
 struct HubRepo {
     commit: &'static str,
     files: BTreeMap<String, HubFile>,
+    /// LFS redirects go to the stalling CDN.
+    stalls: bool,
 }
 
 impl HubRepo {
@@ -72,6 +78,7 @@ impl FakeHub {
         let mut plain = HubRepo {
             commit: COMMIT,
             files: BTreeMap::new(),
+            stalls: false,
         };
         for path in walk(&root) {
             let name = path.strip_prefix(&root).unwrap().to_str().unwrap();
@@ -83,6 +90,7 @@ impl FakeHub {
         let mut sharded = HubRepo {
             commit: SHARDED_COMMIT,
             files: BTreeMap::new(),
+            stalls: false,
         };
         for (name, file) in &plain.files {
             if name != "text_encoder/model.safetensors" {
@@ -95,7 +103,27 @@ impl FakeHub {
         for (name, bytes) in SHARDS.iter().zip(shards) {
             sharded.add(&format!("text_encoder/{name}"), bytes);
         }
-        let repos: Repos = [(REPO, plain), (SHARDED, sharded)].into_iter().collect();
+        let stalling = HubRepo {
+            commit: COMMIT,
+            files: plain
+                .files
+                .iter()
+                .map(|(n, f)| {
+                    (
+                        n.clone(),
+                        HubFile {
+                            bytes: f.bytes.clone(),
+                            sha256: f.sha256.clone(),
+                            lfs: f.lfs,
+                        },
+                    )
+                })
+                .collect(),
+            stalls: true,
+        };
+        let repos: Repos = [(REPO, plain), (SHARDED, sharded), (STALLING, stalling)]
+            .into_iter()
+            .collect();
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -191,6 +219,8 @@ struct Response {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+    /// Send only this much of the body, then hold the connection for [`STALL`].
+    stall_after: Option<usize>,
 }
 
 impl Response {
@@ -199,6 +229,7 @@ impl Response {
             status,
             headers: Vec::new(),
             body,
+            stall_after: None,
         }
     }
 
@@ -263,7 +294,14 @@ fn serve(
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
-    out.write_all(&response.body)?;
+    match response.stall_after {
+        None => out.write_all(&response.body)?,
+        Some(sent) => {
+            out.write_all(&response.body[..sent])?;
+            out.flush()?;
+            std::thread::sleep(STALL);
+        }
+    }
     out.flush()
 }
 
@@ -305,13 +343,27 @@ fn route(path: &str, range: Option<&str>, repos: &Repos, endpoint: &str) -> Resp
         return Response::new(200, body.into_bytes()).header("content-type", "application/json");
     }
     // The CDN behind LFS redirects: content by sha256, no repo headers.
-    if let Some(sha256) = path.strip_prefix("/cdn/") {
+    let (cdn, stalls) = match (
+        path.strip_prefix("/cdn/"),
+        path.strip_prefix("/cdn-stalling/"),
+    ) {
+        (Some(sha256), _) => (Some(sha256), false),
+        (None, sha256) => (sha256, true),
+    };
+    if let Some(sha256) = cdn {
         return match repos
             .values()
             .flat_map(|r| r.files.values())
             .find(|f| f.sha256 == sha256)
         {
-            Some(file) => ranged(&file.bytes, range).header("etag", format!("\"{sha256}\"")),
+            Some(file) => {
+                let mut response =
+                    ranged(&file.bytes, range).header("etag", format!("\"{sha256}\""));
+                if stalls {
+                    response.stall_after = Some(response.body.len() / 2);
+                }
+                response
+            }
             None => Response::new(404, Vec::new()),
         };
     }
@@ -336,7 +388,14 @@ fn route(path: &str, range: Option<&str>, repos: &Repos, endpoint: &str) -> Resp
     };
     if file.lfs {
         Response::new(302, Vec::new())
-            .header("location", format!("{endpoint}/cdn/{}", file.sha256))
+            .header(
+                "location",
+                format!(
+                    "{endpoint}/{}/{}",
+                    if found.stalls { "cdn-stalling" } else { "cdn" },
+                    file.sha256
+                ),
+            )
             .header("x-repo-commit", found.commit)
             .header("x-linked-etag", format!("\"{}\"", file.sha256))
             .header("x-linked-size", file.bytes.len().to_string())
@@ -376,6 +435,7 @@ fn storyfarm(cache: &Path, endpoint: &str) -> Command {
         "HF_TOKEN",
         "HF_HOME",
         "HF_HUB_OFFLINE",
+        "HF_HUB_DOWNLOAD_TIMEOUT",
         "XDG_CACHE_HOME",
         "RUST_LOG",
         "STORYFARM_MODEL",
@@ -742,4 +802,48 @@ fn local_folders_are_checked_and_bad_specs_are_one_line() {
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn a_download_that_stalls_fails_after_the_download_timeout_and_names_the_file() {
+    let hub = FakeHub::start();
+    let cache = tempfile::tempdir().unwrap();
+
+    // The hub answers and sends half of the first weight file, then nothing: the fetch gives
+    // up after HF_HUB_DOWNLOAD_TIMEOUT instead of waiting on the open connection.
+    let out = run(storyfarm(cache.path(), &hub.endpoint)
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "1")
+        .args(["models", "fetch", STALLING]));
+    assert!(!out.status.success());
+    // The files before it are listed as they finish; the error is the last line.
+    let stderr = text(&out.stderr)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        stderr.contains("could not fetch `unet/diffusion_pytorch_model.safetensors`")
+            && stderr.contains("nothing arrived for 1.0 s")
+            && stderr.contains("HF_HUB_DOWNLOAD_TIMEOUT"),
+        "{stderr}"
+    );
+    assert!(
+        hub.file_requests()
+            .iter()
+            .any(|s| s.path.starts_with("/cdn-stalling/")),
+        "the weights were asked for"
+    );
+
+    // A timeout that is not a number of seconds is refused before anything is fetched.
+    let before = hub.seen().len();
+    let out = run(storyfarm(cache.path(), &hub.endpoint)
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "soon")
+        .args(["models", "fetch", REPO]));
+    let stderr = one_line_failure(&out);
+    assert!(
+        stderr.contains("HF_HUB_DOWNLOAD_TIMEOUT") && stderr.contains("`soon`"),
+        "{stderr}"
+    );
+    assert_eq!(hub.seen().len(), before, "no request after a bad setting");
 }
