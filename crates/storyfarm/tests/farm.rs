@@ -48,6 +48,8 @@ struct Farm {
     coordinator: Option<Child>,
     workers: Vec<Child>,
     logs: PathBuf,
+    /// Variables every process of this farm gets on top of the usual ones.
+    extra_env: Vec<(&'static str, &'static str)>,
 }
 
 impl Farm {
@@ -69,7 +71,18 @@ impl Farm {
         drop(listener);
         let logs = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&logs).unwrap();
-        Farm { name, database_url, admin_url, bucket, blobs: Arc::new(s3), port, coordinator: None, workers: Vec::new(), logs }
+        Farm {
+            name,
+            database_url,
+            admin_url,
+            bucket,
+            blobs: Arc::new(s3),
+            port,
+            coordinator: None,
+            workers: Vec::new(),
+            logs,
+            extra_env: Vec::new(),
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -89,15 +102,18 @@ impl Farm {
             .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.logs.join(log)).unwrap());
+        c.envs(self.extra_env.iter().copied());
         c
     }
 
     fn start_coordinator(&mut self) {
-        let mut child = self
-            .command("serve", "coordinator.log")
-            .args(["--listen", &format!("127.0.0.1:{}", self.port), "--retry-base-ms", "200"])
-            .spawn()
-            .unwrap();
+        let mut command = self.command("serve", "coordinator.log");
+        command.args(["--listen", &format!("127.0.0.1:{}", self.port), "--retry-base-ms", "200"]);
+        self.start_coordinator_with(command);
+    }
+
+    fn start_coordinator_with(&mut self, mut command: Command) {
+        let mut child = command.spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.starts_with("listening on"), "coordinator did not start: {line:?}, see {}", self.logs.display());
@@ -105,14 +121,16 @@ impl Farm {
     }
 
     fn start_worker(&mut self, id: &str) {
-        let child = self
-            .command("worker", &format!("{id}.log"))
-            .args(["--worker-id", id, "--recorded-timeout-seconds", "2", "--heartbeat-seconds", "1"])
-            .arg("--cache-dir")
-            .arg(self.logs.join(format!("{id}-cache")))
-            .spawn()
-            .unwrap();
+        let child = self.worker_command(id).spawn().unwrap();
         self.workers.push(child);
+    }
+
+    fn worker_command(&self, id: &str) -> Command {
+        let mut c = self.command("worker", &format!("{id}.log"));
+        c.args(["--worker-id", id, "--recorded-timeout-seconds", "2", "--heartbeat-seconds", "1"])
+            .arg("--cache-dir")
+            .arg(self.logs.join(format!("{id}-cache")));
+        c
     }
 
     fn log(&self, name: &str) -> String {
@@ -320,6 +338,39 @@ async fn a_killed_worker_task_is_redelivered_and_every_frame_lands_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_workers_is_dead_lettered_and_fails_its_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    // One redelivery, then the broker dead-letters the task.
+    farm.extra_env.push(("STORYFARM_DELIVERY_LIMIT", "1"));
+    farm.start_coordinator();
+    // One render task (two frames per task), long enough to be killed in.
+    let job_id = farm.submit(&write_board(dir.path(), 2, 400, 2));
+    for (n, worker) in ["first", "second"].into_iter().enumerate() {
+        farm.start_worker(worker);
+        let log = format!("{worker}.log");
+        wait_for_log(&farm, &log, "rendering", Duration::from_secs(120)).await;
+        if n == 1 {
+            assert!(farm.log(&log).contains("redelivered=true"), "{}", tail(&farm.log(&log)));
+        }
+        farm.workers[n].kill().unwrap(); // SIGKILL, as a crash on this task would
+        farm.workers[n].wait().unwrap();
+    }
+    // No third worker is needed: the coordinator's dead-letter consumer fails the task.
+    let job = farm.wait_for(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
+    let frames = frames_of(&farm, &job_id).await;
+    assert!(
+        frames.iter().all(|f| f.state == pb::FrameState::Failed as i32
+            && f.error.contains("task never finished")
+            && f.error.contains("DeliveryLimit")),
+        "{frames:?}"
+    );
+    let dead = psql(&farm.database_url, "SELECT count(*) FROM task_events WHERE worker_id = 'dead-letter-queue'");
+    assert_eq!(dead, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_restarted_mid_job_finishes_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let mut farm = Farm::new().await;
@@ -508,6 +559,51 @@ async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at
     farm.start_worker("second");
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
     assert_eq!((job.state, job.frames_succeeded), (pb::JobState::Succeeded as i32, 2), "{job:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_failure_is_retried_with_backoff_until_the_attempts_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    let mut coordinator = farm.command("serve", "coordinator.log");
+    coordinator.args(["--listen", &format!("127.0.0.1:{}", farm.port), "--retry-base-ms", "300", "--max-attempts", "3"]);
+    farm.start_coordinator_with(coordinator);
+    // A hub that cannot be reached (and an empty cache) is a retryable failure: the network
+    // may come back, unlike a repo the hub says does not exist.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hub = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut worker = farm.worker_command("first");
+    worker.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", &hub).env("HF_HUB_CACHE", dir.path().join("hub"));
+    farm.workers.push(worker.spawn().unwrap());
+
+    let board = write_board(dir.path(), 2, 5, 2);
+    let text = std::fs::read_to_string(&board).unwrap();
+    let model_line = text.lines().next().unwrap().to_string();
+    std::fs::write(&board, text.replace(&model_line, "model: some-org/unreachable-model")).unwrap();
+    let submitted = Instant::now();
+    let job = farm.wait_for(&farm.submit(&board), Duration::from_secs(120)).await;
+    let elapsed = submitted.elapsed();
+    assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
+    assert!(job.error.contains("could not fetch") && job.error.contains("gave up after 3 attempts"), "{}", job.error);
+    // The style reference's inversion is the task that failed; the frames' own tasks waited
+    // on it and never ran.
+    let frames = frames_of(&farm, &job.id).await;
+    assert!(
+        frames.iter().all(|f| f.state == pb::FrameState::Failed as i32
+            && f.attempts == 0
+            && f.error.starts_with("style reference inversion failed")),
+        "{frames:?}"
+    );
+    // Three attempts of one task, the second 300 ms and the third 600 ms after the one before
+    // failed, and no fourth.
+    let log = farm.log("first.log");
+    let started: Vec<&str> = log.lines().filter(|l| l.contains("task started")).collect();
+    assert_eq!(started.len(), 3, "{}", tail(&log));
+    for (line, attempt) in started.iter().zip(1..) {
+        assert!(line.contains(&format!("attempt={attempt} ")), "{line}");
+    }
+    assert!(elapsed >= Duration::from_millis(900), "retries waited for their backoff: {elapsed:?}");
 }
 
 /// `storyfarm render` (one process: SQLite, in-process queue, local artifacts) and the farm
