@@ -1,5 +1,6 @@
-//! Times the fused attention kernel on the SD-1.5 self-attention shapes at 64x64 latents
-//! (2 items, 8 heads), plain and with one extra key block as StyleAligned's targets use it.
+//! Times the fused attention kernel on the self-attention shapes of SD 1.5 at 64x64 latents
+//! (8 heads) and SDXL at 128x128 latents (head size 64), 2 items, plain and with one extra key
+//! block as StyleAligned's targets use it.
 //! Prints wall and process CPU milliseconds per call and GFLOP/s.
 //! `RAYON_NUM_THREADS=2 cargo run -p storyfarm-kernels --example attention_shapes`
 use std::time::Instant;
@@ -16,8 +17,8 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    let heads = 8;
-    for &(n, c) in &[(4096usize, 320usize), (1024, 640), (256, 1280)] {
+    // SD 1.5 at 512x512 (8 heads), then SDXL at 1024x1024 (head size 64: 10 and 20 heads).
+    for &(n, c, heads) in &[(4096usize, 320usize, 8usize), (1024, 640, 8), (256, 1280, 8), (4096, 640, 10), (1024, 1280, 20)] {
         let d = c / heads;
         let q = Tensor::randn(0f32, 1.0, (2, n, c), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, n, c), &dev)?;
