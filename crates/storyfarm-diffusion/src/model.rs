@@ -90,7 +90,7 @@ impl HubOptions {
     /// [`HubOptions::from_env`] over any variable lookup (tests pass a map, not the process
     /// environment, which all tests share).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let non_empty = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let non_empty = |name: &str| non_blank(var(name));
         let cache_dir = cache_dir_from(&non_empty);
         let offline = non_empty("HF_HUB_OFFLINE").is_some_and(|v| {
             matches!(
@@ -128,14 +128,19 @@ impl HubOptions {
     }
 
     fn cache_root(&self) -> Option<PathBuf> {
-        self.cache_dir.clone().or_else(|| {
-            cache_dir_from(&|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
-        })
+        self.cache_dir
+            .clone()
+            .or_else(|| cache_dir_from(&|name| non_blank(std::env::var(name).ok())))
     }
 
     fn revision(&self) -> &str {
         self.revision.as_deref().unwrap_or("main")
     }
+}
+
+/// A variable's value unless it is unset or blank (the Python client treats both alike).
+fn non_blank(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
 }
 
 /// The hub cache the Python client would use, from its variables.

@@ -202,6 +202,14 @@ fn write_board(dir: &Path, frames: usize, steps: u32, per_task: u32) -> PathBuf 
     path
 }
 
+/// `board` with its model replaced by `model` (a hub id, say).
+fn with_model(board: PathBuf, model: &str) -> PathBuf {
+    let text = std::fs::read_to_string(&board).unwrap();
+    let model_line = text.lines().next().unwrap().to_string();
+    std::fs::write(&board, text.replace(&model_line, &format!("model: {model}"))).unwrap();
+    board
+}
+
 async fn frames_of(farm: &Farm, job: &str) -> Vec<pb::Frame> {
     farm.jobs().await.list_frames(pb::ListFramesRequest { job_id: job.into() }).await.unwrap().into_inner().frames
 }
@@ -515,10 +523,7 @@ async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at
     farm.start_worker("first");
 
     // A model no worker can load fails its frames at once, with the reason.
-    let bad = write_board(dir.path(), 2, 5, 2);
-    let text = std::fs::read_to_string(&bad).unwrap();
-    let model_line = text.lines().next().unwrap().to_string();
-    std::fs::write(&bad, text.replace(&model_line, "model: no-such-org/no-such-model")).unwrap();
+    let bad = with_model(write_board(dir.path(), 2, 5, 2), "no-such-org/no-such-model");
     let failed = farm.wait_for(&farm.submit(&bad), Duration::from_secs(120)).await;
     assert_eq!(failed.state, pb::JobState::Failed as i32, "{failed:?}");
     assert!(failed.error.contains("no-such-org/no-such-model"), "{}", failed.error);
@@ -577,10 +582,7 @@ async fn a_retryable_failure_is_retried_with_backoff_until_the_attempts_run_out(
     worker.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", &hub).env("HF_HUB_CACHE", dir.path().join("hub"));
     farm.workers.push(worker.spawn().unwrap());
 
-    let board = write_board(dir.path(), 2, 5, 2);
-    let text = std::fs::read_to_string(&board).unwrap();
-    let model_line = text.lines().next().unwrap().to_string();
-    std::fs::write(&board, text.replace(&model_line, "model: some-org/unreachable-model")).unwrap();
+    let board = with_model(write_board(dir.path(), 2, 5, 2), "some-org/unreachable-model");
     let submitted = Instant::now();
     let job = farm.wait_for(&farm.submit(&board), Duration::from_secs(120)).await;
     let elapsed = submitted.elapsed();

@@ -32,6 +32,7 @@ fn fixtures() -> PathBuf {
 
 /// A file the fake hub serves. Weights are LFS files on the real hub: their `resolve` URL
 /// redirects to a content-addressed CDN URL and names the sha256 in `x-linked-etag`.
+#[derive(Clone)]
 struct HubFile {
     bytes: Vec<u8>,
     sha256: String,
@@ -105,20 +106,7 @@ impl FakeHub {
         }
         let stalling = HubRepo {
             commit: COMMIT,
-            files: plain
-                .files
-                .iter()
-                .map(|(n, f)| {
-                    (
-                        n.clone(),
-                        HubFile {
-                            bytes: f.bytes.clone(),
-                            sha256: f.sha256.clone(),
-                            lfs: f.lfs,
-                        },
-                    )
-                })
-                .collect(),
+            files: plain.files.clone(),
             stalls: true,
         };
         let repos: Repos = [(REPO, plain), (SHARDED, sharded), (STALLING, stalling)]
