@@ -99,18 +99,18 @@ fn main() -> Result<()> {
         let features = ReferenceFeatures::new();
         let capture = sa.with_role(StyleRole::CaptureReference(features.clone()));
         let target = sa.with_role(StyleRole::Targets(features));
-        let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa) } } else { Hooks::none() };
+        let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa), ..Hooks::none() } } else { Hooks::none() };
         let step = StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } };
         let mut ctx = ForwardContext { step, hooks };
         if mode == "sa-target" || mode == "sa-pair" {
             // Capture the reference once (not timed); every timed run is a target pass.
-            let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture) } };
+            let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture), ..Hooks::none() } };
             let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &reference))?;
             println!(
                 "sa-target reference capture pass: wall {wall:.3}s cpu {cpu:.3}s ({} layers captured)",
                 features_layers(&target)
             );
-            ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target) } };
+            ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target), ..Hooks::none() } };
         }
         if mode == "sa-pair" {
             let plain = ForwardContext { step, hooks: Hooks::none() };

@@ -11,6 +11,7 @@ use std::fmt;
 use candle_core::{DType, Tensor};
 
 use crate::error::Result;
+use crate::layers::{merge_heads, split_heads};
 
 /// Which part of the UNet a layer sits in, with the block index as in diffusers' weight names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,11 +239,34 @@ pub trait NormHook: Send + Sync {
     ) -> Result<(Tensor, Tensor)>;
 }
 
+/// Read-outs of whole UNet blocks (ConsiStory's DIFT features are the output of `up_blocks[0]`).
+pub trait BlockHook: Send + Sync {
+    /// Whether [`BlockHook::observe_up_block`] wants up block `index` in this call; asking nothing
+    /// costs nothing.
+    fn wants_up_block(&self, index: usize, ctx: &StepContext) -> bool;
+
+    /// The output `[B, C, H, W]` of up block `index`, after its upsampler.
+    fn observe_up_block(&self, index: usize, ctx: &StepContext, output: &Tensor) -> Result<()>;
+}
+
+/// FreeU (Si et al. 2023) as diffusers applies it: before every resnet of the first two up blocks,
+/// the first half of the backbone channels is scaled by `b1`/`b2` and the lowest frequencies of the
+/// skip connection by `s1`/`s2`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FreeU {
+    pub s1: f64,
+    pub s2: f64,
+    pub b1: f64,
+    pub b2: f64,
+}
+
 /// The hooks of one forward call; `Hooks::none()` is the plain model.
 #[derive(Clone, Copy, Default)]
 pub struct Hooks<'a> {
     pub attention: Option<&'a dyn AttentionHook>,
     pub norm: Option<&'a dyn NormHook>,
+    pub blocks: Option<&'a dyn BlockHook>,
+    pub freeu: Option<FreeU>,
 }
 
 impl<'a> Hooks<'a> {
@@ -256,6 +280,32 @@ impl<'a> Hooks<'a> {
 pub struct ForwardContext<'a> {
     pub step: StepContext,
     pub hooks: Hooks<'a>,
+}
+
+/// Runs attention over a hook's prepared inputs in token layout `[B, N, H*d]` and returns
+/// `[B, N, H*d]` (before `to_out`): the fused CPU kernel where it applies, else the head-split path.
+pub fn attend(inputs: AttentionInputs, scale: f64) -> Result<Tensor> {
+    let AttentionInputs { qkv, extra } = inputs;
+    let heads = qkv.heads;
+    if storyfarm_kernels::supported(&[&qkv.q, &qkv.k, &qkv.v]) {
+        let blocks: Vec<storyfarm_kernels::ExtraBlock> = extra
+            .iter()
+            .map(|e| storyfarm_kernels::ExtraBlock {
+                items: &e.items,
+                keys: &e.keys,
+                values: &e.values,
+                logit_bias: e.logit_bias,
+                key_mask: e.key_mask.as_ref(),
+            })
+            .collect();
+        return Ok(storyfarm_kernels::attention(&qkv.q, &qkv.k, &qkv.v, heads, scale as f32, &blocks)?);
+    }
+    let extra = extra
+        .into_iter()
+        .map(|e| Ok(ExtraKeys { keys: split_heads(&e.keys, heads)?, values: split_heads(&e.values, heads)?, ..e }))
+        .collect::<Result<Vec<_>>>()?;
+    let (q, k, v) = (split_heads(&qkv.q, heads)?, split_heads(&qkv.k, heads)?, split_heads(&qkv.v, heads)?);
+    merge_heads(&attention(&q, &k, &v, scale, &extra)?)
 }
 
 /// Queries per chunk are bounded so that one chunk's logits stay below this many elements

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod component;
+pub mod consistory;
 pub mod device;
 pub mod error;
 pub mod frames;

@@ -123,7 +123,7 @@ pub struct StableDiffusion {
 }
 
 /// Text conditioning of a whole UNet batch, in batch order.
-struct BatchConditioning {
+pub(crate) struct BatchConditioning {
     context: Tensor,
     added: Option<(Tensor, Tensor)>,
 }
@@ -183,7 +183,7 @@ impl StableDiffusion {
         crate::image_io::save_png(&image, path)
     }
 
-    fn batch_conditioning(
+    pub(crate) fn batch_conditioning(
         &self,
         cond: &[PromptEmbedding],
         uncond: &[PromptEmbedding],
@@ -218,7 +218,7 @@ impl StableDiffusion {
         Ok(BatchConditioning { context, added })
     }
 
-    fn encode_frames<'a>(
+    pub(crate) fn encode_frames<'a>(
         &self,
         prompts: impl Iterator<Item = (&'a str, Option<&'a str>)>,
     ) -> Result<(Vec<PromptEmbedding>, Vec<PromptEmbedding>)> {
@@ -313,7 +313,7 @@ impl StableDiffusion {
             .chain(targets.iter().map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())));
         let (cond, uncond) = self.encode_frames(prompts)?;
         let conditioning = self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
-        let hooks = Hooks { attention: Some(&hook), norm: Some(&hook) };
+        let hooks = Hooks { attention: Some(&hook), norm: Some(&hook), ..Hooks::none() };
         self.denoise(latents, &conditioning, settings, hooks, replay, progress)
     }
 
@@ -365,7 +365,7 @@ impl StableDiffusion {
                 settings,
                 ForwardContext {
                     step: step(BatchLayout { images: 1, guidance }),
-                    hooks: Hooks { attention: Some(&capture), norm: Some(&capture) },
+                    hooks: Hooks { attention: Some(&capture), norm: Some(&capture), ..Hooks::none() },
                 },
             )?;
             let (eps, raw) = self.guided_eps_raw(
@@ -375,7 +375,7 @@ impl StableDiffusion {
                 settings,
                 ForwardContext {
                     step: step(BatchLayout { images, guidance }),
-                    hooks: Hooks { attention: Some(&apply), norm: Some(&apply) },
+                    hooks: Hooks { attention: Some(&apply), norm: Some(&apply), ..Hooks::none() },
                 },
             )?;
             if first.is_none() {
@@ -408,7 +408,7 @@ impl StableDiffusion {
     }
 
     /// One UNet call over `latents` (doubled under guidance): guided noise and the raw output.
-    fn guided_eps_raw(
+    pub(crate) fn guided_eps_raw(
         &self,
         latents: &Tensor,
         t: usize,
@@ -515,7 +515,7 @@ impl StableDiffusion {
         })
     }
 
-    fn stack_latents<'a>(
+    pub(crate) fn stack_latents<'a>(
         &self,
         latents: impl Iterator<Item = &'a Tensor>,
         settings: &GenerationSettings,

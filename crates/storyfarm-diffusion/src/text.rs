@@ -433,6 +433,11 @@ pub struct TextConditioner {
 }
 
 impl TextConditioner {
+    /// The tokenizer of the first text encoder (ConsiStory finds subject tokens with it).
+    pub fn primary_tokenizer(&self) -> &PromptTokenizer {
+        &self.primary.tokenizer
+    }
+
     /// Loads the tokenizer(s) and text encoder(s) of a diffusers model folder; it is SDXL when
     /// `text_encoder_2/` exists.
     pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {

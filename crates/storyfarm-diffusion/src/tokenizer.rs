@@ -29,7 +29,8 @@ const CLIP_SPLIT_REGEX: &str =
 /// `[BOS] + up to max_length-2 BPE ids + [EOS]`, right-padded with the pad token.
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
-    dir: PathBuf,
+    /// The folder or file it was loaded from, for error messages.
+    source: PathBuf,
     max_length: usize,
     pad_id: u32,
     eos_id: u32,
@@ -47,12 +48,41 @@ impl PromptTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let special = SpecialTokens::read(dir)?;
         let json = dir.join("tokenizer.json");
-        let mut tokenizer = if json.is_file() {
+        let tokenizer = if json.is_file() {
             Tokenizer::from_file(&json).map_err(|e| tokenizer_error(&json, e))?
         } else {
             build_clip_tokenizer(dir)?
         };
+        Self::configure(tokenizer, special, dir)
+    }
 
+    /// Loads exactly one Hugging Face `tokenizer.json` file (any name), ignoring the
+    /// `tokenizer_config.json` / `special_tokens_map.json` a folder may hold next to it: the pad
+    /// token and length come from the file's own padding and truncation settings
+    /// (`<|endoftext|>` and 77 where it has none). Otherwise the same as [`Self::from_dir`].
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, e))?;
+        let fixed_padding = tokenizer.get_padding().and_then(|p| match p.strategy {
+            PaddingStrategy::Fixed(n) => Some(n),
+            _ => None,
+        });
+        let max_length = tokenizer
+            .get_truncation()
+            .map(|t| t.max_length)
+            .or(fixed_padding)
+            .filter(|&n| n > 0)
+            .unwrap_or(DEFAULT_MAX_LENGTH);
+        let special = SpecialTokens {
+            pad: None,
+            eos: None,
+            max_length,
+        };
+        Self::configure(tokenizer, special, path)
+    }
+
+    /// Registers the pad token as special and enforces truncation and padding to
+    /// `special.max_length`.
+    fn configure(mut tokenizer: Tokenizer, special: SpecialTokens, source: &Path) -> Result<Self> {
         let pad_token = special
             .pad
             .or_else(|| tokenizer.get_padding().map(|p| p.pad_token.clone()))
@@ -65,10 +95,14 @@ impl PromptTokenizer {
         {
             tokenizer
                 .add_special_tokens([AddedToken::from(pad_token.clone(), true)])
-                .map_err(|e| tokenizer_error(dir, e))?;
+                .map_err(|e| tokenizer_error(source, e))?;
         }
-        let pad_id = token_id(&tokenizer, dir, &pad_token)?;
-        let eos_id = token_id(&tokenizer, dir, special.eos.as_deref().unwrap_or(EOS_TOKEN))?;
+        let pad_id = token_id(&tokenizer, source, &pad_token)?;
+        let eos_id = token_id(
+            &tokenizer,
+            source,
+            special.eos.as_deref().unwrap_or(EOS_TOKEN),
+        )?;
 
         // Enforced whatever the file says: the text encoders need exactly max_length ids.
         tokenizer
@@ -76,7 +110,7 @@ impl PromptTokenizer {
                 max_length: special.max_length,
                 ..Default::default()
             }))
-            .map_err(|e| tokenizer_error(dir, e))?;
+            .map_err(|e| tokenizer_error(source, e))?;
         tokenizer.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(special.max_length),
             direction: PaddingDirection::Right,
@@ -88,7 +122,7 @@ impl PromptTokenizer {
 
         Ok(Self {
             tokenizer,
-            dir: dir.to_path_buf(),
+            source: source.to_path_buf(),
             max_length: special.max_length,
             pad_id,
             eos_id,
@@ -100,11 +134,11 @@ impl PromptTokenizer {
         let encoding = self
             .tokenizer
             .encode(prompt, true)
-            .map_err(|e| tokenizer_error(&self.dir, e))?;
+            .map_err(|e| tokenizer_error(&self.source, e))?;
         let ids = encoding.get_ids();
         if ids.len() != self.max_length {
             return Err(DiffusionError::Tokenizer {
-                path: self.dir.clone(),
+                path: self.source.clone(),
                 message: format!(
                     "prompt {prompt:?} gave {} ids instead of {}",
                     ids.len(),
@@ -365,6 +399,41 @@ mod tests {
         let tokenizer = PromptTokenizer::from_dir(dir.path())?;
         assert_eq!((tokenizer.pad_id(), tokenizer.eos_id()), (0, 49407));
         assert_matches(&tokenizer, "ids_pad_bang")
+    }
+
+    #[test]
+    fn tokenizer_file_alone_pad_bang() -> anyhow::Result<()> {
+        // Only the file, under another name: no config files next to it to read the pad from.
+        let dir = ScratchDir::new("file-alone")?;
+        let file = dir.path().join("bang.json");
+        std::fs::copy(model_dir("tiny-sdxl/tokenizer_2/tokenizer.json"), &file)?;
+        let tokenizer = PromptTokenizer::from_file(&file)?;
+        assert_eq!(
+            (
+                tokenizer.pad_id(),
+                tokenizer.eos_id(),
+                tokenizer.max_length()
+            ),
+            (0, 49407, 77)
+        );
+        assert_matches(&tokenizer, "ids_pad_bang")
+    }
+
+    #[test]
+    fn tokenizer_file_pad_eos() -> anyhow::Result<()> {
+        let tokenizer =
+            PromptTokenizer::from_file(&model_dir("tiny-sd15/tokenizer/tokenizer.json"))?;
+        assert_eq!((tokenizer.pad_id(), tokenizer.eos_id()), (49407, 49407));
+        assert_matches(&tokenizer, "ids_pad_eos")
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let file = model_dir("does-not-exist/tokenizer.json");
+        let err = PromptTokenizer::from_file(&file)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("does-not-exist")));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use crate::attention::{
-    self, AttentionId, AttentionInputs, AttentionKind, AttentionSite, ExtraKeys, ForwardContext,
+    self, AttentionId, AttentionKind, AttentionSite, ForwardContext,
     NormId, NormLayer, Qkv, UNetBlock,
 };
 use crate::error::Result;
@@ -446,30 +446,7 @@ impl Attention {
             let p = attention::attention_probabilities(&self.split_heads(&q)?, &self.split_heads(&k)?, self.scale)?;
             hook.observe_probabilities(&site, &ctx.step, &p)?;
         }
-        let AttentionInputs { qkv, extra } =
-            hook.prepare(&site, &ctx.step, Qkv { q, k, v, heads: self.heads })?;
-        let out = if kernels::supported(&[&qkv.q, &qkv.k, &qkv.v]) {
-            let blocks: Vec<kernels::ExtraBlock> = extra
-                .iter()
-                .map(|e| kernels::ExtraBlock {
-                    items: &e.items,
-                    keys: &e.keys,
-                    values: &e.values,
-                    logit_bias: e.logit_bias,
-                    key_mask: e.key_mask.as_ref(),
-                })
-                .collect();
-            kernels::attention(&qkv.q, &qkv.k, &qkv.v, self.heads, self.scale as f32, &blocks)?
-        } else {
-            let extra = extra
-                .into_iter()
-                .map(|e| {
-                    Ok(ExtraKeys { keys: self.split_heads(&e.keys)?, values: self.split_heads(&e.values)?, ..e })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let (q, k, v) = (self.split_heads(&qkv.q)?, self.split_heads(&qkv.k)?, self.split_heads(&qkv.v)?);
-            merge_heads(&attention::attention(&q, &k, &v, self.scale, &extra)?)?
-        };
+        let out = attention::attend(hook.prepare(&site, &ctx.step, Qkv { q, k, v, heads: self.heads })?, self.scale)?;
         let out = hook.finish(&site, &ctx.step, out)?;
         linear_add(&self.to_out, &out, residual)
     }

@@ -2,6 +2,7 @@
 //! attention and GroupNorm layer reachable through the typed seam in [`crate::attention`].
 
 mod config;
+pub mod freeu;
 mod layers;
 
 pub use config::{DownBlockType, UNetConfig, UpBlockType};
@@ -370,11 +371,19 @@ impl UNet {
         }
         let mid_out = x.clone();
 
-        for block in &self.up_blocks {
+        for (index, block) in self.up_blocks.iter().enumerate() {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| {
                     DiffusionError::invalid_argument("sample", "skip connections exhausted")
                 })?;
+                let skip = match &ctx.hooks.freeu {
+                    Some(freeu) => {
+                        let (scaled, filtered) = freeu::apply(freeu, index, &x, &skip)?;
+                        x = scaled;
+                        filtered
+                    }
+                    None => skip,
+                };
                 x = Tensor::cat(&[&x, &skip], 1)?;
                 x = resnet.forward(&x, &temb, ctx)?;
                 if let Some(attn) = block.attentions.get(j) {
@@ -389,6 +398,9 @@ impl UNet {
                     .ok_or_else(|| DiffusionError::invalid_argument("sample", "no skip to upsample to"))?
                     .dims4()?;
                 x = up.forward(&x.upsample_nearest2d(h, w)?)?;
+            }
+            if let Some(hook) = ctx.hooks.blocks.filter(|b| b.wants_up_block(index, &ctx.step)) {
+                hook.observe_up_block(index, &ctx.step, &x)?;
             }
         }
 

@@ -1,0 +1,246 @@
+//! ConsiStory (Tewel et al. 2024, NVlabs/consistory) as hooks on the attention seam: subject masks
+//! from cross-attention, subject-driven shared self-attention (SDSA) with mask dropout, vanilla
+//! query blending, DIFT correspondences and feature injection, FreeU; run as the official code runs
+//! it (../shared/tools/consistory-goldens/METHOD.md is the step-by-step account this follows).
+//!
+//! Levels are resolution levels of the UNet (0 = latent size). The official code is SDXL-only and
+//! names resolutions of a 1024² render: its "32²" layers are the level at 1/4 of the latent side
+//! (level 2) and its "64²" layers the level at 1/2 (level 1). Those ratios carry over to SD 1.5,
+//! whose attention also runs at level 0: there SDSA, masks and injection use levels 2 and 1 exactly
+//! as SDXL does and level 0 stays plain ([`ConsistoryLevels`]).
+
+pub mod hook;
+pub mod maths;
+pub mod run;
+
+use serde::{Deserialize, Serialize};
+
+use crate::attention::{AttentionId, AttentionKind, FreeU, UNetBlock};
+use crate::error::{DiffusionError, Result};
+use crate::unet::UNet;
+
+/// The official settings of `run_batch_generation` / `run_anchor_generation`, as defaults.
+/// Step indices are absolute (the official code runs 50 steps); the DIFT features are read at the
+/// step whose timestep is nearest to `dift_timestep`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistoryOptions {
+    /// Probability that a subject token of another image is dropped at a step.
+    pub mask_dropout: f32,
+    /// First step with shared attention (step 0 has no masks yet).
+    pub sdsa_first_step: usize,
+    /// Vanilla query blending on steps `sdsa_first_step..=query_blend_last_step`.
+    pub query_blend_last_step: usize,
+    /// `linspace(start, end, query_blend_last_step + 1)[step]` is the vanilla query's weight.
+    pub query_blend_start: f64,
+    pub query_blend_end: f64,
+    /// Feature injection on steps `first..=last` with weight `alpha` on the source features.
+    pub injection_first_step: usize,
+    pub injection_last_step: usize,
+    pub injection_alpha: f64,
+    pub dift_timestep: usize,
+    /// Cross-attention maps are averaged over this many most recent steps.
+    pub mask_window: usize,
+    pub freeu: Option<FreeU>,
+}
+
+impl Default for ConsistoryOptions {
+    fn default() -> Self {
+        Self {
+            mask_dropout: 0.5,
+            sdsa_first_step: 1,
+            query_blend_last_step: 5,
+            query_blend_start: 0.9,
+            query_blend_end: 0.81836735,
+            injection_first_step: 5,
+            injection_last_step: 16,
+            injection_alpha: 0.8,
+            dift_timestep: 261,
+            mask_window: 20,
+            freeu: Some(FreeU {
+                s1: 0.6,
+                s2: 0.4,
+                b1: 1.1,
+                b2: 1.2,
+            }),
+        }
+    }
+}
+
+impl ConsistoryOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.mask_dropout) {
+            return Err(DiffusionError::invalid_argument(
+                "mask_dropout",
+                format!("must lie in [0, 1], got {}", self.mask_dropout),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.injection_alpha) {
+            return Err(DiffusionError::invalid_argument(
+                "injection_alpha",
+                format!("must lie in [0, 1], got {}", self.injection_alpha),
+            ));
+        }
+        if self.mask_window == 0 {
+            return Err(DiffusionError::invalid_argument(
+                "mask_window",
+                "must be at least 1",
+            ));
+        }
+        if self.injection_first_step > self.injection_last_step {
+            return Err(DiffusionError::invalid_argument(
+                "injection_first_step",
+                format!(
+                    "{} is after injection_last_step {}",
+                    self.injection_first_step, self.injection_last_step
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The vanilla query's weight at `step`, as numpy's float64 `linspace` computes it.
+    pub fn query_blend_weight(&self, step: usize) -> Option<f64> {
+        if step < self.sdsa_first_step || step > self.query_blend_last_step {
+            return None;
+        }
+        let n = self.query_blend_last_step + 1;
+        Some(maths::linspace(self.query_blend_start, self.query_blend_end, n)[step])
+    }
+
+    pub fn injects_at(&self, step: usize) -> bool {
+        (self.injection_first_step..=self.injection_last_step).contains(&step)
+    }
+}
+
+/// Where in a UNet ConsiStory acts (see the module docs for the SDXL-to-SD-1.5 mapping).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsistoryLevels {
+    /// Cross-attention maps are recorded here; masks are made here and at `injection`.
+    pub mask: usize,
+    /// Self-attention of up blocks at these levels shares subject tokens.
+    pub sdsa: Vec<usize>,
+    /// Self-attention of down and up blocks at this level injects features.
+    pub injection: usize,
+    /// The up block whose output (after its upsampler) is at the injection level: DIFT features.
+    pub dift_up_block: usize,
+}
+
+impl ConsistoryLevels {
+    /// Levels 2 and 1 of any UNet with at least three resolution levels and attention there.
+    pub fn for_unet(unet: &UNet) -> Result<Self> {
+        let ids = unet.attention_ids();
+        let down_blocks = unet.config().num_downsamplers() + 1;
+        let has = |level: usize, kind: AttentionKind, up: bool| {
+            ids.iter().any(|id| {
+                id.level == level
+                    && id.kind == kind
+                    && (!up || matches!(id.block, UNetBlock::Up(_)))
+            })
+        };
+        for level in [1, 2] {
+            if !has(level, AttentionKind::SelfAttention, true)
+                || !has(level, AttentionKind::CrossAttention, false)
+            {
+                return Err(DiffusionError::invalid_argument(
+                    "model",
+                    format!(
+                        "ConsiStory needs self- and cross-attention at resolution levels 1 and 2 (1/2 and 1/4 of the latent side); this UNet has none at level {level}"
+                    ),
+                ));
+            }
+        }
+        if down_blocks < 3 {
+            return Err(DiffusionError::invalid_argument(
+                "model",
+                format!(
+                    "ConsiStory needs at least 3 resolution levels, this UNet has {down_blocks}"
+                ),
+            ));
+        }
+        Ok(Self {
+            mask: 2,
+            sdsa: vec![2, 1],
+            injection: 1,
+            dift_up_block: down_blocks - 3,
+        })
+    }
+
+    /// The levels masks are made for, coarse first: the order of the official dropout draws.
+    pub fn mask_levels(&self) -> [usize; 2] {
+        [self.mask, self.injection]
+    }
+
+    pub fn is_sdsa_layer(&self, id: &AttentionId) -> bool {
+        id.kind == AttentionKind::SelfAttention
+            && matches!(id.block, UNetBlock::Up(_))
+            && self.sdsa.contains(&id.level)
+    }
+
+    pub fn is_injection_layer(&self, id: &AttentionId) -> bool {
+        id.kind == AttentionKind::SelfAttention
+            && matches!(id.block, UNetBlock::Up(_) | UNetBlock::Down(_))
+            && id.level == self.injection
+    }
+
+    pub fn is_mask_layer(&self, id: &AttentionId) -> bool {
+        id.kind == AttentionKind::CrossAttention && id.level == self.mask
+    }
+}
+
+/// Which images of a set see which: `mapping[i][j]` lets image `i` attend to image `j`'s subject
+/// tokens and take injected features from it (the diagonal is always set).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnchorMapping {
+    rows: Vec<Vec<bool>>,
+    /// Images whose dropout is drawn each step, `0..dropout_images` (official: every image of a
+    /// batch run; in anchor mode only the anchors, so that extra frames never move the draws).
+    pub dropout_images: usize,
+}
+
+impl AnchorMapping {
+    /// Official batch mode: `eye(B)` with the anchor columns set (anchors see each other, every
+    /// other image sees the anchors, non-anchors never see each other). Dropout is drawn for all.
+    pub fn batch(images: usize, anchors: usize) -> Self {
+        let rows = (0..images)
+            .map(|i| (0..images).map(|j| i == j || j < anchors).collect())
+            .collect();
+        Self {
+            rows,
+            dropout_images: images,
+        }
+    }
+
+    /// Anchor mode: `anchors` images see each other (the official `ones(A, A)`), and each of the
+    /// `frames` after them sees the anchors and itself only, so a frame never depends on the others.
+    pub fn anchors_then_frames(anchors: usize, frames: usize) -> Self {
+        let n = anchors + frames;
+        let rows = (0..n)
+            .map(|i| (0..n).map(|j| i == j || j < anchors).collect())
+            .collect();
+        Self {
+            rows,
+            dropout_images: anchors,
+        }
+    }
+
+    pub fn images(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn sees(&self, image: usize, source: usize) -> bool {
+        self.rows[image][source]
+    }
+
+    /// Whether image `i` maps to any image but itself.
+    pub fn has_sources(&self, image: usize) -> bool {
+        self.rows[image]
+            .iter()
+            .enumerate()
+            .any(|(j, &m)| m && j != image)
+    }
+
+    pub fn row(&self, image: usize) -> &[bool] {
+        &self.rows[image]
+    }
+}
