@@ -127,42 +127,48 @@ pub struct ConsistoryLevels {
 }
 
 impl ConsistoryLevels {
-    /// Levels 2 and 1 of any UNet with at least three resolution levels and attention there.
+    /// Levels 2 and 1 (1/4 and 1/2 of the latent side) wherever the UNet has attention there:
+    /// SDXL and SD 1.x/2.x alike. A UNet whose attention stops above level 2 (the tiny SD 1.5
+    /// test model: levels 0 and 1 only) uses its two coarsest attention levels instead.
     pub fn for_unet(unet: &UNet) -> Result<Self> {
         let ids = unet.attention_ids();
         let down_blocks = unet.config().num_downsamplers() + 1;
-        let has = |level: usize, kind: AttentionKind, up: bool| {
-            ids.iter().any(|id| {
-                id.level == level
-                    && id.kind == kind
-                    && (!up || matches!(id.block, UNetBlock::Up(_)))
-            })
+        let usable = |level: usize| {
+            let has = |kind: AttentionKind, up_only: bool| {
+                ids.iter().any(|id| {
+                    id.level == level
+                        && id.kind == kind
+                        && (!up_only || matches!(id.block, UNetBlock::Up(_)))
+                })
+            };
+            has(AttentionKind::SelfAttention, true) && has(AttentionKind::CrossAttention, true)
         };
-        for level in [1, 2] {
-            if !has(level, AttentionKind::SelfAttention, true)
-                || !has(level, AttentionKind::CrossAttention, false)
-            {
-                return Err(DiffusionError::invalid_argument(
-                    "model",
-                    format!(
-                        "ConsiStory needs self- and cross-attention at resolution levels 1 and 2 (1/2 and 1/4 of the latent side); this UNet has none at level {level}"
-                    ),
-                ));
+        let mut levels: Vec<usize> = (0..down_blocks).filter(|&l| usable(l)).collect();
+        let (mask, injection) = if usable(2) && usable(1) {
+            (2, 1)
+        } else {
+            match (levels.pop(), levels.pop()) {
+                (Some(coarse), Some(fine)) => (coarse, fine),
+                _ => {
+                    return Err(DiffusionError::invalid_argument(
+                        "model",
+                        "ConsiStory needs decoder self- and cross-attention at two resolution levels; this UNet has fewer",
+                    ))
+                }
             }
-        }
-        if down_blocks < 3 {
-            return Err(DiffusionError::invalid_argument(
+        };
+        // Up block i runs at level L-1-i and its upsampler brings it to L-2-i.
+        let dift_up_block = (down_blocks - 2).checked_sub(injection).ok_or_else(|| {
+            DiffusionError::invalid_argument(
                 "model",
-                format!(
-                    "ConsiStory needs at least 3 resolution levels, this UNet has {down_blocks}"
-                ),
-            ));
-        }
+                format!("no up block ends at level {injection}"),
+            )
+        })?;
         Ok(Self {
-            mask: 2,
-            sdsa: vec![2, 1],
-            injection: 1,
-            dift_up_block: down_blocks - 3,
+            mask,
+            sdsa: vec![mask, injection],
+            injection,
+            dift_up_block,
         })
     }
 
