@@ -31,7 +31,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn spec(frames: usize) -> StoredStoryboard {
     let mut spec = StoryboardSpec::from_yaml("model: bench\nwidth: 64\nheight: 64\nsteps: 4\nframes_per_task: 1\nframes: []\n")
         .expect("valid board");
-    spec.frames = (0..frames).map(|i| storyfarm_core::FrameSpec { prompt: format!("f{i}"), negative_prompt: None, seed: None }).collect();
+    spec.frames = (0..frames).map(|i| storyfarm_core::FrameSpec { prompt: format!("f{i}"), negative_prompt: None, seed: None, characters: Vec::new() }).collect();
     StoredStoryboard { spec, reference_id: None }
 }
 

@@ -123,7 +123,7 @@ mod tests {
         let mut spec = StoryboardSpec::from_yaml("model: m\nwidth: 64\nheight: 64\nsteps: 4\nseed: 10\nframes: []\n").unwrap();
         spec.frames_per_task = per_task;
         spec.frames = (0..frames)
-            .map(|i| storyfarm_core::FrameSpec { prompt: format!("p{i}"), negative_prompt: None, seed: None })
+            .map(|i| storyfarm_core::FrameSpec { prompt: format!("p{i}"), negative_prompt: None, seed: None, characters: Vec::new() })
             .collect();
         if style {
             spec.style = Some(StyleSpec {

@@ -172,10 +172,18 @@ fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(Storybo
         seed: 0,
         frames_per_task: if settings.frames_per_task == 0 { 4 } else { settings.frames_per_task },
         style: style.as_ref().map(|(s, _)| s.clone()),
+        // The API has no characters yet.
+        characters: Vec::new(),
+        consistory: Default::default(),
         frames: req
             .frames
             .iter()
-            .map(|f| FrameSpec { prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+            .map(|f| FrameSpec {
+                prompt: f.prompt.clone(),
+                negative_prompt: f.negative_prompt.clone(),
+                seed: f.seed,
+                characters: Vec::new(),
+            })
             .collect(),
     };
     spec.validate().map_err(|e| {

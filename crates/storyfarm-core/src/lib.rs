@@ -7,4 +7,6 @@ pub mod storyboard;
 pub mod trace;
 
 pub use ids::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
-pub use storyboard::{FrameSpec, StoryboardSpec, StyleOptions, StyleSpec, ValidationError};
+pub use storyboard::{
+    CharacterSpec, ConsistoryOptions, FrameSpec, StoryboardSpec, StyleOptions, StyleSpec, ValidationError,
+};

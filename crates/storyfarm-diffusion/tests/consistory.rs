@@ -70,7 +70,7 @@ fn check_anchor_invariance(model: &str, size: usize) {
     };
     let options = ConsistoryOptions::default();
     let words = vec!["dog".to_string()];
-    let anchors = vec![
+    let anchors = [
         frame(&sd, "a photo of a cute dog on the beach", 1, &settings),
         frame(&sd, "a photo of a cute dog in the snow", 2, &settings),
     ];
@@ -85,6 +85,7 @@ fn check_anchor_invariance(model: &str, size: usize) {
             subject_words: &words,
             mapping: AnchorMapping::anchors_then_frames(anchors.len(), frames.len()),
             dropout: DropoutDraws::Seeded { seed: 77 },
+            replays: &[],
         };
         sd.consistory(&settings, &options, &set, &mut no_progress)
             .unwrap()
@@ -158,4 +159,75 @@ fn levels_follow_the_resolution_ratio() {
         (tiny15.mask, tiny15.injection, tiny15.dift_up_block),
         (1, 0, 1)
     );
+}
+
+/// A character from a picture: the image is DDIM-inverted with its description and replayed as an
+/// anchor. The anchor follows its trajectory exactly, still yields a subject mask from its own
+/// cross-attention, and frames stay independent of each other.
+#[test]
+fn an_inverted_image_is_an_anchor() {
+    let sd = load("tiny-sdxl");
+    let settings = GenerationSettings {
+        height: 128,
+        width: 128,
+        steps: 8,
+        guidance_scale: 5.0,
+    };
+    let image = Tensor::rand(-1f32, 1f32, (1, 3, 128, 128), &Device::Cpu).unwrap();
+    let description = "a drawing of a cute dog";
+    let inverted = sd
+        .invert(&image, description, settings.steps, 1.0, &mut no_progress)
+        .unwrap();
+    let words = vec!["dog".to_string()];
+    let anchors = [
+        FrameInput {
+            prompt: description.into(),
+            negative_prompt: None,
+            init_latents: inverted.zts.get(0).unwrap().unsqueeze(0).unwrap(),
+        },
+        frame(&sd, "a photo of a cute dog in the snow", 2, &settings),
+    ];
+    let extra = [
+        frame(&sd, "a photo of a cute dog in the park", 3, &settings),
+        frame(&sd, "a photo of a cute dog on a sofa", 4, &settings),
+    ];
+    let replays = [(0usize, inverted.zts.clone())];
+    let run = |frames: &[FrameInput]| {
+        let all: Vec<FrameInput> = anchors.iter().chain(frames).cloned().collect();
+        let set = ConsistorySet {
+            frames: &all,
+            subject_words: &words,
+            mapping: AnchorMapping::anchors_then_frames(2, frames.len()),
+            dropout: DropoutDraws::Seeded { seed: 5 },
+            replays: &replays,
+        };
+        sd.consistory(
+            &settings,
+            &ConsistoryOptions::default(),
+            &set,
+            &mut no_progress,
+        )
+        .unwrap()
+    };
+    let together = run(&extra);
+    let alone = run(&extra[1..]);
+    let tol = 1e-4 * absmax(&together.final_latents);
+    assert!(
+        max_abs(
+            &alone.final_latents.get(2).unwrap(),
+            &together.final_latents.get(3).unwrap()
+        ) <= tol
+    );
+    for (step, latents) in together.pass2.latents.iter().enumerate() {
+        let expected = inverted.zts.get(step + 1).unwrap();
+        assert_eq!(
+            max_abs(&latents.get(0).unwrap(), &expected),
+            0.0,
+            "step {step}"
+        );
+    }
+    let level = ConsistoryLevels::for_unet(&sd.unet).unwrap().injection;
+    assert!(together.pass1.final_masks(level).unwrap().subject[0]
+        .iter()
+        .any(|&x| x));
 }

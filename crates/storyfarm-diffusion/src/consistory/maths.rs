@@ -460,7 +460,10 @@ pub fn dropout_keep(mask: &[bool], uniforms: &[f32], p: f32) -> Result<Vec<bool>
     Ok(mask
         .iter()
         .zip(uniforms)
-        .map(|(&m, &u)| m && !(u < p))
+        .map(|(&m, &u)| {
+            let dropped = u < p;
+            m && !dropped
+        })
         .collect())
 }
 
@@ -607,7 +610,7 @@ pub fn nearest_neighbours_normalized(
     channels: usize,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
     check_nonzero("channels", channels)?;
-    if target.len() % channels != 0 {
+    if !target.len().is_multiple_of(channels) {
         return Err(DiffusionError::invalid_argument(
             "target",
             format!(
@@ -915,7 +918,7 @@ pub fn apply_anchor_injection(
 ) -> Result<()> {
     let n = plan_patches(plan);
     check_len("out", out, plan.targets.len() * n * channels)?;
-    if n == 0 || anchor_out.len() % (n * channels) != 0 {
+    if n == 0 || !anchor_out.len().is_multiple_of(n * channels) {
         return Err(DiffusionError::invalid_argument(
             "anchor_out",
             format!(
@@ -1059,9 +1062,11 @@ mod tests {
     // torch.manual_seed(40); print(repr(torch.rand(4).numpy()))
     //
     // print("gaussian")
+    // impulse = torch.zeros(1, 3, 3); impulse[0, 1, 1] = 1
+    // print([str(v) for v in gaussian_smooth(impulse, kernel_size=3, sigma=1).numpy().ravel()])
     // feat = (xs32(13, 2 * 64 * 64) * f32(2) - f32(1)).reshape(2, 64, 64)
     // g = gaussian_smooth(torch.from_numpy(feat), kernel_size=3, sigma=1).numpy().ravel()
-    // print(fnv(g), repr(g[:3]), repr(g[4096 + 130]))
+    // print(fnv(g), [str(v) for v in g[:3]], str(g[4096 + 130]))
     //
     // print("nn maps")  # gen_nn_map(source j, source mask, target i, target mask, res)
     // src = torch.from_numpy(xs32(14, 6 * 8 * 8) - f32(0.5)).view(6, 8, 8)
@@ -1166,12 +1171,32 @@ mod tests {
         // Arrays where numpy's correction of the computed bin against the float32 edges moves a
         // value, and the threshold with it (naive binning gives 3.3655827 and 0.61616).
         let edge_a = [
-            3.4771605f32, 3.4883976, 3.489513, 3.2989657, 3.3659549, 3.472039, 3.4692757,
-            3.4811227, 3.4514124, 3.3322299, 3.3179555, 3.406283,
+            3.4771605f32,
+            3.4883976,
+            3.489513,
+            3.2989657,
+            3.3659549,
+            3.472039,
+            3.4692757,
+            3.4811227,
+            3.4514124,
+            3.3322299,
+            3.3179555,
+            3.406283,
         ];
         let edge_b = [
-            0.96004015f32, 0.4573404, 1.0221004, 0.38257527, 0.5717171, 1.0290368, 0.95970225,
-            0.9148418, 0.85354716, 0.6174226, 0.88939595, 0.97887707,
+            0.96004015f32,
+            0.4573404,
+            1.0221004,
+            0.38257527,
+            0.5717171,
+            1.0290368,
+            0.95970225,
+            0.9148418,
+            0.85354716,
+            0.6174226,
+            0.88939595,
+            0.97887707,
         ];
         let u2 = xs32(2, 1024);
         let u3 = xs32(3, 4096);
@@ -1179,7 +1204,10 @@ mod tests {
             (edge_a.to_vec(), 3.366327),
             (edge_b.to_vec(), 0.61868525),
             (xs32(1, 1024), 0.5015581),
-            (u2.iter().map(|&u| u * u * u * u * 0.01).collect(), 0.0035163467),
+            (
+                u2.iter().map(|&u| u * u * u * u * 0.01).collect(),
+                0.0035163467,
+            ),
             (u3.iter().map(|&u| 1.0 - 0.5 * (u * u)).collect(), 0.7920181),
             (xs32(4, 7), 0.38192943),
             (blob(32, 12.0, 17.0, 40.0, 5), 0.024505086),
@@ -1205,13 +1233,68 @@ mod tests {
         // (seed, channels, h, w, out h, out w, hash, first three, last): the channels-last kernel
         // with leftover channels only, with full 16-lane vectors plus 3 leftovers, and (outputs
         // over 128 rows + columns) the generic kernel.
-        let cases: [(u32, usize, usize, usize, usize, usize, u64, [f32; 4]); 6] = [
-            (7, 1, 32, 32, 64, 64, 0x184eee1d16c8c8a9, [0.0004406, 0.02771071, 0.08225092, 0.06091988]),
-            (8, 1, 7, 5, 11, 13, 0xd24a031a4eccf65f, [0.0005036, 0.01008281, 0.05797888, 0.12871838]),
-            (9, 19, 8, 8, 4, 4, 0x4a666ac4d5cd0679, [0.42937732, 0.41155308, 0.5632806, 0.23987693]),
-            (10, 19, 6, 5, 9, 7, 0xbaa5168c703446e8, [0.00062948, 0.08957934, 0.27233264, 0.73550105]),
-            (11, 1, 32, 32, 100, 100, 0x4b6b746be2482903, [0.00069243, 0.00069243, 0.05209629, 0.6627084]),
-            (12, 2, 17, 23, 90, 95, 0x65c27fcd0a12865b, [0.00075537, 0.00075537, 0.02041777, 0.9098084]),
+        type Case = (u32, usize, usize, usize, usize, usize, u64, [f32; 4]);
+        let cases: [Case; 6] = [
+            (
+                7,
+                1,
+                32,
+                32,
+                64,
+                64,
+                0x184eee1d16c8c8a9,
+                [0.0004406, 0.02771071, 0.08225092, 0.06091988],
+            ),
+            (
+                8,
+                1,
+                7,
+                5,
+                11,
+                13,
+                0xd24a031a4eccf65f,
+                [0.0005036, 0.01008281, 0.05797888, 0.12871838],
+            ),
+            (
+                9,
+                19,
+                8,
+                8,
+                4,
+                4,
+                0x4a666ac4d5cd0679,
+                [0.42937732, 0.41155308, 0.5632806, 0.23987693],
+            ),
+            (
+                10,
+                19,
+                6,
+                5,
+                9,
+                7,
+                0xbaa5168c703446e8,
+                [0.00062948, 0.08957934, 0.27233264, 0.73550105],
+            ),
+            (
+                11,
+                1,
+                32,
+                32,
+                100,
+                100,
+                0x4b6b746be2482903,
+                [0.00069243, 0.00069243, 0.05209629, 0.6627084],
+            ),
+            (
+                12,
+                2,
+                17,
+                23,
+                90,
+                95,
+                0x65c27fcd0a12865b,
+                [0.00075537, 0.00075537, 0.02041777, 0.9098084],
+            ),
         ];
         for (seed, c, h, w, oh, ow, hash, samples) in cases {
             let out = resize_bilinear_channels(&xs32(seed, c * h * w), c, h, w, oh, ow).unwrap();
@@ -1232,8 +1315,20 @@ mod tests {
         let maps: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
         // (res, thresholds, pixels per concept, union pixels, union hash)
         let cases = [
-            (32, [0.024505086f32, 0.01697471], [204, 111], 315, 0x3774ea55e4d5b128u64),
-            (64, [0.024688326, 0.01663779], [786, 464], 1250, 0x6f5c10c588ab6d8d),
+            (
+                32,
+                [0.024505086f32, 0.01697471],
+                [204, 111],
+                315,
+                0x3774ea55e4d5b128u64,
+            ),
+            (
+                64,
+                [0.024688326, 0.01663779],
+                [786, 464],
+                1250,
+                0x6f5c10c588ab6d8d,
+            ),
         ];
         for (res, thresholds, counts, union_count, hash) in cases {
             for k in 0..2 {
@@ -1306,15 +1401,26 @@ mod tests {
         assert_eq!(
             gaussian_kernel_3x3(DIFT_SIGMA),
             [
-                0.07511361, 0.1238414, 0.07511361, 0.1238414, 0.20417996, 0.1238414, 0.07511361,
-                0.1238414, 0.07511361
+                0.07511361,
+                0.123841405,
+                0.07511361,
+                0.123841405,
+                0.20417996,
+                0.123841405,
+                0.07511361,
+                0.123841405,
+                0.07511361
             ]
         );
         let features = scaled(13, 2 * 64 * 64, 2.0, 1.0);
         let out = gaussian_smooth_3x3(&features, 2, 64, 64, DIFT_SIGMA).unwrap();
         assert_eq!(out[..3], [-0.27063274, -0.1798288, 0.02431637]);
         assert_eq!(out[4096 + 130], 0.028519813);
-        assert_eq!(fnv(&out), 0x3998d80cfeafae2a, "not bit-identical to the official smoothing");
+        assert_eq!(
+            fnv(&out),
+            0x3998d80cfeafae2a,
+            "not bit-identical to the official smoothing"
+        );
     }
 
     #[test]
@@ -1360,7 +1466,9 @@ mod tests {
     fn nearest_neighbours_ties_and_masked_rows() {
         // 2×2 maps of 3 channels: source patches e0 e0 e1 e0, target patches e0 e1 e2 −e0.
         let planar = |patches: [[f32; 3]; 4]| -> Vec<f32> {
-            (0..3).flat_map(|c| patches.iter().map(move |p| p[c])).collect()
+            (0..3)
+                .flat_map(|c| patches.iter().map(move |p| p[c]))
+                .collect()
         };
         let source = planar([[1., 0., 0.], [1., 0., 0.], [0., 1., 0.], [1., 0., 0.]]);
         let target = planar([[1., 0., 0.], [0., 1., 0.], [0., 0., 1.], [-1., 0., 0.]]);
@@ -1373,9 +1481,15 @@ mod tests {
         assert_eq!(map, [0, 0, 0, 0]);
         assert_eq!(dist, [2.0; 4]);
         // A kept patch at distance 2 ties with the masked patch 0 at 2: the first index wins.
-        let (map, dist) =
-            nearest_neighbours(&target[..], &source, &[false, true, false, false], 3, (2, 2), (2, 2))
-                .unwrap();
+        let (map, dist) = nearest_neighbours(
+            &target[..],
+            &source,
+            &[false, true, false, false],
+            3,
+            (2, 2),
+            (2, 2),
+        )
+        .unwrap();
         assert_eq!((map[3], dist[3]), (0, 2.0));
         assert_eq!((map[0], dist[0]), (1, 0.0));
     }
@@ -1383,8 +1497,9 @@ mod tests {
     #[test]
     fn batch_maps_are_the_pairwise_maps() {
         let (c, side) = (4, 6);
-        let features: Vec<Vec<f32>> =
-            (0..3).map(|i| scaled(30 + i, c * side * side, 1.0, 0.5)).collect();
+        let features: Vec<Vec<f32>> = (0..3)
+            .map(|i| scaled(30 + i, c * side * side, 1.0, 0.5))
+            .collect();
         let masks: Vec<Vec<bool>> = (0..3).map(|i| below(40 + i, 9, 0.5)).collect();
         let sees = |i: usize, j: usize| j < 2 || i == j;
         let maps = nn_maps(&features, &masks, c, (side, side), (3, 3), sees).unwrap();
@@ -1393,13 +1508,25 @@ mod tests {
         assert_eq!(keys, [(0, 1), (1, 0), (2, 0), (2, 1)]);
         for (&(i, j), found) in &maps {
             let single = nearest_neighbours(
-                &features[i], &features[j], &masks[j], c, (side, side), (3, 3),
+                &features[i],
+                &features[j],
+                &masks[j],
+                c,
+                (side, side),
+                (3, 3),
             )
             .unwrap();
             assert_eq!(*found, single);
         }
-        let anchors = anchor_nn_maps(&features[2..], &features[..2], &masks[..2], c, (side, side), (3, 3))
-            .unwrap();
+        let anchors = anchor_nn_maps(
+            &features[2..],
+            &features[..2],
+            &masks[..2],
+            c,
+            (side, side),
+            (3, 3),
+        )
+        .unwrap();
         assert_eq!(anchors[&(0, 0)], maps[&(2, 0)]);
         assert_eq!(anchors[&(0, 1)], maps[&(2, 1)]);
     }
@@ -1414,12 +1541,18 @@ mod tests {
         for i in 0..b {
             for j in (0..b).filter(|&j| j != i) {
                 let at = (i * b + j) * n..(i * b + j + 1) * n;
-                let m = map[at.clone()].iter().map(|&u| (u * n as f32) as u32).collect();
+                let m = map[at.clone()]
+                    .iter()
+                    .map(|&u| (u * n as f32) as u32)
+                    .collect();
                 let d = dist[at].iter().map(|&u| u * 1.5).collect();
                 nn.insert((i, j), (m, d));
             }
         }
-        let masks = below(19, b * n, 0.6).chunks(n).map(<[bool]>::to_vec).collect();
+        let masks = below(19, b * n, 0.6)
+            .chunks(n)
+            .map(<[bool]>::to_vec)
+            .collect();
         (nn, masks, scaled(20, b * n * 2, 2.0, 1.0))
     }
 
@@ -1436,13 +1569,22 @@ mod tests {
         }
         let mut injected = out.clone();
         apply_injection(&plan, &mut injected, 2, INJECTION_ALPHA).unwrap();
-        assert_eq!(injected[..4], [-0.99748206, -0.3709302, 0.37840515, -0.17714131]);
-        assert_eq!(fnv(&injected), 0xa5a779bd7ac1ee5b, "not bit-identical to inject_outputs");
+        assert_eq!(
+            injected[..4],
+            [-0.99748206, -0.3709302, 0.37840515, -0.17714131]
+        );
+        assert_eq!(
+            fnv(&injected),
+            0xa5a779bd7ac1ee5b,
+            "not bit-identical to inject_outputs"
+        );
         // Every target reading the original outputs instead gives the official code's numbers
         // only without its in-place aliasing: image 1 would miss image 0's injected values.
         let mut copying = out.clone();
         for i in 0..3 {
-            let mut single = InjectionPlan { targets: vec![None; 3] };
+            let mut single = InjectionPlan {
+                targets: vec![None; 3],
+            };
             single.targets[i] = plan.targets[i].clone();
             let mut fresh = out.clone();
             apply_injection(&single, &mut fresh, 2, INJECTION_ALPHA).unwrap();
@@ -1463,7 +1605,10 @@ mod tests {
         let dist = xs32(23, a * n);
         let mut nn = NnMaps::new();
         for j in 0..a {
-            let m = map[j * n..(j + 1) * n].iter().map(|&u| (u * n as f32) as u32).collect();
+            let m = map[j * n..(j + 1) * n]
+                .iter()
+                .map(|&u| (u * n as f32) as u32)
+                .collect();
             let d = dist[j * n..(j + 1) * n].iter().map(|&u| u * 1.5).collect();
             nn.insert((0, j), (m, d));
         }
@@ -1472,7 +1617,11 @@ mod tests {
         let anchor_out = scaled(21, a * n * 2, 2.0, 1.0);
         apply_anchor_injection(&plan, &mut out, &anchor_out, 2, INJECTION_ALPHA).unwrap();
         assert_eq!(out[..4], [-0.9973813, -0.34573507, 0.4417877, 0.83757746]);
-        assert_eq!(fnv(&out), 0x244684bc329fb57a, "not bit-identical to inject_anchors");
+        assert_eq!(
+            fnv(&out),
+            0x244684bc329fb57a,
+            "not bit-identical to inject_anchors"
+        );
     }
 
     #[test]
@@ -1486,11 +1635,35 @@ mod tests {
             0x3fea3010b98ba769,
         ];
         assert_eq!(query_blend_strengths().map(f64::to_bits), bits);
-        assert_eq!(query_blend_weights(5), Some((0.81836735f64 as f32, (1.0 - 0.81836735f64) as f32)));
+        assert_eq!(
+            query_blend_weights(5),
+            Some((0.81836735f64 as f32, (1.0 - 0.81836735f64) as f32))
+        );
         assert_eq!(query_blend_weights(6), None);
         assert_eq!(linspace(1.0, 2.0, 1), [1.0]);
         assert!(linspace(1.0, 2.0, 0).is_empty());
     }
 
-    const SEEDED_42: [f32; 4] = [0.0, 0.0, 0.0, 0.0];
+    #[test]
+    #[ignore]
+    fn tmp_timing() {
+        let c = 1280;
+        let f1 = scaled(1, c * 64 * 64, 1.0, 0.5);
+        let f2 = scaled(2, c * 64 * 64, 1.0, 0.5);
+        let mask = below(3, 4096, 0.3);
+        let t = std::time::Instant::now();
+        let g = gaussian_smooth_3x3(&f1, c, 64, 64, 1.0).unwrap();
+        eprintln!("smooth {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let r = resize_bilinear_channels(&g, c, 64, 64, 32, 32).unwrap();
+        eprintln!("resize {:?} {}", t.elapsed(), r.len());
+        let t = std::time::Instant::now();
+        let (m, d) = nearest_neighbours(&f1, &f2, &mask, c, (64, 64), (64, 64)).unwrap();
+        eprintln!("nn {:?} {} {}", t.elapsed(), m[0], d[0]);
+        let t = std::time::Instant::now();
+        let th = otsu_threshold(&d).unwrap();
+        eprintln!("otsu {:?} {th}", t.elapsed());
+    }
+
+    const SEEDED_42: [f32; 4] = [0.14697194, 0.33648354, 0.39995533, 0.93797165];
 }

@@ -44,6 +44,11 @@ pub struct ConsistorySet<'a> {
     pub subject_words: &'a [String],
     pub mapping: AnchorMapping,
     pub dropout: DropoutDraws,
+    /// Images that follow a stored trajectory `[steps + 1, 4, h, w]` instead of denoising
+    /// themselves (a character drawn or photographed by the user: its DDIM inversion, replayed as
+    /// an anchor). Such an image starts at `zts[0]` and is reset to `zts[i + 1]` after step `i`; its
+    /// cross-attention still makes its masks and its tokens are still shared.
+    pub replays: &'a [(usize, Tensor)],
 }
 
 /// Subject masks and their Otsu thresholds at one level, `[image][patch]` and `[image][concept]`.
@@ -130,6 +135,23 @@ pub fn token_indices(
         .collect()
 }
 
+/// `latents` with each replayed image set to its trajectory's entry `index`.
+fn replay_into(latents: &Tensor, replays: &[(usize, Tensor)], index: usize) -> Result<Tensor> {
+    if replays.is_empty() {
+        return Ok(latents.clone());
+    }
+    let mut rows: Vec<Tensor> = (0..latents.dim(0)?)
+        .map(|i| latents.narrow(0, i, 1))
+        .collect::<candle_core::Result<_>>()?;
+    for (image, trajectory) in replays {
+        rows[*image] = trajectory
+            .narrow(0, index, 1)?
+            .to_dtype(latents.dtype())?
+            .to_device(latents.device())?;
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 /// Side of level `level` for a latent side: each downsampler (3x3, stride 2, padding 1) rounds up.
 fn level_side(mut side: usize, level: usize) -> usize {
     for _ in 0..level {
@@ -174,7 +196,28 @@ impl StableDiffusion {
         let levels = ConsistoryLevels::for_unet(&self.unet)?;
         let prompts: Vec<&str> = set.frames.iter().map(|f| f.prompt.as_str()).collect();
         let tokens = token_indices(self, &prompts, set.subject_words)?;
-        let latents = self.stack_latents(set.frames.iter().map(|f| &f.init_latents), settings)?;
+        for (image, trajectory) in set.replays {
+            let frame = set.frames.get(*image).ok_or_else(|| {
+                DiffusionError::invalid_argument(
+                    "replays",
+                    format!("image {image} of a set of {}", set.frames.len()),
+                )
+            })?;
+            let (_, c, h, w) = frame.init_latents.dims4()?;
+            if trajectory.dims() != [settings.steps + 1, c, h, w] {
+                return Err(DiffusionError::invalid_argument(
+                    "replays",
+                    format!(
+                        "image {image}: trajectory {:?}, expected [{}, {c}, {h}, {w}]",
+                        trajectory.dims(),
+                        settings.steps + 1
+                    ),
+                ));
+            }
+        }
+        let mut latents =
+            self.stack_latents(set.frames.iter().map(|f| &f.init_latents), settings)?;
+        latents = replay_into(&latents, set.replays, 0)?;
         let (cond, uncond) = self.encode_frames(
             set.frames
                 .iter()
@@ -335,7 +378,11 @@ impl PassRunner<'_> {
                 },
             )?;
             trace.unet_calls += 1;
-            latents = scheduler.step(&eps, t, &latents)?;
+            latents = replay_into(
+                &scheduler.step(&eps, t, &latents)?,
+                self.set.replays,
+                step + 1,
+            )?;
             trace.latents.push(latents.clone());
             let CallRecord {
                 token_maps, dift, ..

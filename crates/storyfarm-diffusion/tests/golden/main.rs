@@ -1,11 +1,27 @@
-//! The golden harness: runs every case file (`*.json` with a `kind`) under a fixtures root laid out
-//! like ../shared/fixtures against the reference tensors, and prints max-abs and relative error
-//! per tensor. Root: `STORYFARM_GOLDEN_DIR`, else the copy vendored in `tests/fixtures`.
+//! The golden harness: runs every case file (`*.json` with a string `kind` and a `settings`
+//! object) under a fixtures root laid out like ../shared/fixtures against the reference tensors,
+//! and prints max-abs and relative error per tensor. Root: `STORYFARM_GOLDEN_DIR`, else the copy
+//! vendored in `tests/fixtures`; the first argument that is not a flag filters cases by a
+//! substring of their path under the root (`cargo test --test golden -- tokenizer`).
 //! An unknown kind, a missing tensor or a value outside tolerance fails; nothing is skipped.
 //! `STORYFARM_GOLDEN_DEVICE` (`cpu`, `cuda`, `cuda:N`; default cpu) runs the cases on another
 //! device, in f32 and against the same tolerances.
+//!
+//! Everything a case file states is read from it, nothing is assumed about names or numbers:
+//! model folders (`settings.model`), tokenizer files (`settings.tokenizer_json_<x>` for the golden
+//! `ids_<x>`), sizes, steps, guidance, the inversion file and tensor of a StyleAligned case, and
+//! the step count of the scheduler case's one-step example (`settings.step_example_steps` if
+//! present, else the `(with N steps)` of `tensors.step_t.meaning`, else the one schedule of
+//! `settings.steps` that contains `step_t`; ambiguity fails). Folders holding a
+//! `model_index.json` are model folders and are not searched for cases.
+//!
+//! Tolerances are those of fixtures/README.md section 11 unless the case file has a top-level
+//! `tolerance` object: `"tolerance": {"final_latents": 1e-2}` makes that number the max-abs
+//! tolerance of the check of that name (for a check named `farm:<tensor>`, `tolerance.<tensor>`
+//! applies too, the full name wins). See [`Case::tolerance`].
 
 mod cases;
+mod consistory;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,9 +38,13 @@ pub struct Case {
     pub root: PathBuf,
     pub path: PathBuf,
     pub kind: String,
+    /// The whole case file (`settings`, `tensors` descriptions, optional `tolerance`, ...).
+    pub json: Value,
     pub settings: Value,
     pub tensors: HashMap<String, Tensor>,
     pub checks: Vec<Check>,
+    /// Printed under the case's result: what the harness derived from the case file.
+    pub notes: Vec<String>,
 }
 
 pub struct Check {
@@ -69,6 +89,36 @@ impl Case {
             .with_context(|| format!("{}: settings.{key}", self.path.display()))
     }
 
+    /// A setting that may be absent (`null` or missing gives `None`).
+    pub fn optional_setting<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.settings.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(_) => self.setting(key).map(Some),
+        }
+    }
+
+    /// The tolerance of the check `name`: `tolerance.<name>` of the case file as a max-abs number
+    /// if the file states one (for `farm:<tensor>` also `tolerance.<tensor>`), else `default`.
+    pub fn tolerance(&self, name: &str, default: Tol) -> Result<Tol> {
+        let Some(table) = self.json.get("tolerance") else {
+            return Ok(default);
+        };
+        let table = table
+            .as_object()
+            .ok_or_else(|| anyhow!("{}: `tolerance` must be an object", self.path.display()))?;
+        let tensor = name.rsplit(':').next().unwrap_or(name);
+        match table.get(name).or_else(|| table.get(tensor)) {
+            None => Ok(default),
+            Some(value) => match value.as_f64() {
+                Some(t) if t >= 0.0 => Ok(Tol::Abs(t as f32)),
+                _ => bail!(
+                    "{}: tolerance.{name} must be a non-negative number, got {value}",
+                    self.path.display()
+                ),
+            },
+        }
+    }
+
     pub fn hw(&self) -> Result<(usize, usize)> {
         let hw: Vec<usize> = self.setting("image_size_hw")?;
         Ok((hw[0], hw[1]))
@@ -80,20 +130,39 @@ impl Case {
         self.check_against(name, got, &expected, tol)
     }
 
-    pub fn check_against(&mut self, name: &str, got: &Tensor, expected: &Tensor, tol: Tol) -> Result<()> {
+    pub fn check_against(
+        &mut self,
+        name: &str,
+        got: &Tensor,
+        expected: &Tensor,
+        tol: Tol,
+    ) -> Result<()> {
         if got.dims() != expected.dims() {
-            bail!("{name}: shape {:?}, golden {:?}", got.dims(), expected.dims());
+            bail!(
+                "{name}: shape {:?}, golden {:?}",
+                got.dims(),
+                expected.dims()
+            );
         }
         let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let expected = expected.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let max_abs: f32 = (&got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+        let max_abs: f32 = (&got - &expected)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?;
         let ref_absmax: f32 = expected.abs()?.flatten_all()?.max(0)?.to_scalar()?;
-        let tolerance = match tol {
+        let tolerance = match self.tolerance(name, tol)? {
             Tol::Exact => 0.0,
             Tol::Abs(t) => t,
             Tol::Trajectory => (5e-3f32).max(1e-4 * ref_absmax),
         };
-        self.checks.push(Check { name: name.to_string(), max_abs, ref_absmax, tolerance });
+        self.checks.push(Check {
+            name: name.to_string(),
+            max_abs,
+            ref_absmax,
+            tolerance,
+        });
         Ok(())
     }
 
@@ -109,7 +178,10 @@ impl Case {
             name: name.to_string(),
             max_abs: mismatches as f32,
             ref_absmax: expected.len() as f32,
-            tolerance: 0.0,
+            tolerance: match self.tolerance(name, Tol::Exact)? {
+                Tol::Abs(t) => t,
+                _ => 0.0,
+            },
         });
         Ok(())
     }
@@ -122,6 +194,8 @@ fn fixtures_root() -> PathBuf {
     }
 }
 
+/// Case files: every `*.json` with a string `kind` and a `settings` object, outside model folders
+/// (a folder with a `model_index.json`; its `tiny_init.json` has a `kind` too).
 fn discover(root: &Path) -> Result<Vec<(PathBuf, String, Value)>> {
     let mut found = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
@@ -129,16 +203,20 @@ fn discover(root: &Path) -> Result<Vec<(PathBuf, String, Value)>> {
         for entry in std::fs::read_dir(&dir).with_context(|| dir.display().to_string())? {
             let path = entry?.path();
             if path.is_dir() {
-                // Model folders hold configs, not cases.
-                if path.file_name().is_some_and(|n| n == "models" || n == "real-configs") {
-                    continue;
+                if !path.join("model_index.json").is_file() {
+                    dirs.push(path);
                 }
-                dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "json") {
                 let value: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
                     .with_context(|| path.display().to_string())?;
-                if let Some(kind) = value.get("kind").and_then(Value::as_str) {
-                    found.push((path, kind.to_string(), value["settings"].clone()));
+                let kind = value
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                if let (Some(kind), true) =
+                    (kind, value.get("settings").is_some_and(Value::is_object))
+                {
+                    found.push((path, kind, value));
                 }
             }
         }
@@ -148,10 +226,11 @@ fn discover(root: &Path) -> Result<Vec<(PathBuf, String, Value)>> {
 }
 
 fn device() -> Result<Device> {
-    let spec: storyfarm_diffusion::device::DeviceSpec = match std::env::var("STORYFARM_GOLDEN_DEVICE") {
-        Ok(spec) => spec.parse()?,
-        Err(_) => Default::default(),
-    };
+    let spec: storyfarm_diffusion::device::DeviceSpec =
+        match std::env::var("STORYFARM_GOLDEN_DEVICE") {
+            Ok(spec) => spec.parse()?,
+            Err(_) => Default::default(),
+        };
     Ok(spec.device()?)
 }
 
@@ -179,24 +258,47 @@ fn main() -> ExitCode {
     println!("golden cases under {} on {device:?}", root.display());
     let mut failed = Vec::new();
     let mut ran = 0;
-    for (path, kind, settings) in cases {
-        let rel = path.strip_prefix(&root).unwrap_or(&path).display().to_string();
+    for (path, kind, json) in cases {
+        let rel = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
         if filter.as_ref().is_some_and(|f| !rel.contains(f.as_str())) {
             continue;
         }
         ran += 1;
         let started = std::time::Instant::now();
         let result = (|| -> Result<Case> {
-            let tensors = candle_core::safetensors::load(path.with_extension("safetensors"), &device)
-                .with_context(|| format!("{rel}: tensors"))?;
-            let mut case = Case { device: device.clone(), root: root.clone(), path: path.clone(), kind: kind.clone(), settings, tensors, checks: Vec::new() };
+            let tensors =
+                candle_core::safetensors::load(path.with_extension("safetensors"), &device)
+                    .with_context(|| format!("{rel}: tensors"))?;
+            let settings = json["settings"].clone();
+            let mut case = Case {
+                device: device.clone(),
+                root: root.clone(),
+                path: path.clone(),
+                kind: kind.clone(),
+                json,
+                settings,
+                tensors,
+                checks: Vec::new(),
+                notes: Vec::new(),
+            };
             cases::run(&mut case)?;
             Ok(case)
         })();
         match result {
             Ok(case) => {
                 let ok = !case.checks.is_empty() && case.checks.iter().all(Check::passed);
-                println!("{} {rel} ({kind}, {:.1}s)", if ok { "PASS" } else { "FAIL" }, started.elapsed().as_secs_f32());
+                println!(
+                    "{} {rel} ({kind}, {:.1}s)",
+                    if ok { "PASS" } else { "FAIL" },
+                    started.elapsed().as_secs_f32()
+                );
+                for note in &case.notes {
+                    println!("    note {note}");
+                }
                 for c in &case.checks {
                     println!(
                         "    {:<4} {:<32} max_abs {:>10.3e}  rel {:>10.3e}  tol {:.1e}",
@@ -214,7 +316,10 @@ fn main() -> ExitCode {
             Err(e) => {
                 // Candle errors may carry a backtrace; the first line names the problem.
                 let message = format!("{e:#}");
-                println!("FAIL {rel} ({kind}): {}", message.lines().next().unwrap_or(""));
+                println!(
+                    "FAIL {rel} ({kind}): {}",
+                    message.lines().next().unwrap_or("")
+                );
                 failed.push(rel);
             }
         }
@@ -227,7 +332,11 @@ fn main() -> ExitCode {
         println!("all {ran} golden cases passed");
         ExitCode::SUCCESS
     } else {
-        println!("{} of {ran} golden cases failed: {}", failed.len(), failed.join(", "));
+        println!(
+            "{} of {ran} golden cases failed: {}",
+            failed.len(),
+            failed.join(", ")
+        );
         ExitCode::FAILURE
     }
 }
