@@ -222,6 +222,64 @@ pub trait AttentionHook: Send + Sync {
         let _ = (site, ctx);
         Ok(out)
     }
+
+    /// Adds to what an earlier hook of a [`ChainedHooks`] prepared: by default this hook prepares
+    /// from the earlier hook's queries, keys and values and its extra blocks follow the earlier ones.
+    fn extend(&self, site: &AttentionSite, ctx: &StepContext, inputs: AttentionInputs) -> Result<AttentionInputs> {
+        let AttentionInputs { qkv, mut extra } = inputs;
+        let mine = self.prepare(site, ctx, qkv)?;
+        extra.extend(mine.extra);
+        Ok(AttentionInputs { qkv: mine.qkv, extra })
+    }
+}
+
+/// Two methods in one attention call (a style and characters): `first` prepares, `second` extends
+/// what `first` prepared, and outputs pass through `first`'s then `second`'s `finish`.
+pub struct ChainedHooks<'a> {
+    pub first: &'a dyn AttentionHook,
+    pub second: &'a dyn AttentionHook,
+}
+
+impl AttentionHook for ChainedHooks<'_> {
+    fn applies_to(&self, site: &AttentionSite, ctx: &StepContext) -> bool {
+        self.first.applies_to(site, ctx) || self.second.applies_to(site, ctx)
+    }
+
+    fn prepare(&self, site: &AttentionSite, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
+        let inputs = if self.first.applies_to(site, ctx) {
+            self.first.prepare(site, ctx, qkv)?
+        } else {
+            AttentionInputs { qkv, extra: Vec::new() }
+        };
+        if self.second.applies_to(site, ctx) {
+            self.second.extend(site, ctx, inputs)
+        } else {
+            Ok(inputs)
+        }
+    }
+
+    fn wants_probabilities(&self, site: &AttentionSite, ctx: &StepContext) -> bool {
+        [self.first, self.second].iter().any(|h| h.applies_to(site, ctx) && h.wants_probabilities(site, ctx))
+    }
+
+    fn observe_probabilities(&self, site: &AttentionSite, ctx: &StepContext, probabilities: &Tensor) -> Result<()> {
+        for hook in [self.first, self.second] {
+            if hook.applies_to(site, ctx) && hook.wants_probabilities(site, ctx) {
+                hook.observe_probabilities(site, ctx, probabilities)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, site: &AttentionSite, ctx: &StepContext, out: Tensor) -> Result<Tensor> {
+        let mut out = out;
+        for hook in [self.first, self.second] {
+            if hook.applies_to(site, ctx) {
+                out = hook.finish(site, ctx, out)?;
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A method that changes GroupNorm statistics (StyleAligned's shared GroupNorm).

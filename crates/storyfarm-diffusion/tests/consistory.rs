@@ -86,6 +86,7 @@ fn check_anchor_invariance(model: &str, size: usize) {
             mapping: AnchorMapping::anchors_then_frames(anchors.len(), frames.len()),
             dropout: DropoutDraws::Seeded { seed: 77 },
             replays: &[],
+            style: None,
         };
         sd.consistory(&settings, &options, &set, &mut no_progress)
             .unwrap()
@@ -200,6 +201,7 @@ fn an_inverted_image_is_an_anchor() {
             mapping: AnchorMapping::anchors_then_frames(2, frames.len()),
             dropout: DropoutDraws::Seeded { seed: 5 },
             replays: &replays,
+            style: None,
         };
         sd.consistory(
             &settings,
@@ -230,4 +232,128 @@ fn an_inverted_image_is_an_anchor() {
     assert!(together.pass1.final_masks(level).unwrap().subject[0]
         .iter()
         .any(|&x| x));
+}
+
+/// Style and characters in one render. With no image sharing with another (no characters) and
+/// FreeU off, the styled set is exactly today's StyleAligned frames; with characters, a frame
+/// rendered alone still equals the frame rendered beside others, and the anchors ignore the frames.
+#[test]
+fn style_and_characters_compose() {
+    use storyfarm_diffusion::consistory::run::SetStyle;
+    use storyfarm_diffusion::pipeline::{ReferenceInput, ReferenceLatents};
+    use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
+    let sd = load("tiny-sdxl");
+    let settings = GenerationSettings {
+        height: 128,
+        width: 128,
+        steps: 8,
+        guidance_scale: 5.0,
+    };
+    let words = vec!["dog".to_string()];
+    let style_options = StyleAlignedOptions::default();
+    let reference = ReferenceInput {
+        prompt: "a watercolor painting".into(),
+        negative_prompt: None,
+        latents: ReferenceLatents::Generate(sd.seeded_latents(9, &settings).unwrap()),
+    };
+    let style = Some(SetStyle {
+        options: &style_options,
+        reference: &reference,
+    });
+    let frames = [
+        frame(
+            &sd,
+            "a watercolor painting of a dog on the beach",
+            1,
+            &settings,
+        ),
+        frame(
+            &sd,
+            "a watercolor painting of a dog in the snow",
+            2,
+            &settings,
+        ),
+        frame(
+            &sd,
+            "a watercolor painting of a dog in the park",
+            3,
+            &settings,
+        ),
+    ];
+
+    let no_freeu = ConsistoryOptions {
+        freeu: None,
+        ..ConsistoryOptions::default()
+    };
+    let set = ConsistorySet {
+        frames: &frames,
+        subject_words: &words,
+        mapping: AnchorMapping::anchors_then_frames(0, frames.len()),
+        dropout: DropoutDraws::Seeded { seed: 3 },
+        replays: &[],
+        style,
+    };
+    let unshared = sd
+        .consistory(&settings, &no_freeu, &set, &mut no_progress)
+        .unwrap();
+    let styled = sd
+        .style_aligned(
+            &settings,
+            &style_options,
+            &reference,
+            &frames,
+            &mut no_progress,
+        )
+        .unwrap();
+    let expected = styled.final_latents.narrow(0, 1, frames.len()).unwrap();
+    let tol = 1e-4 * absmax(&expected);
+    assert!(
+        max_abs(&unshared.final_latents, &expected) <= tol,
+        "{} > {tol}",
+        max_abs(&unshared.final_latents, &expected)
+    );
+
+    let run = |extra: &[FrameInput]| {
+        let all: Vec<FrameInput> = frames[..2].iter().chain(extra).cloned().collect();
+        let set = ConsistorySet {
+            frames: &all,
+            subject_words: &words,
+            mapping: AnchorMapping::anchors_then_frames(2, extra.len()),
+            dropout: DropoutDraws::Seeded { seed: 3 },
+            replays: &[],
+            style,
+        };
+        sd.consistory(
+            &settings,
+            &ConsistoryOptions::default(),
+            &set,
+            &mut no_progress,
+        )
+        .unwrap()
+    };
+    let extra = [
+        frames[2].clone(),
+        frame(
+            &sd,
+            "a watercolor painting of a dog on a sofa",
+            4,
+            &settings,
+        ),
+    ];
+    let together = run(&extra);
+    let alone = run(&extra[..1]);
+    let tol = 1e-4 * absmax(&together.final_latents);
+    assert!(
+        max_abs(
+            &alone.final_latents,
+            &together.final_latents.narrow(0, 0, 3).unwrap()
+        ) <= tol
+    );
+    // The characters changed the styled frame.
+    assert!(
+        max_abs(
+            &alone.final_latents.get(2).unwrap(),
+            &expected.get(2).unwrap()
+        ) > 100.0 * tol
+    );
 }

@@ -305,6 +305,24 @@ mod tests {
         }
     }
 
+    /// A block whose every key is masked (a subject dropped whole at a step) adds nothing.
+    #[test]
+    fn fully_masked_block_is_no_block() {
+        for flash in paths() {
+            let (b, n, m, heads, d) = (2, 20, 7, 2, 8);
+            let q = rand(&[b, n, heads * d], 11);
+            let k = rand(&[b, n, heads * d], 12);
+            let v = rand(&[b, n, heads * d], 13);
+            let ek = rand(&[1, m, heads * d], 14);
+            let mask = Tensor::zeros((1, m), DType::F32, &Device::Cpu).unwrap();
+            let items = [1usize];
+            let extra = [ExtraBlock { items: &items, keys: &ek, values: &ek, logit_bias: 0.0, key_mask: Some(&mask) }];
+            let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
+            let plain = attention_with(&q, &k, &v, heads, 0.5, &[], flash).unwrap();
+            assert!(max_abs(&got, &plain) < 1e-6, "flash {flash}");
+        }
+    }
+
     fn extra_blocks_case(flash: bool, n: usize, m: usize, heads: usize, d: usize) {
         let b = 3;
         let q = split(&rand(&[b, n, heads * d], 4), heads);

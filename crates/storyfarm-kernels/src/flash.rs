@@ -71,6 +71,11 @@ mod imp {
             None => (0..src.tokens).collect(),
         };
         let mpad = kept.len().next_multiple_of(KB);
+        let bias = src.bias * std::f32::consts::LOG2_E;
+        if mpad == 0 {
+            // Every key masked (a subject dropped whole at this step): the block adds nothing.
+            return Packed { keys: Vec::new(), values: Vec::new(), kept: 0, mpad: 0, bias };
+        }
         let mut keys = vec![0f32; heads * mpad * d];
         let mut values = vec![0f32; heads * mpad * d];
         keys.chunks_mut(mpad * d).zip(values.chunks_mut(mpad * d)).enumerate().for_each(|(h, (kh, vh))| {
@@ -79,7 +84,7 @@ mod imp {
                 vh[row * d..][..d].copy_from_slice(&src.v[j * src.v_token + h * src.v_head..][..d]);
             }
         });
-        Packed { keys, values, kept: kept.len(), mpad, bias: src.bias * std::f32::consts::LOG2_E }
+        Packed { keys, values, kept: kept.len(), mpad, bias }
     }
 
     /// Attention of `rows` query tokens (element (token, head, 0) at `token * q_token + head *

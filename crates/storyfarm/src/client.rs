@@ -101,6 +101,14 @@ pub async fn submit_board(board: &Path, project: Option<&str>, endpoint: &Endpoi
 /// Submits a loaded storyboard (`board` names it): a project unless given, the style reference,
 /// the storyboard and its job.
 pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&str>, channel: Channel) -> Result<pb::Job> {
+    // Refused rather than silently rendered without them, until the API carries characters.
+    if let Some(character) = spec.characters.first() {
+        anyhow::bail!(
+            "{}: characters[0] ({}): characters are not rendered by the farm yet (the API, planner and workers do not carry them in this build); remove `characters:` and the frames' `characters:` to render the board without them",
+            board.display(),
+            character.name
+        );
+    }
     let project_id = match project {
         Some(id) => id.to_string(),
         None => {

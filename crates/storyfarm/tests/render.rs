@@ -230,6 +230,17 @@ fn bad_storyboard_files_give_one_clear_line_each() {
         ("empty-prompt", good.replace("prompt: a boat", "prompt: ''"), vec!["frames[1].prompt"]),
         ("no-frames", good.split("frames:").next().unwrap().to_string() + "frames: []\n", vec!["frames"]),
         ("bad-model", good.replace(&model, "not a model!"), vec!["not a model!"]),
+        (
+            "unknown-character",
+            good.replace("  - prompt: a boat\n", "  - prompt: a dog on a boat\n    characters: [Rex]\n"),
+            vec!["frames[1].characters[0]", "Rex"],
+        ),
+        (
+            "characters-not-yet",
+            good.replace("frames:\n", "characters:\n  - name: Rex\n    description: a small dog\n    subject_words: [dog]\nframes:\n")
+                .replace("  - prompt: a boat\n", "  - prompt: a dog on a boat\n    characters: [Rex]\n"),
+            vec!["characters[0]", "not rendered by the farm yet"],
+        ),
     ];
     for (name, yaml, needles) in cases {
         let board = dir.join(format!("{name}.yaml"));

@@ -149,7 +149,19 @@ impl<'a> ConsistoryHook<'a> {
                 // torch multiplies an f32 tensor by a Python float in f32: both weights are
                 // rounded once, `1 - weight` after it was formed in double.
                 let (w_vanilla, w_own) = (weight as f32, (1.0 - weight) as f32);
-                ((vanilla.to_dtype(q.dtype())? * w_vanilla as f64)? + (q * w_own as f64)?)?
+                let vanilla = vanilla.to_dtype(q.dtype())?;
+                if (0..images).all(|i| self.mapping.has_sources(i)) {
+                    ((vanilla * w_vanilla as f64)? + (q * w_own as f64)?)?
+                } else {
+                    // An image that shares with nobody renders as it would alone: no blending.
+                    let per_item = |shared: f32, alone: f32| -> Result<Tensor> {
+                        let w: Vec<f32> = (0..ctx.layout.batch_size())
+                            .map(|item| if self.mapping.has_sources(ctx.layout.image_of(item)) { shared } else { alone })
+                            .collect();
+                        Ok(Tensor::from_vec(w, (ctx.layout.batch_size(), 1, 1), q.device())?.to_dtype(q.dtype())?)
+                    };
+                    (vanilla.broadcast_mul(&per_item(w_vanilla, 0.0)?)? + q.broadcast_mul(&per_item(w_own, 1.0)?)?)?
+                }
             }
             _ => q,
         };
@@ -182,7 +194,7 @@ impl<'a> ConsistoryHook<'a> {
     }
 
     fn inject(&self, ctx: &StepContext, out: Tensor) -> Result<Tensor> {
-        let Some(plan) = self.inputs.injection else {
+        let Some(plan) = self.inputs.injection.filter(|p| p.targets.iter().any(Option::is_some)) else {
             return Ok(out);
         };
         let images = ctx.layout.images;

@@ -12,9 +12,12 @@ use super::hook::{CallKind, CallRecord, ConsistoryHook, StepInputs};
 use super::maths::{self, DropoutSource};
 use super::maths::{InjectionPlan, NnMaps};
 use super::{AnchorMapping, ConsistoryLevels, ConsistoryOptions};
-use crate::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
+use crate::attention::{AttentionHook, BatchLayout, ChainedHooks, ForwardContext, Hooks, NormHook, StepContext};
 use crate::error::{DiffusionError, Result};
-use crate::pipeline::{FrameInput, GenerationSettings, Progress, ProgressFn, StableDiffusion};
+use crate::pipeline::{
+    FrameInput, GenerationSettings, Progress, ProgressFn, ReferenceInput, ReferenceLatents, StableDiffusion,
+};
+use crate::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 use crate::scheduler::DdimScheduler;
 
 /// Where mask-dropout draws come from.
@@ -49,6 +52,20 @@ pub struct ConsistorySet<'a> {
     /// an anchor). Such an image starts at `zts[0]` and is reset to `zts[i + 1]` after step `i`; its
     /// cross-attention still makes its masks and its tokens are still shared.
     pub replays: &'a [(usize, Tensor)],
+    /// A style for the whole set (StyleAligned toward a reference that never sees the set).
+    pub style: Option<SetStyle<'a>>,
+}
+
+/// Style and characters in one render: every image of the set is a StyleAligned target of the
+/// reference (AdaIN of its queries and keys toward the reference's, the reference's keys and values
+/// as an extra block, GroupNorm statistics pooled with the reference), and ConsiStory then blends
+/// the styled queries and adds the mapped images' masked styled tokens. The reference runs alone
+/// each step, without FreeU, exactly as for plain StyleAligned frames, so its stored trajectory
+/// serves both.
+#[derive(Clone, Copy)]
+pub struct SetStyle<'a> {
+    pub options: &'a StyleAlignedOptions,
+    pub reference: &'a ReferenceInput,
 }
 
 /// Subject masks and their Otsu thresholds at one level, `[image][patch]` and `[image][concept]`.
@@ -225,6 +242,10 @@ impl StableDiffusion {
         )?;
         let conditioning =
             self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
+        let style = match &set.style {
+            Some(style) => Some(self.style_state(settings, style, &latents)?),
+            None => None,
+        };
         let run = PassRunner {
             sd: self,
             settings,
@@ -233,6 +254,7 @@ impl StableDiffusion {
             set,
             tokens: &tokens,
             conditioning: &conditioning,
+            style,
         };
         let total = 2 * settings.steps;
         let mut pass_progress = |offset: usize, p: Progress| match p {
@@ -273,6 +295,38 @@ impl StableDiffusion {
     }
 }
 
+impl StableDiffusion {
+    fn style_state(&self, settings: &GenerationSettings, style: &SetStyle, latents: &Tensor) -> Result<StyleState> {
+        let features = ReferenceFeatures::new();
+        let base = StyleAligned::new(style.options.clone(), &self.unet)?;
+        let reference = style.reference;
+        let (start, replay) = match &reference.latents {
+            ReferenceLatents::Generate(init) => (init.clone(), None),
+            ReferenceLatents::Replay { trajectory, offset } => {
+                let (_, c, h, w) = latents.dims4()?;
+                if trajectory.dims() != [settings.steps + 1, c, h, w] || *offset >= settings.steps {
+                    return Err(DiffusionError::invalid_argument(
+                        "style.reference",
+                        format!("trajectory {:?} with offset {offset} for {} steps of [{c}, {h}, {w}]", trajectory.dims(), settings.steps),
+                    ));
+                }
+                (trajectory.get(*offset)?.unsqueeze(0)?, Some((trajectory.clone(), *offset)))
+            }
+        };
+        let start = self.stack_latents(std::iter::once(&start), settings)?;
+        let (cond, uncond) =
+            self.encode_frames(std::iter::once((reference.prompt.as_str(), reference.negative_prompt.as_deref())))?;
+        let conditioning = self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
+        Ok(StyleState {
+            capture: base.with_role(StyleRole::CaptureReference(features.clone())),
+            apply: base.with_role(StyleRole::Targets(features)),
+            conditioning,
+            start,
+            replay,
+        })
+    }
+}
+
 struct PassRunner<'a> {
     sd: &'a StableDiffusion,
     settings: &'a GenerationSettings,
@@ -281,6 +335,16 @@ struct PassRunner<'a> {
     set: &'a ConsistorySet<'a>,
     tokens: &'a [Vec<Option<usize>>],
     conditioning: &'a crate::pipeline::BatchConditioning,
+    style: Option<StyleState>,
+}
+
+/// The reference of a styled set: its hooks (capture, apply), conditioning and where it starts.
+struct StyleState {
+    capture: StyleAligned,
+    apply: StyleAligned,
+    conditioning: crate::pipeline::BatchConditioning,
+    start: Tensor,
+    replay: Option<(Tensor, usize)>,
 }
 
 impl PassRunner<'_> {
@@ -305,6 +369,7 @@ impl PassRunner<'_> {
             VecDeque::with_capacity(options.mask_window);
         let mut keep: Option<HashMap<usize, Tensor>> = None;
         let mut latents = init.clone();
+        let mut reference = self.style.as_ref().map(|s| s.start.clone());
         let mut trace = PassTrace::default();
         for (step, &t) in timesteps.iter().enumerate() {
             progress(Progress::Denoise {
@@ -318,6 +383,17 @@ impl PassRunner<'_> {
                 timestep: t as u32,
                 layout,
             };
+            if let (Some(style), Some(ref_latents)) = (&self.style, reference.as_mut()) {
+                let hooks = Hooks { attention: Some(&style.capture), norm: Some(&style.capture), ..Hooks::none() };
+                let ctx = ForwardContext { step: StepContext { layout: BatchLayout { images: 1, ..layout }, ..step_ctx }, hooks };
+                let (ref_eps, _) = self.sd.guided_eps_raw(ref_latents, t, &style.conditioning, settings, ctx)?;
+                *ref_latents = match &style.replay {
+                    Some((trajectory, offset)) => trajectory.get((offset + 1).max(step + 1))?.unsqueeze(0)?,
+                    None => scheduler.step(&ref_eps, t, ref_latents)?,
+                };
+            }
+            let style_attention = self.style.as_ref().map(|s| &s.apply as &dyn AttentionHook);
+            let style_norm = self.style.as_ref().map(|s| &s.apply as &dyn NormHook);
             let sharing = keep.is_some() && step >= options.sdsa_first_step;
             let vanilla = if sharing && options.query_blend_weight(step).is_some() {
                 let hook = ConsistoryHook::new(
@@ -328,8 +404,10 @@ impl PassRunner<'_> {
                     CallKind::VanillaQueries,
                     StepInputs::default(),
                 );
+                let chained = style_attention.map(|first| ChainedHooks { first, second: &hook });
                 let hooks = Hooks {
-                    attention: Some(&hook),
+                    attention: Some(chained.as_ref().map_or(&hook as &dyn AttentionHook, |c| c)),
+                    norm: style_norm,
                     freeu: options.freeu,
                     ..Hooks::none()
                 };
@@ -361,11 +439,12 @@ impl PassRunner<'_> {
                     read_dift: plan.read_dift && Some(step) == dift_step,
                 },
             );
+            let chained = style_attention.map(|first| ChainedHooks { first, second: &hook });
             let hooks = Hooks {
-                attention: Some(&hook),
+                attention: Some(chained.as_ref().map_or(&hook as &dyn AttentionHook, |c| c)),
+                norm: style_norm,
                 blocks: Some(&hook),
                 freeu: options.freeu,
-                ..Hooks::none()
             };
             let (eps, _) = self.sd.guided_eps_raw(
                 &latents,

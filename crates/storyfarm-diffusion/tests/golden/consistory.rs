@@ -645,6 +645,7 @@ pub fn batch(case: &mut Case) -> Result<()> {
         mapping,
         dropout: DropoutDraws::TorchCpu { seed: 0 },
         replays: &[],
+        style: None,
     };
     let out = sd.consistory(&settings, &options, &set, &mut no_progress())?;
     report_run(case, "", &out, &levels, &tokens, words.len())?;
@@ -895,6 +896,7 @@ pub fn anchor(case: &mut Case) -> Result<()> {
         mapping,
         dropout: DropoutDraws::TorchCpu { seed: 0 },
         replays: &[],
+        style: None,
     };
     let out = sd.consistory(&settings, &options, &set, &mut no_progress())?;
     let level_pair = levels.mask_levels();
