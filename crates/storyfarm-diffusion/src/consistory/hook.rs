@@ -103,7 +103,7 @@ impl<'a> ConsistoryHook<'a> {
     fn injection_active(&self, site: &AttentionSite, ctx: &StepContext) -> bool {
         self.inputs.injection.is_some()
             && self.levels.is_injection_layer(&site.id)
-            && self.options.injects_at(ctx.step)
+            && self.options.injects_at(ctx.step, ctx.steps)
     }
 
     fn halves(ctx: &StepContext) -> &'static [GuidanceHalf] {
@@ -142,7 +142,7 @@ impl<'a> ConsistoryHook<'a> {
             })?;
         let Qkv { q, k, v, heads } = qkv;
         let q = match (
-            self.options.query_blend_weight(ctx.step),
+            self.options.query_blend_weight(ctx.step, ctx.steps),
             self.inputs.vanilla_queries.and_then(|m| m.get(&site.id)),
         ) {
             (Some(weight), Some(vanilla)) => {

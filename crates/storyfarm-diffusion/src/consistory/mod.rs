@@ -19,9 +19,11 @@ use crate::attention::{AttentionId, AttentionKind, FreeU, UNetBlock};
 use crate::error::{DiffusionError, Result};
 use crate::unet::UNet;
 
-/// The official settings of `run_batch_generation` / `run_anchor_generation`, as defaults.
-/// Step indices are absolute (the official code runs 50 steps); the DIFT features are read at the
-/// step whose timestep is nearest to `dift_timestep`.
+/// The official settings of `run_batch_generation` / `run_anchor_generation`, as defaults. Step
+/// ranges follow the official formulas of the step count `n` unless set: shared attention on steps
+/// `1..n`, query blending on `0..=n/10` (effective from step 1), feature injection on
+/// `n/10..=n/3` (5..=16 at 50 steps). DIFT features are read at the step whose timestep is nearest
+/// to `dift_timestep` (261 in the official code, whatever `n`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsistoryOptions {
@@ -29,14 +31,14 @@ pub struct ConsistoryOptions {
     pub mask_dropout: f32,
     /// First step with shared attention (step 0 has no masks yet).
     pub sdsa_first_step: usize,
-    /// Vanilla query blending on steps `sdsa_first_step..=query_blend_last_step`.
-    pub query_blend_last_step: usize,
-    /// `linspace(start, end, query_blend_last_step + 1)[step]` is the vanilla query's weight.
+    /// Vanilla query blending up to this step (`None`: `n / 10`).
+    pub query_blend_last_step: Option<usize>,
+    /// `linspace(start, end, last + 1)[step]` is the vanilla query's weight.
     pub query_blend_start: f64,
     pub query_blend_end: f64,
-    /// Feature injection on steps `first..=last` with weight `alpha` on the source features.
-    pub injection_first_step: usize,
-    pub injection_last_step: usize,
+    /// Feature injection on steps `first..=last` (`None`: `n/10..=n/3`), with weight `alpha` on
+    /// the source features.
+    pub injection_steps: Option<(usize, usize)>,
     pub injection_alpha: f64,
     pub dift_timestep: usize,
     /// Cross-attention maps are averaged over this many most recent steps.
@@ -49,20 +51,14 @@ impl Default for ConsistoryOptions {
         Self {
             mask_dropout: 0.5,
             sdsa_first_step: 1,
-            query_blend_last_step: 5,
+            query_blend_last_step: None,
             query_blend_start: 0.9,
             query_blend_end: 0.81836735,
-            injection_first_step: 5,
-            injection_last_step: 16,
+            injection_steps: None,
             injection_alpha: 0.8,
             dift_timestep: 261,
             mask_window: 20,
-            freeu: Some(FreeU {
-                s1: 0.6,
-                s2: 0.4,
-                b1: 1.1,
-                b2: 1.2,
-            }),
+            freeu: Some(FreeU { s1: 0.6, s2: 0.4, b1: 1.1, b2: 1.2 }),
         }
     }
 }
@@ -82,34 +78,36 @@ impl ConsistoryOptions {
             ));
         }
         if self.mask_window == 0 {
-            return Err(DiffusionError::invalid_argument(
-                "mask_window",
-                "must be at least 1",
-            ));
+            return Err(DiffusionError::invalid_argument("mask_window", "must be at least 1"));
         }
-        if self.injection_first_step > self.injection_last_step {
-            return Err(DiffusionError::invalid_argument(
-                "injection_first_step",
-                format!(
-                    "{} is after injection_last_step {}",
-                    self.injection_first_step, self.injection_last_step
-                ),
-            ));
+        if let Some((first, last)) = self.injection_steps {
+            if first > last {
+                return Err(DiffusionError::invalid_argument(
+                    "injection_steps",
+                    format!("first step {first} is after the last {last}"),
+                ));
+            }
         }
         Ok(())
     }
 
-    /// The vanilla query's weight at `step`, as numpy's float64 `linspace` computes it.
-    pub fn query_blend_weight(&self, step: usize) -> Option<f64> {
-        if step < self.sdsa_first_step || step > self.query_blend_last_step {
-            return None;
-        }
-        let n = self.query_blend_last_step + 1;
-        Some(maths::linspace(self.query_blend_start, self.query_blend_end, n)[step])
+    /// The last step of query blending in a run of `steps` steps.
+    pub fn query_blend_last(&self, steps: usize) -> usize {
+        self.query_blend_last_step.unwrap_or(steps / 10)
     }
 
-    pub fn injects_at(&self, step: usize) -> bool {
-        (self.injection_first_step..=self.injection_last_step).contains(&step)
+    /// The vanilla query's weight at `step` of `steps`, as numpy's float64 `linspace` computes it.
+    pub fn query_blend_weight(&self, step: usize, steps: usize) -> Option<f64> {
+        let last = self.query_blend_last(steps);
+        if step < self.sdsa_first_step || step > last {
+            return None;
+        }
+        Some(maths::linspace(self.query_blend_start, self.query_blend_end, last + 1)[step])
+    }
+
+    pub fn injects_at(&self, step: usize, steps: usize) -> bool {
+        let (first, last) = self.injection_steps.unwrap_or((steps / 10, steps / 3));
+        (first..=last).contains(&step)
     }
 }
 

@@ -395,7 +395,7 @@ impl PassRunner<'_> {
             let style_attention = self.style.as_ref().map(|s| &s.apply as &dyn AttentionHook);
             let style_norm = self.style.as_ref().map(|s| &s.apply as &dyn NormHook);
             let sharing = keep.is_some() && step >= options.sdsa_first_step;
-            let vanilla = if sharing && options.query_blend_weight(step).is_some() {
+            let vanilla = if sharing && options.query_blend_weight(step, settings.steps).is_some() {
                 let hook = ConsistoryHook::new(
                     options,
                     self.levels,

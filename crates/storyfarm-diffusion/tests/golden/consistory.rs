@@ -47,13 +47,12 @@ fn options_of(case: &Case) -> Result<ConsistoryOptions> {
     Ok(ConsistoryOptions {
         mask_dropout: case.setting("mask_dropout")?,
         sdsa_first_step: sdsa[0],
-        query_blend_last_step: blend[1],
+        query_blend_last_step: Some(blend[1]),
         query_blend_start: strengths[0],
         query_blend_end: *strengths
             .last()
             .ok_or_else(|| anyhow!("settings.query_blend_strength_f64 is empty"))?,
-        injection_first_step: fi_steps[0],
-        injection_last_step: fi_steps[1],
+        injection_steps: Some((fi_steps[0], fi_steps[1])),
         injection_alpha: serde_json::from_value(fi["alpha"].clone())
             .context("settings.feature_injection.alpha")?,
         dift_timestep: serde_json::from_value(case.settings["dift"]["timestep"].clone())
