@@ -5,11 +5,18 @@ use storyfarm_proto::v1 as pb;
 use storyfarm_store::{Frame, FrameState, Job, JobState, Project, Reference};
 
 pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
-    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 pub fn project(p: &Project) -> pb::Project {
-    pb::Project { id: p.id.to_string(), name: p.name.clone(), create_time: Some(timestamp(p.created_at)) }
+    pb::Project {
+        id: p.id.to_string(),
+        name: p.name.clone(),
+        create_time: Some(timestamp(p.created_at)),
+    }
 }
 
 pub fn reference(r: &Reference) -> pb::Reference {

@@ -32,7 +32,10 @@ pub fn task_message(row: &OutboxMessage) -> Result<OutgoingMessage, prost::Decod
 
 /// One round: release due retries, publish pending rows per family, mark them. Returns how many
 /// rows were published.
-pub async fn dispatch_once(store: &dyn MetadataStore, queue: &dyn TaskQueue) -> Result<usize, crate::CoordinatorError> {
+pub async fn dispatch_once(
+    store: &dyn MetadataStore,
+    queue: &dyn TaskQueue,
+) -> Result<usize, crate::CoordinatorError> {
     store.release_due_retries().await?;
     let rows = store.pending_outbox(BATCH).await?;
     if rows.is_empty() {
@@ -58,7 +61,12 @@ pub async fn dispatch_once(store: &dyn MetadataStore, queue: &dyn TaskQueue) -> 
 }
 
 /// Runs rounds whenever woken, and at least every `tick` (for retries coming due).
-pub async fn run_dispatcher(store: Arc<dyn MetadataStore>, queue: Arc<dyn TaskQueue>, wake: Arc<Notify>, tick: Duration) {
+pub async fn run_dispatcher(
+    store: Arc<dyn MetadataStore>,
+    queue: Arc<dyn TaskQueue>,
+    wake: Arc<Notify>,
+    tick: Duration,
+) {
     loop {
         match dispatch_once(store.as_ref(), queue.as_ref()).await {
             Ok(n) if n as u32 == BATCH => continue,

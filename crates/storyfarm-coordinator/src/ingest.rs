@@ -9,7 +9,9 @@ use prost::Message;
 use storyfarm_core::TaskId;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{Delivery, OutgoingMessage, TaskQueue};
-use storyfarm_store::{EventOutcome, FrameArtifacts, MetadataStore, RetryPolicy, TaskEventKind, TaskEventRecord};
+use storyfarm_store::{
+    EventOutcome, FrameArtifacts, MetadataStore, RetryPolicy, TaskEventKind, TaskEventRecord,
+};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
@@ -27,7 +29,10 @@ pub struct Ingestor {
 }
 
 fn record_from(event: &pb::TaskEvent) -> Result<TaskEventRecord, String> {
-    let task_id: TaskId = event.task_id.parse().map_err(|_| format!("bad task id {:?}", event.task_id))?;
+    let task_id: TaskId = event
+        .task_id
+        .parse()
+        .map_err(|_| format!("bad task id {:?}", event.task_id))?;
     let kind = match &event.event {
         Some(pb::task_event::Event::Started(_)) => TaskEventKind::Started,
         Some(pb::task_event::Event::Heartbeat(_)) => TaskEventKind::Heartbeat,
@@ -36,14 +41,27 @@ fn record_from(event: &pb::TaskEvent) -> Result<TaskEventRecord, String> {
             frames: s
                 .frames
                 .iter()
-                .map(|f| FrameArtifacts { index: f.index, png_key: f.png_key.clone(), latents_key: f.latents_key.clone() })
+                .map(|f| FrameArtifacts {
+                    index: f.index,
+                    png_key: f.png_key.clone(),
+                    latents_key: f.latents_key.clone(),
+                })
                 .collect(),
             trajectory_key: (!s.trajectory_key.is_empty()).then(|| s.trajectory_key.clone()),
         },
-        Some(pb::task_event::Event::Failed(f)) => TaskEventKind::Failed { reason: f.reason.clone(), retryable: f.retryable },
+        Some(pb::task_event::Event::Failed(f)) => TaskEventKind::Failed {
+            reason: f.reason.clone(),
+            retryable: f.retryable,
+        },
         None => return Err("event without a body".into()),
     };
-    Ok(TaskEventRecord { task_id, attempt: event.attempt, seq: event.seq, worker_id: event.worker_id.clone(), kind })
+    Ok(TaskEventRecord {
+        task_id,
+        attempt: event.attempt,
+        seq: event.seq,
+        worker_id: event.worker_id.clone(),
+        kind,
+    })
 }
 
 impl Ingestor {
@@ -72,14 +90,29 @@ impl Ingestor {
             match event.job_id.parse::<storyfarm_core::JobId>() {
                 Ok(job_id) if p.frames.is_empty() => {
                     // A task without frames is the style reference's inversion.
-                    self.hub.signal(job_id, Signal::Inversion(pb::InversionProgress { step: p.step, steps: p.steps }));
+                    self.hub.signal(
+                        job_id,
+                        Signal::Inversion(pb::InversionProgress {
+                            step: p.step,
+                            steps: p.steps,
+                        }),
+                    );
                 }
                 Ok(job_id) => {
                     for &index in &p.frames {
-                        self.hub.signal(job_id, Signal::Progress(pb::FrameProgress { index, step: p.step, steps: p.steps }));
+                        self.hub.signal(
+                            job_id,
+                            Signal::Progress(pb::FrameProgress {
+                                index,
+                                step: p.step,
+                                steps: p.steps,
+                            }),
+                        );
                     }
                 }
-                Err(_) => tracing::warn!(job_id = %event.job_id, "progress event without a valid job id"),
+                Err(_) => {
+                    tracing::warn!(job_id = %event.job_id, "progress event without a valid job id")
+                }
             }
             let _ = delivery.acker.ack().await;
             return;
@@ -93,7 +126,9 @@ impl Ingestor {
             }
         };
         let span = tracing::info_span!("ingest_event", task_id = %record.task_id, attempt = record.attempt, seq = record.seq, kind = record.kind.as_str());
-        self.apply_event(delivery, event, record).instrument(span).await
+        self.apply_event(delivery, event, record)
+            .instrument(span)
+            .await
     }
 
     async fn apply_event(&self, delivery: Delivery, event: pb::TaskEvent, record: TaskEventRecord) {
@@ -112,7 +147,10 @@ impl Ingestor {
                 }
             }
         };
-        let final_event = matches!(record.kind, TaskEventKind::Succeeded { .. } | TaskEventKind::Failed { .. });
+        let final_event = matches!(
+            record.kind,
+            TaskEventKind::Succeeded { .. } | TaskEventKind::Failed { .. }
+        );
         let stop = match &outcome {
             EventOutcome::Stale { cancelled, .. } => *cancelled || !final_event,
             _ => false,
@@ -130,10 +168,18 @@ impl Ingestor {
             EventOutcome::Stale { .. } | EventOutcome::Duplicate => {}
         }
         if final_event || stop {
-            let reply = pb::TaskRecorded { task_id: event.task_id.clone(), attempt: event.attempt, seq: event.seq, stop };
+            let reply = pb::TaskRecorded {
+                task_id: event.task_id.clone(),
+                attempt: event.attempt,
+                seq: event.seq,
+                stop,
+            };
             if let Err(e) = self
                 .queue
-                .reply_to_worker(&event.worker_id, OutgoingMessage::new(reply.encode_to_vec()))
+                .reply_to_worker(
+                    &event.worker_id,
+                    OutgoingMessage::new(reply.encode_to_vec()),
+                )
                 .await
             {
                 // The worker is gone; its delivery comes back to another worker, whose events
@@ -163,7 +209,12 @@ impl Ingestor {
                 continue;
             };
             let why = match &delivery.dead_letter {
-                Some(d) => format!("{:?} after {} deliveries from {}", d.reason, delivery.delivery_count + 1, d.queue),
+                Some(d) => format!(
+                    "{:?} after {} deliveries from {}",
+                    d.reason,
+                    delivery.delivery_count + 1,
+                    d.queue
+                ),
                 None => "dead-lettered".to_string(),
             };
             let record = TaskEventRecord {

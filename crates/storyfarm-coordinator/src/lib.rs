@@ -80,7 +80,12 @@ impl Coordinator {
             retry: self.retry,
         });
         let mut background = tokio::task::JoinSet::new();
-        background.spawn(dispatch::run_dispatcher(self.store.clone(), self.queue.clone(), wake, Duration::from_millis(250)));
+        background.spawn(dispatch::run_dispatcher(
+            self.store.clone(),
+            self.queue.clone(),
+            wake,
+            Duration::from_millis(250),
+        ));
         let events = ingestor.clone();
         background.spawn(async move {
             if let Err(e) = events.run_events().await {
@@ -94,7 +99,9 @@ impl Coordinator {
         });
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<pb::job_service_server::JobServiceServer<service::Api>>().await;
+        health_reporter
+            .set_serving::<pb::job_service_server::JobServiceServer<service::Api>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -107,9 +114,16 @@ impl Coordinator {
             .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(pb::project_service_server::ProjectServiceServer::new(api.clone()))
-            .add_service(pb::reference_service_server::ReferenceServiceServer::new(api.clone()).max_decoding_message_size(max))
-            .add_service(pb::storyboard_service_server::StoryboardServiceServer::new(api.clone()))
+            .add_service(pb::project_service_server::ProjectServiceServer::new(
+                api.clone(),
+            ))
+            .add_service(
+                pb::reference_service_server::ReferenceServiceServer::new(api.clone())
+                    .max_decoding_message_size(max),
+            )
+            .add_service(pb::storyboard_service_server::StoryboardServiceServer::new(
+                api.clone(),
+            ))
             .add_service(pb::job_service_server::JobServiceServer::new(api))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

@@ -14,7 +14,10 @@ pub fn model_facts(model: &str) -> ModelFacts {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     if let Some(index) = index {
-        let xl = index["_class_name"].as_str().is_some_and(|c| c.contains("XL")) || dir.join("text_encoder_2").is_dir();
+        let xl = index["_class_name"]
+            .as_str()
+            .is_some_and(|c| c.contains("XL"))
+            || dir.join("text_encoder_2").is_dir();
         // serde_json maps are sorted: the re-serialised config is canonical.
         let scheduler = std::fs::read_to_string(dir.join("scheduler/scheduler_config.json"))
             .ok()
@@ -26,10 +29,16 @@ pub fn model_facts(model: &str) -> ModelFacts {
                 v.to_string()
             })
             .unwrap_or_default();
-        return ModelFacts { family: family_name(xl), scheduler: format!("ddim;{scheduler}") };
+        return ModelFacts {
+            family: family_name(xl),
+            scheduler: format!("ddim;{scheduler}"),
+        };
     }
     let xl = model.to_ascii_lowercase().contains("xl");
-    ModelFacts { family: family_name(xl), scheduler: format!("ddim;hub:{model}") }
+    ModelFacts {
+        family: family_name(xl),
+        scheduler: format!("ddim;hub:{model}"),
+    }
 }
 
 fn family_name(xl: bool) -> String {
@@ -46,8 +55,17 @@ mod tests {
         let sd = model_facts(root.join("tiny-sd15").to_str().unwrap());
         assert_eq!(sd.family, "sd");
         assert!(sd.scheduler.contains("scaled_linear"), "{}", sd.scheduler);
-        assert_eq!(model_facts(root.join("tiny-sdxl").to_str().unwrap()).family, "sdxl");
-        assert_eq!(model_facts("stabilityai/stable-diffusion-xl-base-1.0").family, "sdxl");
-        assert_eq!(model_facts("stable-diffusion-v1-5/stable-diffusion-v1-5").family, "sd");
+        assert_eq!(
+            model_facts(root.join("tiny-sdxl").to_str().unwrap()).family,
+            "sdxl"
+        );
+        assert_eq!(
+            model_facts("stabilityai/stable-diffusion-xl-base-1.0").family,
+            "sdxl"
+        );
+        assert_eq!(
+            model_facts("stable-diffusion-v1-5/stable-diffusion-v1-5").family,
+            "sd"
+        );
     }
 }

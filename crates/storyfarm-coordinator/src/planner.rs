@@ -6,7 +6,9 @@ use prost::Message;
 use storyfarm_core::keys::InversionInputs;
 use storyfarm_core::{JobId, StoryboardSpec, TaskId};
 use storyfarm_proto::v1 as pb;
-use storyfarm_store::{NewJob, PlannedInversion, PlannedTask, Reference, StoredStoryboard, TaskKind};
+use storyfarm_store::{
+    NewJob, PlannedInversion, PlannedTask, Reference, StoredStoryboard, TaskKind,
+};
 
 /// Knobs of planning that are the farm's, not the storyboard's.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,7 +67,14 @@ pub fn plan_job(
             traceparent: traceparent.to_string(),
         }
         .encode_to_vec();
-        PlannedTask { id, kind, family: model.family.clone(), max_attempts: policy.max_attempts, frames, payload }
+        PlannedTask {
+            id,
+            kind,
+            family: model.family.clone(),
+            max_attempts: policy.max_attempts,
+            frames,
+            payload,
+        }
     };
 
     let style = spec.style.as_ref().zip(reference);
@@ -87,14 +96,20 @@ pub fn plan_job(
             guidance_scale: style.inversion_guidance,
             trajectory_key: trajectory_key(&cache_key),
         });
-        PlannedInversion { task: task(TaskKind::Invert, Vec::new(), Some(work)), cache_key }
+        PlannedInversion {
+            task: task(TaskKind::Invert, Vec::new(), Some(work)),
+            cache_key,
+        }
     });
     let per_task = spec.frames_per_task.max(1) as usize;
     let render_tasks = frames
         .chunks(per_task)
         .map(|chunk| {
             let work = pb::task::Work::Render(pb::RenderWork {
-                trajectory_key: inversion.as_ref().map(|i| trajectory_key(&i.cache_key)).unwrap_or_default(),
+                trajectory_key: inversion
+                    .as_ref()
+                    .map(|i| trajectory_key(&i.cache_key))
+                    .unwrap_or_default(),
                 reference_prompt: reference.map(|r| r.prompt.clone()).unwrap_or_default(),
                 offset: style.map(|(s, _)| s.offset).unwrap_or(0),
                 options: style.map(|(s, _)| pb::StyleAlignedOptions::from(&s.options)),
@@ -108,10 +123,20 @@ pub fn plan_job(
                     })
                     .collect(),
             });
-            task(TaskKind::Render, chunk.iter().map(|f| f.index).collect(), Some(work))
+            task(
+                TaskKind::Render,
+                chunk.iter().map(|f| f.index).collect(),
+                Some(work),
+            )
         })
         .collect();
-    NewJob { id: job_id, storyboard_id, frames, inversion, render_tasks }
+    NewJob {
+        id: job_id,
+        storyboard_id,
+        frames,
+        inversion,
+        render_tasks,
+    }
 }
 
 #[cfg(test)]
@@ -120,10 +145,18 @@ mod tests {
     use storyfarm_core::{ProjectId, ReferenceId, StoryboardId, StyleOptions, StyleSpec};
 
     fn stored(frames: usize, per_task: u32, style: bool) -> StoredStoryboard {
-        let mut spec = StoryboardSpec::from_yaml("model: m\nwidth: 64\nheight: 64\nsteps: 4\nseed: 10\nframes: []\n").unwrap();
+        let mut spec = StoryboardSpec::from_yaml(
+            "model: m\nwidth: 64\nheight: 64\nsteps: 4\nseed: 10\nframes: []\n",
+        )
+        .unwrap();
         spec.frames_per_task = per_task;
         spec.frames = (0..frames)
-            .map(|i| storyfarm_core::FrameSpec { prompt: format!("p{i}"), negative_prompt: None, seed: None, characters: Vec::new() })
+            .map(|i| storyfarm_core::FrameSpec {
+                prompt: format!("p{i}"),
+                negative_prompt: None,
+                seed: None,
+                characters: Vec::new(),
+            })
             .collect();
         if style {
             spec.style = Some(StyleSpec {
@@ -134,7 +167,10 @@ mod tests {
                 options: StyleOptions::default(),
             });
         }
-        StoredStoryboard { spec, reference_id: style.then(ReferenceId::new) }
+        StoredStoryboard {
+            spec,
+            reference_id: style.then(ReferenceId::new),
+        }
     }
 
     fn reference() -> Reference {
@@ -152,19 +188,37 @@ mod tests {
     }
 
     fn facts() -> ModelFacts {
-        ModelFacts { family: "sd".into(), scheduler: "ddim".into() }
+        ModelFacts {
+            family: "sd".into(),
+            scheduler: "ddim".into(),
+        }
     }
 
     #[test]
     fn chunks_cover_every_frame_once_in_order() {
         for frames in 1..=13 {
             for per_task in 1..=5 {
-                let plan = plan_job(JobId::new(), StoryboardId::new(), &stored(frames, per_task, false), None, &facts(), &PlanPolicy::default(), "");
+                let plan = plan_job(
+                    JobId::new(),
+                    StoryboardId::new(),
+                    &stored(frames, per_task, false),
+                    None,
+                    &facts(),
+                    &PlanPolicy::default(),
+                    "",
+                );
                 assert!(plan.inversion.is_none());
-                let covered: Vec<u32> = plan.render_tasks.iter().flat_map(|t| t.frames.clone()).collect();
+                let covered: Vec<u32> = plan
+                    .render_tasks
+                    .iter()
+                    .flat_map(|t| t.frames.clone())
+                    .collect();
                 assert_eq!(covered, (0..frames as u32).collect::<Vec<_>>());
                 assert_eq!(plan.render_tasks.len(), frames.div_ceil(per_task as usize));
-                assert!(plan.render_tasks.iter().all(|t| t.frames.len() <= per_task as usize));
+                assert!(plan
+                    .render_tasks
+                    .iter()
+                    .all(|t| t.frames.len() <= per_task as usize));
             }
         }
     }
@@ -172,20 +226,46 @@ mod tests {
     #[test]
     fn payloads_carry_frames_seeds_and_the_trajectory() {
         let r = reference();
-        let plan = plan_job(JobId::new(), StoryboardId::new(), &stored(5, 2, true), Some(&r), &facts(), &PlanPolicy::default(), "00-abc-def-01");
+        let plan = plan_job(
+            JobId::new(),
+            StoryboardId::new(),
+            &stored(5, 2, true),
+            Some(&r),
+            &facts(),
+            &PlanPolicy::default(),
+            "00-abc-def-01",
+        );
         let inv = plan.inversion.as_ref().unwrap();
         let task = pb::Task::decode(inv.task.payload.as_slice()).unwrap();
-        let Some(pb::task::Work::Invert(work)) = task.work else { panic!() };
+        let Some(pb::task::Work::Invert(work)) = task.work else {
+            panic!()
+        };
         assert_eq!(work.image_key, "refs/abc.png");
         assert_eq!(work.trajectory_key, trajectory_key(&inv.cache_key));
         let render = pb::Task::decode(plan.render_tasks[1].payload.as_slice()).unwrap();
         assert_eq!(render.traceparent, "00-abc-def-01");
-        let Some(pb::task::Work::Render(work)) = render.work else { panic!() };
+        let Some(pb::task::Work::Render(work)) = render.work else {
+            panic!()
+        };
         assert_eq!(work.trajectory_key, trajectory_key(&inv.cache_key));
         assert_eq!(work.offset, 1);
-        assert_eq!(work.frames.iter().map(|f| (f.index, f.seed)).collect::<Vec<_>>(), [(2, 12), (3, 13)]);
+        assert_eq!(
+            work.frames
+                .iter()
+                .map(|f| (f.index, f.seed))
+                .collect::<Vec<_>>(),
+            [(2, 12), (3, 13)]
+        );
         // The same storyboard planned again reuses the inversion key.
-        let again = plan_job(JobId::new(), StoryboardId::new(), &stored(5, 2, true), Some(&r), &facts(), &PlanPolicy::default(), "");
+        let again = plan_job(
+            JobId::new(),
+            StoryboardId::new(),
+            &stored(5, 2, true),
+            Some(&r),
+            &facts(),
+            &PlanPolicy::default(),
+            "",
+        );
         assert_eq!(again.inversion.unwrap().cache_key, inv.cache_key);
     }
 }

@@ -42,19 +42,30 @@ pub struct Api {
 
 type ApiResult<T> = Result<Response<T>, Status>;
 
-fn parse<T>(field: &str, value: &str, f: fn(&str, &str) -> Result<T, storyfarm_core::ValidationError>) -> Result<T, Status> {
+fn parse<T>(
+    field: &str,
+    value: &str,
+    f: fn(&str, &str) -> Result<T, storyfarm_core::ValidationError>,
+) -> Result<T, Status> {
     f(field, value).map_err(|e| ApiError::from(e).into())
 }
 
 #[tonic::async_trait]
 impl ProjectService for Api {
     #[tracing::instrument(skip_all)]
-    async fn create_project(&self, request: Request<pb::CreateProjectRequest>) -> ApiResult<pb::Project> {
+    async fn create_project(
+        &self,
+        request: Request<pb::CreateProjectRequest>,
+    ) -> ApiResult<pb::Project> {
         let name = request.into_inner().name;
         if name.trim().is_empty() || name.len() > 200 {
             return Err(ApiError::invalid("name", "must be 1 to 200 characters").into());
         }
-        let project = self.store.create_project(name.trim()).await.map_err(ApiError::from)?;
+        let project = self
+            .store
+            .create_project(name.trim())
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(project_id = %project.id, "project created");
         Ok(Response::new(convert::project(&project)))
     }
@@ -65,31 +76,60 @@ impl ProjectService for Api {
         Ok(Response::new(convert::project(&project)))
     }
 
-    async fn list_projects(&self, _: Request<pb::ListProjectsRequest>) -> ApiResult<pb::ListProjectsResponse> {
+    async fn list_projects(
+        &self,
+        _: Request<pb::ListProjectsRequest>,
+    ) -> ApiResult<pb::ListProjectsResponse> {
         let projects = self.store.list_projects().await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListProjectsResponse { projects: projects.iter().map(convert::project).collect() }))
+        Ok(Response::new(pb::ListProjectsResponse {
+            projects: projects.iter().map(convert::project).collect(),
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl ReferenceService for Api {
     #[tracing::instrument(skip_all)]
-    async fn upload_reference(&self, request: Request<Streaming<pb::UploadReferenceRequest>>) -> ApiResult<pb::Reference> {
+    async fn upload_reference(
+        &self,
+        request: Request<Streaming<pb::UploadReferenceRequest>>,
+    ) -> ApiResult<pb::Reference> {
         let mut stream = request.into_inner();
         let header = match stream.next().await {
-            Some(Ok(pb::UploadReferenceRequest { part: Some(pb::upload_reference_request::Part::Header(h)) })) => h,
+            Some(Ok(pb::UploadReferenceRequest {
+                part: Some(pb::upload_reference_request::Part::Header(h)),
+            })) => h,
             Some(Err(status)) => return Err(status),
-            _ => return Err(ApiError::invalid("header", "the first message must carry the reference header").into()),
+            _ => {
+                return Err(ApiError::invalid(
+                    "header",
+                    "the first message must carry the reference header",
+                )
+                .into())
+            }
         };
-        let project_id = parse("header.project_id", &header.project_id, ProjectId::parse_field)?;
+        let project_id = parse(
+            "header.project_id",
+            &header.project_id,
+            ProjectId::parse_field,
+        )?;
         if header.prompt.trim().is_empty() {
             return Err(ApiError::invalid("header.prompt", "must describe the image").into());
         }
-        if header.kind != pb::ReferenceKind::Style as i32 && header.kind != pb::ReferenceKind::Unspecified as i32 {
-            return Err(ApiError::invalid("header.kind", format!("unsupported reference kind {}", header.kind)).into());
+        if header.kind != pb::ReferenceKind::Style as i32
+            && header.kind != pb::ReferenceKind::Unspecified as i32
+        {
+            return Err(ApiError::invalid(
+                "header.kind",
+                format!("unsupported reference kind {}", header.kind),
+            )
+            .into());
         }
         // Fail before reading megabytes for a project that does not exist.
-        self.store.get_project(project_id).await.map_err(ApiError::from)?;
+        self.store
+            .get_project(project_id)
+            .await
+            .map_err(ApiError::from)?;
         let mut bytes = Vec::new();
         while let Some(message) = stream.next().await {
             match message?.part {
@@ -97,13 +137,22 @@ impl ReferenceService for Api {
                     if bytes.len() + chunk.len() > self.max_reference_bytes {
                         return Err(ApiError::invalid(
                             "chunk",
-                            format!("reference image exceeds the limit of {} bytes", self.max_reference_bytes),
+                            format!(
+                                "reference image exceeds the limit of {} bytes",
+                                self.max_reference_bytes
+                            ),
                         )
                         .into());
                     }
                     bytes.extend_from_slice(&chunk);
                 }
-                _ => return Err(ApiError::invalid("header", "only the first message may carry a header").into()),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "header",
+                        "only the first message may carry a header",
+                    )
+                    .into())
+                }
             }
         }
         if bytes.is_empty() {
@@ -112,13 +161,25 @@ impl ReferenceService for Api {
         let (width, height) = match image::load_from_memory(&bytes) {
             Ok(img) => (img.width(), img.height()),
             Err(e) => {
-                let name = if header.filename.is_empty() { "image".to_string() } else { header.filename.clone() };
-                return Err(ApiError::invalid("chunk", format!("{name} is not a readable PNG or JPEG image: {e}")).into());
+                let name = if header.filename.is_empty() {
+                    "image".to_string()
+                } else {
+                    header.filename.clone()
+                };
+                return Err(ApiError::invalid(
+                    "chunk",
+                    format!("{name} is not a readable PNG or JPEG image: {e}"),
+                )
+                .into());
             }
         };
         let sha = storyfarm_core::keys::sha256_hex(&bytes);
         let size = bytes.len() as u64;
-        let key = self.blobs.put_content("image", Bytes::from(bytes)).await.map_err(ApiError::from)?;
+        let key = self
+            .blobs
+            .put_content("image", Bytes::from(bytes))
+            .await
+            .map_err(ApiError::from)?;
         let reference = Reference {
             id: ReferenceId::new(),
             project_id,
@@ -130,12 +191,19 @@ impl ReferenceService for Api {
             size_bytes: size,
             created_at: chrono::Utc::now(),
         };
-        let stored = self.store.create_reference(&reference).await.map_err(ApiError::from)?;
+        let stored = self
+            .store
+            .create_reference(&reference)
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(reference_id = %stored.id, project_id = %project_id, bytes = size, "reference uploaded");
         Ok(Response::new(convert::reference(&stored)))
     }
 
-    async fn get_reference(&self, request: Request<pb::GetReferenceRequest>) -> ApiResult<pb::Reference> {
+    async fn get_reference(
+        &self,
+        request: Request<pb::GetReferenceRequest>,
+    ) -> ApiResult<pb::Reference> {
         let id = parse("id", &request.into_inner().id, ReferenceId::parse_field)?;
         let reference = self.store.get_reference(id).await.map_err(ApiError::from)?;
         Ok(Response::new(convert::reference(&reference)))
@@ -143,11 +211,17 @@ impl ReferenceService for Api {
 }
 
 /// The storyboard an API request describes, validated like a storyboard file.
-fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(StoryboardSpec, Option<ReferenceId>), ApiError> {
-    let settings = req.settings.clone().ok_or_else(|| ApiError::invalid("settings", "required"))?;
+fn storyboard_from_request(
+    req: &pb::CreateStoryboardRequest,
+) -> Result<(StoryboardSpec, Option<ReferenceId>), ApiError> {
+    let settings = req
+        .settings
+        .clone()
+        .ok_or_else(|| ApiError::invalid("settings", "required"))?;
     let style = match &settings.style {
         Some(style) if !style.reference_id.is_empty() => {
-            let reference_id = ReferenceId::parse_field("settings.style.reference_id", &style.reference_id)?;
+            let reference_id =
+                ReferenceId::parse_field("settings.style.reference_id", &style.reference_id)?;
             let options = style.options.map(StyleOptions::from).unwrap_or_default();
             let spec = StyleSpec {
                 image: format!("reference:{reference_id}").into(),
@@ -170,7 +244,11 @@ fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(Storybo
         guidance: settings.guidance_scale,
         negative_prompt: settings.negative_prompt.clone(),
         seed: 0,
-        frames_per_task: if settings.frames_per_task == 0 { 4 } else { settings.frames_per_task },
+        frames_per_task: if settings.frames_per_task == 0 {
+            4
+        } else {
+            settings.frames_per_task
+        },
         style: style.as_ref().map(|(s, _)| s.clone()),
         // The API has no characters yet.
         characters: Vec::new(),
@@ -187,7 +265,11 @@ fn storyboard_from_request(req: &pb::CreateStoryboardRequest) -> Result<(Storybo
             .collect(),
     };
     spec.validate().map_err(|e| {
-        let field = if e.field.starts_with("frames") { e.field.clone() } else { format!("settings.{}", e.field) };
+        let field = if e.field.starts_with("frames") {
+            e.field.clone()
+        } else {
+            format!("settings.{}", e.field)
+        };
         ApiError::invalid(field, e.message)
     })?;
     Ok((spec, style.map(|(_, id)| id)))
@@ -207,7 +289,11 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
             guidance_scale: spec.guidance,
             negative_prompt: spec.negative_prompt.clone(),
             style: spec.style.as_ref().map(|s| pb::StyleSettings {
-                reference_id: sb.stored.reference_id.map(|r| r.to_string()).unwrap_or_default(),
+                reference_id: sb
+                    .stored
+                    .reference_id
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
                 offset: s.offset,
                 inversion_guidance: s.inversion_guidance,
                 options: Some(pb::StyleAlignedOptions::from(&s.options)),
@@ -217,7 +303,11 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
         frames: spec
             .frames
             .iter()
-            .map(|f| pb::FrameSpec { prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+            .map(|f| pb::FrameSpec {
+                prompt: f.prompt.clone(),
+                negative_prompt: f.negative_prompt.clone(),
+                seed: f.seed,
+            })
             .collect(),
         create_time: Some(convert::timestamp(sb.created_at)),
     }
@@ -226,26 +316,49 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
 #[tonic::async_trait]
 impl StoryboardService for Api {
     #[tracing::instrument(skip_all)]
-    async fn create_storyboard(&self, request: Request<pb::CreateStoryboardRequest>) -> ApiResult<pb::Storyboard> {
+    async fn create_storyboard(
+        &self,
+        request: Request<pb::CreateStoryboardRequest>,
+    ) -> ApiResult<pb::Storyboard> {
         let req = request.into_inner();
         let project_id = parse("project_id", &req.project_id, ProjectId::parse_field)?;
         let (spec, reference_id) = storyboard_from_request(&req)?;
-        self.store.get_project(project_id).await.map_err(ApiError::from)?;
+        self.store
+            .get_project(project_id)
+            .await
+            .map_err(ApiError::from)?;
         if let Some(reference_id) = reference_id {
-            let reference = self.store.get_reference(reference_id).await.map_err(ApiError::from)?;
+            let reference = self
+                .store
+                .get_reference(reference_id)
+                .await
+                .map_err(ApiError::from)?;
             if reference.project_id != project_id {
-                return Err(Status::not_found(format!("reference {reference_id} not found in project {project_id}")));
+                return Err(Status::not_found(format!(
+                    "reference {reference_id} not found in project {project_id}"
+                )));
             }
         }
         let stored = StoredStoryboard { spec, reference_id };
-        let sb = self.store.create_storyboard(project_id, req.name.trim(), &stored).await.map_err(ApiError::from)?;
+        let sb = self
+            .store
+            .create_storyboard(project_id, req.name.trim(), &stored)
+            .await
+            .map_err(ApiError::from)?;
         tracing::info!(storyboard_id = %sb.id, frames = sb.stored.spec.frames.len(), "storyboard created");
         Ok(Response::new(storyboard_message(&sb)))
     }
 
-    async fn get_storyboard(&self, request: Request<pb::GetStoryboardRequest>) -> ApiResult<pb::Storyboard> {
+    async fn get_storyboard(
+        &self,
+        request: Request<pb::GetStoryboardRequest>,
+    ) -> ApiResult<pb::Storyboard> {
         let id = parse("id", &request.into_inner().id, StoryboardId::parse_field)?;
-        let sb = self.store.get_storyboard(id).await.map_err(ApiError::from)?;
+        let sb = self
+            .store
+            .get_storyboard(id)
+            .await
+            .map_err(ApiError::from)?;
         Ok(Response::new(storyboard_message(&sb)))
     }
 }
@@ -260,9 +373,17 @@ impl JobService for Api {
 
     #[tracing::instrument(skip_all, fields(storyboard_id, job_id, trace_id))]
     async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> ApiResult<pb::Job> {
-        let storyboard_id = parse("storyboard_id", &request.into_inner().storyboard_id, StoryboardId::parse_field)?;
+        let storyboard_id = parse(
+            "storyboard_id",
+            &request.into_inner().storyboard_id,
+            StoryboardId::parse_field,
+        )?;
         tracing::Span::current().record("storyboard_id", tracing::field::display(storyboard_id));
-        let sb = self.store.get_storyboard(storyboard_id).await.map_err(ApiError::from)?;
+        let sb = self
+            .store
+            .get_storyboard(storyboard_id)
+            .await
+            .map_err(ApiError::from)?;
         let reference = match sb.stored.reference_id {
             Some(id) => Some(self.store.get_reference(id).await.map_err(ApiError::from)?),
             None => None,
@@ -271,9 +392,20 @@ impl JobService for Api {
         let traceparent = storyfarm_core::trace::new_traceparent();
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job_id));
-        span.record("trace_id", storyfarm_core::trace::trace_id(&traceparent).unwrap_or_default());
+        span.record(
+            "trace_id",
+            storyfarm_core::trace::trace_id(&traceparent).unwrap_or_default(),
+        );
         let facts = model_facts(&sb.stored.spec.model);
-        let plan = plan_job(job_id, storyboard_id, &sb.stored, reference.as_ref(), &facts, &self.policy, &traceparent);
+        let plan = plan_job(
+            job_id,
+            storyboard_id,
+            &sb.stored,
+            reference.as_ref(),
+            &facts,
+            &self.policy,
+            &traceparent,
+        );
         let job = self.store.submit_job(&plan).await.map_err(ApiError::from)?;
         self.dispatch.notify_one();
         tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
@@ -286,7 +418,10 @@ impl JobService for Api {
         Ok(Response::new(convert::job(&job)))
     }
 
-    async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> ApiResult<Self::WatchJobStream> {
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> ApiResult<Self::WatchJobStream> {
         let id = parse("id", &request.into_inner().id, JobId::parse_field)?;
         self.store.get_job(id).await.map_err(ApiError::from)?;
         let rx = watch_job(self.store.clone(), self.hub.clone(), id);
@@ -299,9 +434,13 @@ impl JobService for Api {
         tracing::Span::current().record("job_id", tracing::field::display(id));
         let (job, running) = self.store.cancel_job(id).await.map_err(ApiError::from)?;
         if running {
-            let control = pb::Control { command: Some(pb::control::Command::CancelJobId(id.to_string())) };
+            let control = pb::Control {
+                command: Some(pb::control::Command::CancelJobId(id.to_string())),
+            };
             self.queue
-                .broadcast_control(OutgoingMessage::new(prost::Message::encode_to_vec(&control)))
+                .broadcast_control(OutgoingMessage::new(prost::Message::encode_to_vec(
+                    &control,
+                )))
                 .await
                 .map_err(ApiError::from)?;
         }
@@ -310,18 +449,34 @@ impl JobService for Api {
         Ok(Response::new(convert::job(&job)))
     }
 
-    async fn list_frames(&self, request: Request<pb::ListFramesRequest>) -> ApiResult<pb::ListFramesResponse> {
+    async fn list_frames(
+        &self,
+        request: Request<pb::ListFramesRequest>,
+    ) -> ApiResult<pb::ListFramesResponse> {
         let id = parse("job_id", &request.into_inner().job_id, JobId::parse_field)?;
         let frames = self.store.list_frames(id).await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListFramesResponse { frames: frames.iter().map(convert::frame).collect() }))
+        Ok(Response::new(pb::ListFramesResponse {
+            frames: frames.iter().map(convert::frame).collect(),
+        }))
     }
 
-    async fn download_frame(&self, request: Request<pb::DownloadFrameRequest>) -> ApiResult<Self::DownloadFrameStream> {
+    async fn download_frame(
+        &self,
+        request: Request<pb::DownloadFrameRequest>,
+    ) -> ApiResult<Self::DownloadFrameStream> {
         let req = request.into_inner();
         let id = parse("job_id", &req.job_id, JobId::parse_field)?;
-        let frame = self.store.get_frame(id, req.index).await.map_err(ApiError::from)?;
+        let frame = self
+            .store
+            .get_frame(id, req.index)
+            .await
+            .map_err(ApiError::from)?;
         let key = frame.png_key.clone().ok_or_else(|| {
-            Status::from(ApiError::FailedPrecondition(format!("frame {} of job {id} is {} and has no image yet", req.index, frame.state.as_str())))
+            Status::from(ApiError::FailedPrecondition(format!(
+                "frame {} of job {id} is {} and has no image yet",
+                req.index,
+                frame.state.as_str()
+            )))
         })?;
         let key = BlobKey::new(key).map_err(ApiError::from)?;
         let bytes = self.blobs.get(&key).await.map_err(ApiError::from)?;

@@ -60,7 +60,10 @@ mod tests {
         assert_eq!(s.message(), "frames[2].prompt: must not be empty");
         let s: Status = ApiError::from(StoreError::not_found("project", "x")).into();
         assert_eq!(s.code(), Code::NotFound);
-        let s: Status = ApiError::from(StoreError::Unavailable { message: "down".into() }).into();
+        let s: Status = ApiError::from(StoreError::Unavailable {
+            message: "down".into(),
+        })
+        .into();
         assert_eq!(s.code(), Code::Unavailable);
     }
 }

@@ -36,7 +36,10 @@ impl WatchHub {
     fn sender(&self, job: JobId) -> broadcast::Sender<Signal> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         channels.retain(|_, s| s.receiver_count() > 0);
-        channels.entry(job).or_insert_with(|| broadcast::channel(256).0).clone()
+        channels
+            .entry(job)
+            .or_insert_with(|| broadcast::channel(256).0)
+            .clone()
     }
 
     pub fn subscribe(&self, job: JobId) -> broadcast::Receiver<Signal> {
@@ -82,7 +85,10 @@ pub fn watch_job(
                 let f = convert::frame(f);
                 if sent_frames.get(&f.index) != Some(&f) {
                     sent_frames.insert(f.index, f.clone());
-                    let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Frame(f)) };
+                    let event = pb::JobEvent {
+                        job_id: id.clone(),
+                        event: Some(pb::job_event::Event::Frame(f)),
+                    };
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
@@ -91,7 +97,10 @@ pub fn watch_job(
             let pj = convert::job(&job);
             if sent_job.as_ref() != Some(&pj) {
                 sent_job = Some(pj.clone());
-                let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Job(pj)) };
+                let event = pb::JobEvent {
+                    job_id: id.clone(),
+                    event: Some(pb::job_event::Event::Job(pj)),
+                };
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }

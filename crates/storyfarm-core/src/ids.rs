@@ -11,7 +11,9 @@ use crate::storyboard::ValidationError;
 macro_rules! id_type {
     ($name:ident, $what:literal) => {
         #[doc = concat!("The id of a ", $what, ".")]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -65,6 +67,9 @@ mod tests {
         let id = JobId::new();
         assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
         let e = ProjectId::parse_field("project_id", "nope").unwrap_err();
-        assert_eq!(e.to_string(), "project_id: not a valid project id: \"nope\"");
+        assert_eq!(
+            e.to_string(),
+            "project_id: not a valid project id: \"nope\""
+        );
     }
 }

@@ -108,19 +108,46 @@ mod tests {
         let k = base.cache_key();
         assert_eq!(k, base.clone().cache_key());
         let variants = [
-            InversionInputs { image_sha256: "ac", ..base.clone() },
-            InversionInputs { model: "n", ..base.clone() },
-            InversionInputs { scheduler: "{\"a\":1}", ..base.clone() },
-            InversionInputs { width: 256, ..base.clone() },
-            InversionInputs { height: 256, ..base.clone() },
-            InversionInputs { steps: 31, ..base.clone() },
-            InversionInputs { prompt: "q", ..base.clone() },
-            InversionInputs { guidance_scale: 1.0, ..base.clone() },
+            InversionInputs {
+                image_sha256: "ac",
+                ..base.clone()
+            },
+            InversionInputs {
+                model: "n",
+                ..base.clone()
+            },
+            InversionInputs {
+                scheduler: "{\"a\":1}",
+                ..base.clone()
+            },
+            InversionInputs {
+                width: 256,
+                ..base.clone()
+            },
+            InversionInputs {
+                height: 256,
+                ..base.clone()
+            },
+            InversionInputs {
+                steps: 31,
+                ..base.clone()
+            },
+            InversionInputs {
+                prompt: "q",
+                ..base.clone()
+            },
+            InversionInputs {
+                guidance_scale: 1.0,
+                ..base.clone()
+            },
         ];
         for v in variants {
             assert_ne!(v.cache_key(), k, "{v:?}");
         }
-        assert_eq!(sha256_hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     fn words(w: &[&str]) -> Vec<String> {
@@ -151,27 +178,81 @@ mod tests {
         assert_eq!(k, base.clone().anchor_key());
         assert_eq!(k.len(), 64);
         let options = [
-            ConsistoryOptions { mask_dropout: 0.4, ..Default::default() },
-            ConsistoryOptions { injection_alpha: 0.7, ..Default::default() },
-            ConsistoryOptions { freeu: false, ..Default::default() },
-            ConsistoryOptions { query_blend: false, ..Default::default() },
-            ConsistoryOptions { feature_injection: false, ..Default::default() },
+            ConsistoryOptions {
+                mask_dropout: 0.4,
+                ..Default::default()
+            },
+            ConsistoryOptions {
+                injection_alpha: 0.7,
+                ..Default::default()
+            },
+            ConsistoryOptions {
+                freeu: false,
+                ..Default::default()
+            },
+            ConsistoryOptions {
+                query_blend: false,
+                ..Default::default()
+            },
+            ConsistoryOptions {
+                feature_injection: false,
+                ..Default::default()
+            },
         ];
         let mut variants = vec![
-            AnchorInputs { model: "n", ..base.clone() },
-            AnchorInputs { scheduler: "{\"a\":1}", ..base.clone() },
-            AnchorInputs { width: 256, ..base.clone() },
-            AnchorInputs { height: 256, ..base.clone() },
-            AnchorInputs { steps: 31, ..base.clone() },
-            AnchorInputs { guidance_scale: 5.0, ..base.clone() },
-            AnchorInputs { negative_prompt: "blurry", ..base.clone() },
-            AnchorInputs { description: "a corgi dog, a painting", ..base.clone() },
-            AnchorInputs { subject_words: &corgi, ..base.clone() },
-            AnchorInputs { seed: 2, ..base.clone() },
-            AnchorInputs { anchors: 3, ..base.clone() },
-            AnchorInputs { image_sha256: Some("ab"), ..base.clone() },
+            AnchorInputs {
+                model: "n",
+                ..base.clone()
+            },
+            AnchorInputs {
+                scheduler: "{\"a\":1}",
+                ..base.clone()
+            },
+            AnchorInputs {
+                width: 256,
+                ..base.clone()
+            },
+            AnchorInputs {
+                height: 256,
+                ..base.clone()
+            },
+            AnchorInputs {
+                steps: 31,
+                ..base.clone()
+            },
+            AnchorInputs {
+                guidance_scale: 5.0,
+                ..base.clone()
+            },
+            AnchorInputs {
+                negative_prompt: "blurry",
+                ..base.clone()
+            },
+            AnchorInputs {
+                description: "a corgi dog, a painting",
+                ..base.clone()
+            },
+            AnchorInputs {
+                subject_words: &corgi,
+                ..base.clone()
+            },
+            AnchorInputs {
+                seed: 2,
+                ..base.clone()
+            },
+            AnchorInputs {
+                anchors: 3,
+                ..base.clone()
+            },
+            AnchorInputs {
+                image_sha256: Some("ab"),
+                ..base.clone()
+            },
         ];
-        variants.extend(options.iter().map(|o| AnchorInputs { consistory: o, ..base.clone() }));
+        variants.extend(options.iter().map(|o| AnchorInputs {
+            consistory: o,
+            ..base.clone()
+        }));
         let mut keys: Vec<String> = variants.iter().map(|v| v.anchor_key()).collect();
         for (v, key) in variants.iter().zip(&keys) {
             assert_ne!(*key, k, "{v:?}");
@@ -181,10 +262,27 @@ mod tests {
         keys.dedup();
         assert_eq!(keys.len(), variants.len());
         // Two images differ by their bytes' hash.
-        let ab = AnchorInputs { image_sha256: Some("ab"), ..base.clone() };
-        assert_ne!(ab.anchor_key(), AnchorInputs { image_sha256: Some("ac"), ..base.clone() }.anchor_key());
+        let ab = AnchorInputs {
+            image_sha256: Some("ab"),
+            ..base.clone()
+        };
+        assert_ne!(
+            ab.anchor_key(),
+            AnchorInputs {
+                image_sha256: Some("ac"),
+                ..base.clone()
+            }
+            .anchor_key()
+        );
         // The anchors of a character and the inversion of a reference never share a key space.
-        assert_ne!(k, sha256_hex(serde_json::json!({ "v": 1, "inversion": base }).to_string().as_bytes()));
+        assert_ne!(
+            k,
+            sha256_hex(
+                serde_json::json!({ "v": 1, "inversion": base })
+                    .to_string()
+                    .as_bytes()
+            )
+        );
     }
 
     #[test]
@@ -203,8 +301,15 @@ characters:
 seed: 3
 model: m
 ";
-        let (a, b) = (StoryboardSpec::from_yaml(a).unwrap(), StoryboardSpec::from_yaml(b).unwrap());
-        let key = |s: &StoryboardSpec, image| AnchorInputs::of_character(s, 0, "{}", image).unwrap().anchor_key();
+        let (a, b) = (
+            StoryboardSpec::from_yaml(a).unwrap(),
+            StoryboardSpec::from_yaml(b).unwrap(),
+        );
+        let key = |s: &StoryboardSpec, image| {
+            AnchorInputs::of_character(s, 0, "{}", image)
+                .unwrap()
+                .anchor_key()
+        };
         assert_eq!(key(&a, None), key(&b, None));
         assert_eq!(key(&a, Some("ab")), key(&b, Some("ab")));
         assert_ne!(key(&a, None), key(&a, Some("ab")));

@@ -8,5 +8,6 @@ pub mod trace;
 
 pub use ids::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
 pub use storyboard::{
-    CharacterSpec, ConsistoryOptions, FrameSpec, StoryboardSpec, StyleOptions, StyleSpec, ValidationError,
+    CharacterSpec, ConsistoryOptions, FrameSpec, StoryboardSpec, StyleOptions, StyleSpec,
+    ValidationError,
 };

@@ -65,7 +65,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -73,12 +76,18 @@ impl ValidationError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoryboardFileError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Malformed YAML or an unknown key; the message carries the line and column.
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}: {source}")]
-    Invalid { path: PathBuf, source: ValidationError },
+    Invalid {
+        path: PathBuf,
+        source: ValidationError,
+    },
 }
 
 /// StyleAligned options, with the official defaults.
@@ -148,7 +157,13 @@ pub struct ConsistoryOptions {
 
 impl Default for ConsistoryOptions {
     fn default() -> Self {
-        Self { mask_dropout: 0.5, injection_alpha: 0.8, freeu: true, query_blend: true, feature_injection: true }
+        Self {
+            mask_dropout: 0.5,
+            injection_alpha: 0.8,
+            freeu: true,
+            query_blend: true,
+            feature_injection: true,
+        }
     }
 }
 
@@ -264,17 +279,28 @@ impl StoryboardSpec {
     /// Reads, parses and validates a storyboard file; the style and character image paths become
     /// absolute (relative to the file) and must exist.
     pub fn load(path: &Path) -> Result<Self, StoryboardFileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| StoryboardFileError::Read { path: path.to_path_buf(), source })?;
-        let mut spec = Self::from_yaml(&text)
-            .map_err(|message| StoryboardFileError::Syntax { path: path.to_path_buf(), message })?;
-        let invalid = |source| StoryboardFileError::Invalid { path: path.to_path_buf(), source };
+        let text = std::fs::read_to_string(path).map_err(|source| StoryboardFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut spec = Self::from_yaml(&text).map_err(|message| StoryboardFileError::Syntax {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let invalid = |source| StoryboardFileError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        };
         spec.validate().map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
         // A model folder next to the board is named relative to it, like the style image.
         let local_model = base.join(&spec.model);
         if Path::new(&spec.model).is_relative() && local_model.join("model_index.json").is_file() {
-            spec.model = local_model.canonicalize().unwrap_or(local_model).display().to_string();
+            spec.model = local_model
+                .canonicalize()
+                .unwrap_or(local_model)
+                .display()
+                .to_string();
         }
         if let Some(style) = &mut spec.style {
             let image = base.join(&style.image);
@@ -333,9 +359,16 @@ impl StoryboardSpec {
             .map(|(i, f)| ResolvedFrame {
                 index: i as u32,
                 prompt: f.prompt.clone(),
-                negative_prompt: f.negative_prompt.clone().unwrap_or_else(|| self.negative_prompt.clone()),
+                negative_prompt: f
+                    .negative_prompt
+                    .clone()
+                    .unwrap_or_else(|| self.negative_prompt.clone()),
                 seed: self.frame_seed(i),
-                characters: f.characters.iter().filter_map(|name| self.character_index(name)).collect(),
+                characters: f
+                    .characters
+                    .iter()
+                    .filter_map(|name| self.character_index(name))
+                    .collect(),
             })
             .collect()
     }
@@ -343,23 +376,38 @@ impl StoryboardSpec {
     /// Every rule a storyboard must meet, with the field named on failure.
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.model.trim().is_empty() {
-            return Err(ValidationError::new("model", "must name a model (hub id or folder)"));
+            return Err(ValidationError::new(
+                "model",
+                "must name a model (hub id or folder)",
+            ));
         }
         validate_size(self.width, self.height)?;
         if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(ValidationError::new("steps", format!("must be within 1..={MAX_STEPS}, got {}", self.steps)));
+            return Err(ValidationError::new(
+                "steps",
+                format!("must be within 1..={MAX_STEPS}, got {}", self.steps),
+            ));
         }
         if !self.guidance.is_finite() || !(0.0..=50.0).contains(&self.guidance) {
-            return Err(ValidationError::new("guidance", format!("must be within 0..=50, got {}", self.guidance)));
+            return Err(ValidationError::new(
+                "guidance",
+                format!("must be within 0..=50, got {}", self.guidance),
+            ));
         }
         if self.frames_per_task == 0 || self.frames_per_task > MAX_FRAMES_PER_TASK {
             return Err(ValidationError::new(
                 "frames_per_task",
-                format!("must be within 1..={MAX_FRAMES_PER_TASK}, got {}", self.frames_per_task),
+                format!(
+                    "must be within 1..={MAX_FRAMES_PER_TASK}, got {}",
+                    self.frames_per_task
+                ),
             ));
         }
         if self.frames.is_empty() {
-            return Err(ValidationError::new("frames", "a storyboard needs at least one frame"));
+            return Err(ValidationError::new(
+                "frames",
+                "a storyboard needs at least one frame",
+            ));
         }
         if self.frames.len() > MAX_FRAMES {
             return Err(ValidationError::new(
@@ -369,7 +417,10 @@ impl StoryboardSpec {
         }
         for (i, frame) in self.frames.iter().enumerate() {
             if frame.prompt.trim().is_empty() {
-                return Err(ValidationError::new(format!("frames[{i}].prompt"), "must not be empty"));
+                return Err(ValidationError::new(
+                    format!("frames[{i}].prompt"),
+                    "must not be empty",
+                ));
             }
         }
         if let Some(style) = &self.style {
@@ -383,22 +434,39 @@ impl StoryboardSpec {
         Ok(())
     }
 
-    fn validate_frame_characters(&self, i: usize, frame: &FrameSpec) -> Result<(), ValidationError> {
+    fn validate_frame_characters(
+        &self,
+        i: usize,
+        frame: &FrameSpec,
+    ) -> Result<(), ValidationError> {
         if frame.characters.len() > MAX_FRAME_CHARACTERS {
             return Err(ValidationError::new(
                 format!("frames[{i}].characters"),
-                format!("at most {MAX_FRAME_CHARACTERS} characters per frame, got {}", frame.characters.len()),
+                format!(
+                    "at most {MAX_FRAME_CHARACTERS} characters per frame, got {}",
+                    frame.characters.len()
+                ),
             ));
         }
         for (k, name) in frame.characters.iter().enumerate() {
             let field = format!("frames[{i}].characters[{k}]");
             let Some(index) = self.character_index(name) else {
                 let known: Vec<&str> = self.characters.iter().map(|c| c.name.as_str()).collect();
-                let known = if known.is_empty() { "none defined".to_string() } else { known.join(", ") };
-                return Err(ValidationError::new(field, format!("no character named {name:?} (characters: {known})")));
+                let known = if known.is_empty() {
+                    "none defined".to_string()
+                } else {
+                    known.join(", ")
+                };
+                return Err(ValidationError::new(
+                    field,
+                    format!("no character named {name:?} (characters: {known})"),
+                ));
             };
             if frame.characters[..k].contains(name) {
-                return Err(ValidationError::new(field, format!("{name:?} is named twice in this frame")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("{name:?} is named twice in this frame"),
+                ));
             }
             let words = &self.characters[index].subject_words;
             if !words.iter().any(|w| contains_word(&frame.prompt, w)) {
@@ -419,14 +487,21 @@ impl StoryboardSpec {
 /// digits, so "dog" is in "a dog, running" but not in "dogs" or "hotdog".
 pub fn contains_word(text: &str, word: &str) -> bool {
     let word = word.to_lowercase();
-    text.split(|c: char| !c.is_alphanumeric()).any(|w| !w.is_empty() && w.to_lowercase() == word)
+    text.split(|c: char| !c.is_alphanumeric())
+        .any(|w| !w.is_empty() && w.to_lowercase() == word)
 }
 
 /// ConsiStory option rules shared by every entry point.
 pub fn validate_consistory(o: &ConsistoryOptions) -> Result<(), ValidationError> {
-    for (field, v) in [("mask_dropout", o.mask_dropout), ("injection_alpha", o.injection_alpha)] {
+    for (field, v) in [
+        ("mask_dropout", o.mask_dropout),
+        ("injection_alpha", o.injection_alpha),
+    ] {
         if !(0.0..=1.0).contains(&v) {
-            return Err(ValidationError::new(format!("consistory.{field}"), format!("must be within 0..=1, got {v}")));
+            return Err(ValidationError::new(
+                format!("consistory.{field}"),
+                format!("must be within 0..=1, got {v}"),
+            ));
         }
     }
     Ok(())
@@ -437,13 +512,18 @@ pub fn validate_characters(characters: &[CharacterSpec]) -> Result<(), Validatio
     if characters.len() > MAX_CHARACTERS {
         return Err(ValidationError::new(
             "characters",
-            format!("at most {MAX_CHARACTERS} characters, got {}", characters.len()),
+            format!(
+                "at most {MAX_CHARACTERS} characters, got {}",
+                characters.len()
+            ),
         ));
     }
     for (i, c) in characters.iter().enumerate() {
         let field = |name: &str| format!("characters[{i}].{name}");
         let name_ok = (1..=MAX_CHARACTER_NAME).contains(&c.name.len())
-            && c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | ' '))
+            && c.name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | ' '))
             && !c.name.starts_with(' ')
             && !c.name.ends_with(' ');
         if !name_ok {
@@ -457,14 +537,23 @@ pub fn validate_characters(characters: &[CharacterSpec]) -> Result<(), Validatio
         }
         // Names differing only in case would be the same name to a reader (and to a
         // case-insensitive file system if they name output files).
-        if let Some(j) = characters[..i].iter().position(|o| o.name.eq_ignore_ascii_case(&c.name)) {
+        if let Some(j) = characters[..i]
+            .iter()
+            .position(|o| o.name.eq_ignore_ascii_case(&c.name))
+        {
             return Err(ValidationError::new(
                 field("name"),
-                format!("{:?} is already the name of characters[{j}] ({:?})", c.name, characters[j].name),
+                format!(
+                    "{:?} is already the name of characters[{j}] ({:?})",
+                    c.name, characters[j].name
+                ),
             ));
         }
         if c.description.trim().is_empty() {
-            return Err(ValidationError::new(field("description"), "must describe the character"));
+            return Err(ValidationError::new(
+                field("description"),
+                "must describe the character",
+            ));
         }
         if c.subject_words.is_empty() {
             return Err(ValidationError::new(
@@ -475,19 +564,28 @@ pub fn validate_characters(characters: &[CharacterSpec]) -> Result<(), Validatio
         for (j, w) in c.subject_words.iter().enumerate() {
             let field = format!("characters[{i}].subject_words[{j}]");
             if w.is_empty() || !w.chars().all(char::is_alphanumeric) {
-                return Err(ValidationError::new(field, format!("must be one word of letters and digits, got {w:?}")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("must be one word of letters and digits, got {w:?}"),
+                ));
             }
             if !contains_word(&c.description, w) {
                 return Err(ValidationError::new(
                     field,
-                    format!("{w:?} does not occur as a whole word in the description {:?}", c.description),
+                    format!(
+                        "{w:?} does not occur as a whole word in the description {:?}",
+                        c.description
+                    ),
                 ));
             }
         }
         if !(1..=MAX_ANCHORS).contains(&c.anchors) {
             return Err(ValidationError::new(
                 field("anchors"),
-                format!("must be within 1..={MAX_ANCHORS} (an image counts as one), got {}", c.anchors),
+                format!(
+                    "must be within 1..={MAX_ANCHORS} (an image counts as one), got {}",
+                    c.anchors
+                ),
             ));
         }
     }
@@ -498,10 +596,16 @@ pub fn validate_characters(characters: &[CharacterSpec]) -> Result<(), Validatio
 pub fn validate_size(width: u32, height: u32) -> Result<(), ValidationError> {
     for (field, v) in [("width", width), ("height", height)] {
         if v % 8 != 0 {
-            return Err(ValidationError::new(field, format!("must be divisible by 8, got {v}")));
+            return Err(ValidationError::new(
+                field,
+                format!("must be divisible by 8, got {v}"),
+            ));
         }
         if !(MIN_SIDE..=MAX_SIDE).contains(&v) {
-            return Err(ValidationError::new(field, format!("must be within {MIN_SIDE}..={MAX_SIDE}, got {v}")));
+            return Err(ValidationError::new(
+                field,
+                format!("must be within {MIN_SIDE}..={MAX_SIDE}, got {v}"),
+            ));
         }
     }
     Ok(())
@@ -510,7 +614,10 @@ pub fn validate_size(width: u32, height: u32) -> Result<(), ValidationError> {
 /// Style rules shared by every entry point.
 pub fn validate_style(style: &StyleSpec, steps: u32) -> Result<(), ValidationError> {
     if style.prompt.trim().is_empty() {
-        return Err(ValidationError::new("style.prompt", "must describe the style image"));
+        return Err(ValidationError::new(
+            "style.prompt",
+            "must describe the style image",
+        ));
     }
     if style.offset >= steps {
         return Err(ValidationError::new(
@@ -532,14 +639,24 @@ pub fn validate_style(style: &StyleSpec, steps: u32) -> Result<(), ValidationErr
         ));
     }
     if !o.shared_score_scale.is_finite() || !o.shared_score_shift.is_finite() {
-        return Err(ValidationError::new("style.options", "shared_score_scale and shared_score_shift must be finite"));
+        return Err(ValidationError::new(
+            "style.options",
+            "shared_score_scale and shared_score_shift must be finite",
+        ));
     }
     Ok(())
 }
 
 impl fmt::Display for StoryboardSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} frames of {}x{} on {}", self.frames.len(), self.width, self.height, self.model)
+        write!(
+            f,
+            "{} frames of {}x{} on {}",
+            self.frames.len(),
+            self.width,
+            self.height,
+            self.model
+        )
     }
 }
 
@@ -563,7 +680,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_the_line() {
-        let e = StoryboardSpec::from_yaml("model: m\nframes:\n  - prompt: a\n    colour: red\n").unwrap_err();
+        let e = StoryboardSpec::from_yaml("model: m\nframes:\n  - prompt: a\n    colour: red\n")
+            .unwrap_err();
         assert!(e.contains("colour") && e.contains("line 4"), "{e}");
         let e = StoryboardSpec::from_yaml("model: m\nwidht: 3\nframes: []\n").unwrap_err();
         assert!(e.contains("widht") && e.contains("line 2"), "{e}");
@@ -578,12 +696,48 @@ mod tests {
             let e = s.validate().unwrap_err();
             assert_eq!(e.field, field, "{e}");
         };
-        check(StoryboardSpec { width: 60, ..base.clone() }, "width");
-        check(StoryboardSpec { height: 4096, ..base.clone() }, "height");
-        check(StoryboardSpec { steps: 0, ..base.clone() }, "steps");
-        check(StoryboardSpec { frames: vec![], ..base.clone() }, "frames");
-        check(StoryboardSpec { guidance: f64::NAN, ..base.clone() }, "guidance");
-        check(StoryboardSpec { frames_per_task: 0, ..base.clone() }, "frames_per_task");
+        check(
+            StoryboardSpec {
+                width: 60,
+                ..base.clone()
+            },
+            "width",
+        );
+        check(
+            StoryboardSpec {
+                height: 4096,
+                ..base.clone()
+            },
+            "height",
+        );
+        check(
+            StoryboardSpec {
+                steps: 0,
+                ..base.clone()
+            },
+            "steps",
+        );
+        check(
+            StoryboardSpec {
+                frames: vec![],
+                ..base.clone()
+            },
+            "frames",
+        );
+        check(
+            StoryboardSpec {
+                guidance: f64::NAN,
+                ..base.clone()
+            },
+            "guidance",
+        );
+        check(
+            StoryboardSpec {
+                frames_per_task: 0,
+                ..base.clone()
+            },
+            "frames_per_task",
+        );
         let mut blank = base.clone();
         blank.frames[1].prompt = " ".into();
         check(blank, "frames[1].prompt");
@@ -594,9 +748,28 @@ mod tests {
             inversion_guidance: 2.0,
             options: StyleOptions::default(),
         };
-        check(StoryboardSpec { style: Some(style.clone()), ..base.clone() }, "style.offset");
-        let bad = StyleSpec { options: StyleOptions { only_self_level: 2.0, ..Default::default() }, offset: 0, ..style };
-        check(StoryboardSpec { style: Some(bad), ..base }, "style.options.only_self_level");
+        check(
+            StoryboardSpec {
+                style: Some(style.clone()),
+                ..base.clone()
+            },
+            "style.offset",
+        );
+        let bad = StyleSpec {
+            options: StyleOptions {
+                only_self_level: 2.0,
+                ..Default::default()
+            },
+            offset: 0,
+            ..style
+        };
+        check(
+            StoryboardSpec {
+                style: Some(bad),
+                ..base
+            },
+            "style.options.only_self_level",
+        );
     }
 
     #[test]
@@ -610,7 +783,10 @@ mod tests {
         assert_eq!(s.style.unwrap().image, dir.path().join("style.png"));
         std::fs::write(&path, board.replace("style.png", "missing.png")).unwrap();
         let e = StoryboardSpec::load(&path).unwrap_err().to_string();
-        assert!(e.contains("style.image") && e.contains("missing.png"), "{e}");
+        assert!(
+            e.contains("style.image") && e.contains("missing.png"),
+            "{e}"
+        );
     }
 
     /// A 1x1 grey PNG: character images are real pictures in these tests.
@@ -658,12 +834,22 @@ frames:
         let (biscuit, captain) = (&s.characters[0], &s.characters[1]);
         assert_eq!(biscuit.subject_words, ["dog", "corgi"]);
         assert_eq!(biscuit.image, None);
-        assert_eq!(captain.image.as_deref(), Some(dir.path().join("captain.png").as_path()));
+        assert_eq!(
+            captain.image.as_deref(),
+            Some(dir.path().join("captain.png").as_path())
+        );
         assert_eq!(captain.anchors, 3);
         assert_eq!(s.character_seed(1), 5);
         assert_eq!(s.character_index("Old Captain"), Some(1));
         assert_eq!(s.character_index("old captain"), None);
-        assert_eq!(s.consistory, ConsistoryOptions { mask_dropout: 0.25, freeu: false, ..Default::default() });
+        assert_eq!(
+            s.consistory,
+            ConsistoryOptions {
+                mask_dropout: 0.25,
+                freeu: false,
+                ..Default::default()
+            }
+        );
         let frames = s.resolved_frames();
         let shown: Vec<&[usize]> = frames.iter().map(|f| f.characters.as_slice()).collect();
         assert_eq!(shown, [&[][..], &[1, 0], &[0]]);
@@ -671,7 +857,10 @@ frames:
 
         std::fs::write(&path, CHARACTERS.replace("captain.png", "missing.png")).unwrap();
         let e = StoryboardSpec::load(&path).unwrap_err().to_string();
-        assert!(e.contains("characters[1].image") && e.contains("missing.png"), "{e}");
+        assert!(
+            e.contains("characters[1].image") && e.contains("missing.png"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -691,11 +880,23 @@ frames: [{ prompt: a dog, characters: [Rex] }]
         assert_eq!(s.characters[0].seed, None);
         assert_eq!(s.character_seed(0), 100 + (1 << 32));
         assert_eq!(s.character_seed(1), 100 + (2 << 32));
-        assert_eq!(StoryboardSpec { seed: u64::MAX, ..s.clone() }.character_seed(0), (1 << 32) - 1);
+        assert_eq!(
+            StoryboardSpec {
+                seed: u64::MAX,
+                ..s.clone()
+            }
+            .character_seed(0),
+            (1 << 32) - 1
+        );
         let o = &s.consistory;
         assert_eq!((o.mask_dropout, o.injection_alpha), (0.5, 0.8));
         assert!(o.freeu && o.query_blend && o.feature_injection);
-        assert_eq!(StoryboardSpec::from_yaml("model: m\nconsistory: {}\nframes: []\n").unwrap().consistory, *o);
+        assert_eq!(
+            StoryboardSpec::from_yaml("model: m\nconsistory: {}\nframes: []\n")
+                .unwrap()
+                .consistory,
+            *o
+        );
     }
 
     #[test]
@@ -705,10 +906,16 @@ frames: [{ prompt: a dog, characters: [Rex] }]
         assert!(s.resolved_frames().iter().all(|f| f.characters.is_empty()));
         // Serialized boards are content keys (`storyfarm render`'s resume) and stored specs.
         let json = serde_json::to_string(&s).unwrap();
-        assert!(!json.contains("characters") && !json.contains("consistory"), "{json}");
+        assert!(
+            !json.contains("characters") && !json.contains("consistory"),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<StoryboardSpec>(&json).unwrap(), s);
         let with = characters_board();
-        assert_eq!(serde_json::from_str::<StoryboardSpec>(&serde_json::to_string(&with).unwrap()).unwrap(), with);
+        assert_eq!(
+            serde_json::from_str::<StoryboardSpec>(&serde_json::to_string(&with).unwrap()).unwrap(),
+            with
+        );
     }
 
     #[test]
@@ -771,20 +978,35 @@ frames: [{ prompt: a dog, characters: [Rex] }]
         );
         let many = |n: usize| {
             edit(&|s| {
-                s.characters =
-                    (0..n).map(|i| CharacterSpec { name: format!("c{i}"), ..base.characters[0].clone() }).collect();
+                s.characters = (0..n)
+                    .map(|i| CharacterSpec {
+                        name: format!("c{i}"),
+                        ..base.characters[0].clone()
+                    })
+                    .collect();
                 s.frames[1].characters = (0..n).map(|i| format!("c{i}")).collect();
                 s.frames[2].characters.clear();
             })
         };
         many(4).validate().unwrap();
-        check(many(5), "frames[1].characters", &["at most 4 characters per frame, got 5"]);
-        many(8).characters.iter().for_each(|c| assert_eq!(c.anchors, 2));
+        check(
+            many(5),
+            "frames[1].characters",
+            &["at most 4 characters per frame, got 5"],
+        );
+        many(8)
+            .characters
+            .iter()
+            .for_each(|c| assert_eq!(c.anchors, 2));
         check(many(9), "characters", &["at most 8 characters, got 9"]);
 
         // Characters.
         for bad in ["", " Rex", "Rex ", "Rex!", "Zoë", &"x".repeat(65)] {
-            check(edit(&|s| s.characters[0].name = bad.into()), "characters[0].name", &["must be 1-64 ASCII letters"]);
+            check(
+                edit(&|s| s.characters[0].name = bad.into()),
+                "characters[0].name",
+                &["must be 1-64 ASCII letters"],
+            );
         }
         edit(&|s| {
             s.characters[0].name = "a-Z_0 9".repeat(9).chars().take(64).collect();
@@ -802,7 +1024,11 @@ frames: [{ prompt: a dog, characters: [Rex] }]
             "characters[0].description",
             &["must describe the character"],
         );
-        check(edit(&|s| s.characters[1].subject_words.clear()), "characters[1].subject_words", &["at least one word"]);
+        check(
+            edit(&|s| s.characters[1].subject_words.clear()),
+            "characters[1].subject_words",
+            &["at least one word"],
+        );
         check(
             edit(&|s| s.characters[0].subject_words[1] = "corgi dog".into()),
             "characters[0].subject_words[1]",
@@ -818,26 +1044,61 @@ frames: [{ prompt: a dog, characters: [Rex] }]
             "characters[0].subject_words[0]",
             &["does not occur as a whole word"],
         );
-        check(edit(&|s| s.characters[0].anchors = 0), "characters[0].anchors", &["1..=4", "got 0"]);
-        check(edit(&|s| s.characters[1].anchors = 5), "characters[1].anchors", &["an image counts as one", "got 5"]);
+        check(
+            edit(&|s| s.characters[0].anchors = 0),
+            "characters[0].anchors",
+            &["1..=4", "got 0"],
+        );
+        check(
+            edit(&|s| s.characters[1].anchors = 5),
+            "characters[1].anchors",
+            &["an image counts as one", "got 5"],
+        );
 
         // ConsiStory options.
-        check(edit(&|s| s.consistory.mask_dropout = 1.5), "consistory.mask_dropout", &["0..=1, got 1.5"]);
-        check(edit(&|s| s.consistory.injection_alpha = -0.1), "consistory.injection_alpha", &["0..=1"]);
-        check(edit(&|s| s.consistory.injection_alpha = f64::NAN), "consistory.injection_alpha", &["NaN"]);
+        check(
+            edit(&|s| s.consistory.mask_dropout = 1.5),
+            "consistory.mask_dropout",
+            &["0..=1, got 1.5"],
+        );
+        check(
+            edit(&|s| s.consistory.injection_alpha = -0.1),
+            "consistory.injection_alpha",
+            &["0..=1"],
+        );
+        check(
+            edit(&|s| s.consistory.injection_alpha = f64::NAN),
+            "consistory.injection_alpha",
+            &["NaN"],
+        );
     }
 
     #[test]
     fn unknown_keys_in_characters_name_line_and_column() {
-        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("    anchors: 3", "    anchor: 3")).unwrap_err();
-        assert!(e.contains("unknown field `anchor`") && e.contains("line 14 column 5"), "{e}");
-        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("  freeu: false", "  free_u: false")).unwrap_err();
-        assert!(e.contains("unknown field `free_u`") && e.contains("line 18 column 3"), "{e}");
-        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("characters: [Biscuit]", "character: [Biscuit]"))
+        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("    anchors: 3", "    anchor: 3"))
             .unwrap_err();
-        assert!(e.contains("unknown field `character`") && e.contains("line 24 column 5"), "{e}");
-        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("subject_words: [sailor]", "subject_words: sailor"))
+        assert!(
+            e.contains("unknown field `anchor`") && e.contains("line 14 column 5"),
+            "{e}"
+        );
+        let e = StoryboardSpec::from_yaml(&CHARACTERS.replace("  freeu: false", "  free_u: false"))
             .unwrap_err();
+        assert!(
+            e.contains("unknown field `free_u`") && e.contains("line 18 column 3"),
+            "{e}"
+        );
+        let e = StoryboardSpec::from_yaml(
+            &CHARACTERS.replace("characters: [Biscuit]", "character: [Biscuit]"),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("unknown field `character`") && e.contains("line 24 column 5"),
+            "{e}"
+        );
+        let e = StoryboardSpec::from_yaml(
+            &CHARACTERS.replace("subject_words: [sailor]", "subject_words: sailor"),
+        )
+        .unwrap_err();
         assert!(e.contains("subject_words") && e.contains("line 12"), "{e}");
     }
 
@@ -860,7 +1121,10 @@ frames: [{ prompt: a dog, characters: [Rex] }]
             let s = StoryboardSpec::from_yaml(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
             s.validate().unwrap_or_else(|e| panic!("{e}\n{yaml}"));
             assert_eq!(s.characters.len(), 2, "{yaml}");
-            assert!(s.resolved_frames().iter().any(|f| f.characters == [0, 1]), "{yaml}");
+            assert!(
+                s.resolved_frames().iter().any(|f| f.characters == [0, 1]),
+                "{yaml}"
+            );
         }
     }
 }

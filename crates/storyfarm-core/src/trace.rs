@@ -13,7 +13,9 @@ pub fn new_traceparent() -> String {
 /// The trace id of a `traceparent`, if it is well formed.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
-    let (Some("00"), Some(trace), Some(span), Some(_flags)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some("00"), Some(trace), Some(span), Some(_flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
     let hex = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -28,8 +30,14 @@ mod tests {
     fn round_trip() {
         let t = new_traceparent();
         assert_eq!(trace_id(&t).unwrap().len(), 32);
-        assert_eq!(trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         assert_eq!(trace_id("garbage"), None);
-        assert_eq!(trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
     }
 }

@@ -18,14 +18,26 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use storyfarm_diffusion::attention::{BatchLayout, ForwardContext, Hooks, StepContext};
 use storyfarm_diffusion::device::{default_precision, DeviceSpec, Precision};
-use storyfarm_diffusion::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
+use storyfarm_diffusion::style_aligned::{
+    ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole,
+};
 use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -44,7 +56,10 @@ fn peak_rss_gib() -> f64 {
 /// GPU the read waits for the queued kernels).
 fn timed(forward: &mut dyn FnMut() -> storyfarm_diffusion::Result<Tensor>) -> Result<(f64, f64)> {
     let (w0, c0) = (Instant::now(), cpu_seconds());
-    let _ = forward()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    let _ = forward()?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     Ok((w0.elapsed().as_secs_f64(), cpu_seconds() - c0))
 }
 
@@ -57,11 +72,18 @@ fn features_layers(hook: &StyleAligned) -> usize {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let config_path = args.get(1).context("usage: bench_unet <unet config.json> [runs] [modes]")?;
+    let config_path = args
+        .get(1)
+        .context("usage: bench_unet <unet config.json> [runs] [modes]")?;
     let runs: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3);
-    let modes = args.get(3).cloned().unwrap_or_else(|| "plain,sa-batch".into());
+    let modes = args
+        .get(3)
+        .cloned()
+        .unwrap_or_else(|| "plain,sa-batch".into());
     let config = UNetConfig::from_file(std::path::Path::new(config_path))?;
-    let device: DeviceSpec = std::env::var("STORYFARM_DEVICE").unwrap_or_else(|_| "cpu".into()).parse()?;
+    let device: DeviceSpec = std::env::var("STORYFARM_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()?;
     let device = device.device()?;
     let precision: Precision = match std::env::var("STORYFARM_PRECISION") {
         Ok(p) => p.parse()?,
@@ -70,7 +92,10 @@ fn main() -> Result<()> {
     let dtype = precision.to_dtype();
     let started = Instant::now();
     let unet = UNet::new(config.clone(), &Weights::random(dtype, &device))?;
-    eprintln!("random weights ready in {:.1}s ({precision} on {device:?})", started.elapsed().as_secs_f64());
+    eprintln!(
+        "random weights ready in {:.1}s ({precision} on {device:?})",
+        started.elapsed().as_secs_f64()
+    );
     let xl = config.text_time.is_some();
     let side = if xl { 128 } else { 64 };
     let ctx_dim = config.context_dim();
@@ -86,34 +111,86 @@ fn main() -> Result<()> {
         let context = Tensor::randn(0f32, 1.0, (batch, 77, ctx_dim), &device)?.to_dtype(dtype)?;
         let added = match &config.text_time {
             Some(tt) => Some((
-                Tensor::randn(0f32, 1.0, (batch, tt.projection_input_dim - 6 * tt.time_embed_dim), &device)?.to_dtype(dtype)?,
-                Tensor::new(&[side as f32 * 8.0, side as f32 * 8.0, 0.0, 0.0, side as f32 * 8.0, side as f32 * 8.0], &device)?
-                    .unsqueeze(0)?
-                    .repeat((batch, 1))?
-                    .to_dtype(dtype)?,
+                Tensor::randn(
+                    0f32,
+                    1.0,
+                    (batch, tt.projection_input_dim - 6 * tt.time_embed_dim),
+                    &device,
+                )?
+                .to_dtype(dtype)?,
+                Tensor::new(
+                    &[
+                        side as f32 * 8.0,
+                        side as f32 * 8.0,
+                        0.0,
+                        0.0,
+                        side as f32 * 8.0,
+                        side as f32 * 8.0,
+                    ],
+                    &device,
+                )?
+                .unsqueeze(0)?
+                .repeat((batch, 1))?
+                .to_dtype(dtype)?,
             )),
             None => None,
         };
-        let cond = UNetConditioning { context: &context, added: added.as_ref().map(|(a, b)| (a, b)) };
+        let cond = UNetConditioning {
+            context: &context,
+            added: added.as_ref().map(|(a, b)| (a, b)),
+        };
         let sa = StyleAligned::new(StyleAlignedOptions::default(), &unet)?;
         let features = ReferenceFeatures::new();
         let capture = sa.with_role(StyleRole::CaptureReference(features.clone()));
         let target = sa.with_role(StyleRole::Targets(features));
-        let hooks = if hooks_on { Hooks { attention: Some(&sa), norm: Some(&sa), ..Hooks::none() } } else { Hooks::none() };
-        let step = StepContext { step: 0, steps: 50, timestep: 501, layout: BatchLayout { images, guidance: true } };
+        let hooks = if hooks_on {
+            Hooks {
+                attention: Some(&sa),
+                norm: Some(&sa),
+                ..Hooks::none()
+            }
+        } else {
+            Hooks::none()
+        };
+        let step = StepContext {
+            step: 0,
+            steps: 50,
+            timestep: 501,
+            layout: BatchLayout {
+                images,
+                guidance: true,
+            },
+        };
         let mut ctx = ForwardContext { step, hooks };
         if mode == "sa-target" || mode == "sa-pair" {
             // Capture the reference once (not timed); every timed run is a target pass.
-            let reference = ForwardContext { step, hooks: Hooks { attention: Some(&capture), norm: Some(&capture), ..Hooks::none() } };
+            let reference = ForwardContext {
+                step,
+                hooks: Hooks {
+                    attention: Some(&capture),
+                    norm: Some(&capture),
+                    ..Hooks::none()
+                },
+            };
             let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &reference))?;
             println!(
                 "sa-target reference capture pass: wall {wall:.3}s cpu {cpu:.3}s ({} layers captured)",
                 features_layers(&target)
             );
-            ctx = ForwardContext { step, hooks: Hooks { attention: Some(&target), norm: Some(&target), ..Hooks::none() } };
+            ctx = ForwardContext {
+                step,
+                hooks: Hooks {
+                    attention: Some(&target),
+                    norm: Some(&target),
+                    ..Hooks::none()
+                },
+            };
         }
         if mode == "sa-pair" {
-            let plain = ForwardContext { step, hooks: Hooks::none() };
+            let plain = ForwardContext {
+                step,
+                hooks: Hooks::none(),
+            };
             let mut rows: Vec<[f64; 4]> = Vec::new();
             for run in 0..=runs {
                 let mut row = [0f64; 4];
@@ -121,7 +198,8 @@ fn main() -> Result<()> {
                 // speed does not always fall on the same side.
                 let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
                 for i in order {
-                    (row[2 * i], row[2 * i + 1]) = timed(&mut || unet.forward(&sample, 501.0, &cond, [&plain, &ctx][i]))?;
+                    (row[2 * i], row[2 * i + 1]) =
+                        timed(&mut || unet.forward(&sample, 501.0, &cond, [&plain, &ctx][i]))?;
                 }
                 eprintln!(
                     "sa-pair run {run}{}: plain wall {:.3}s cpu {:.3}s, target wall {:.3}s cpu {:.3}s",
@@ -156,7 +234,10 @@ fn main() -> Result<()> {
         let mut cpus = Vec::new();
         for run in 0..=runs {
             let (wall, cpu) = timed(&mut || unet.forward(&sample, 501.0, &cond, &ctx))?;
-            eprintln!("{mode} run {run}{}: wall {wall:.3}s cpu {cpu:.3}s", if run == 0 { " (warm-up)" } else { "" });
+            eprintln!(
+                "{mode} run {run}{}: wall {wall:.3}s cpu {cpu:.3}s",
+                if run == 0 { " (warm-up)" } else { "" }
+            );
             if run > 0 {
                 walls.push(wall);
                 cpus.push(cpu);

@@ -196,7 +196,10 @@ pub trait AttentionHook: Send + Sync {
         qkv: Qkv,
     ) -> Result<AttentionInputs> {
         let _ = (site, ctx);
-        Ok(AttentionInputs { qkv, extra: Vec::new() })
+        Ok(AttentionInputs {
+            qkv,
+            extra: Vec::new(),
+        })
     }
 
     /// Whether the hook wants the attention probabilities of this call (cross-attention maps
@@ -225,11 +228,19 @@ pub trait AttentionHook: Send + Sync {
 
     /// Adds to what an earlier hook of a [`ChainedHooks`] prepared: by default this hook prepares
     /// from the earlier hook's queries, keys and values and its extra blocks follow the earlier ones.
-    fn extend(&self, site: &AttentionSite, ctx: &StepContext, inputs: AttentionInputs) -> Result<AttentionInputs> {
+    fn extend(
+        &self,
+        site: &AttentionSite,
+        ctx: &StepContext,
+        inputs: AttentionInputs,
+    ) -> Result<AttentionInputs> {
         let AttentionInputs { qkv, mut extra } = inputs;
         let mine = self.prepare(site, ctx, qkv)?;
         extra.extend(mine.extra);
-        Ok(AttentionInputs { qkv: mine.qkv, extra })
+        Ok(AttentionInputs {
+            qkv: mine.qkv,
+            extra,
+        })
     }
 }
 
@@ -245,11 +256,19 @@ impl AttentionHook for ChainedHooks<'_> {
         self.first.applies_to(site, ctx) || self.second.applies_to(site, ctx)
     }
 
-    fn prepare(&self, site: &AttentionSite, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
+    fn prepare(
+        &self,
+        site: &AttentionSite,
+        ctx: &StepContext,
+        qkv: Qkv,
+    ) -> Result<AttentionInputs> {
         let inputs = if self.first.applies_to(site, ctx) {
             self.first.prepare(site, ctx, qkv)?
         } else {
-            AttentionInputs { qkv, extra: Vec::new() }
+            AttentionInputs {
+                qkv,
+                extra: Vec::new(),
+            }
         };
         if self.second.applies_to(site, ctx) {
             self.second.extend(site, ctx, inputs)
@@ -259,10 +278,17 @@ impl AttentionHook for ChainedHooks<'_> {
     }
 
     fn wants_probabilities(&self, site: &AttentionSite, ctx: &StepContext) -> bool {
-        [self.first, self.second].iter().any(|h| h.applies_to(site, ctx) && h.wants_probabilities(site, ctx))
+        [self.first, self.second]
+            .iter()
+            .any(|h| h.applies_to(site, ctx) && h.wants_probabilities(site, ctx))
     }
 
-    fn observe_probabilities(&self, site: &AttentionSite, ctx: &StepContext, probabilities: &Tensor) -> Result<()> {
+    fn observe_probabilities(
+        &self,
+        site: &AttentionSite,
+        ctx: &StepContext,
+        probabilities: &Tensor,
+    ) -> Result<()> {
         for hook in [self.first, self.second] {
             if hook.applies_to(site, ctx) && hook.wants_probabilities(site, ctx) {
                 hook.observe_probabilities(site, ctx, probabilities)?;
@@ -356,13 +382,30 @@ pub fn attend(inputs: AttentionInputs, scale: f64) -> Result<Tensor> {
                 key_mask: e.key_mask.as_ref(),
             })
             .collect();
-        return Ok(storyfarm_kernels::attention(&qkv.q, &qkv.k, &qkv.v, heads, scale as f32, &blocks)?);
+        return Ok(storyfarm_kernels::attention(
+            &qkv.q,
+            &qkv.k,
+            &qkv.v,
+            heads,
+            scale as f32,
+            &blocks,
+        )?);
     }
     let extra = extra
         .into_iter()
-        .map(|e| Ok(ExtraKeys { keys: split_heads(&e.keys, heads)?, values: split_heads(&e.values, heads)?, ..e }))
+        .map(|e| {
+            Ok(ExtraKeys {
+                keys: split_heads(&e.keys, heads)?,
+                values: split_heads(&e.values, heads)?,
+                ..e
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
-    let (q, k, v) = (split_heads(&qkv.q, heads)?, split_heads(&qkv.k, heads)?, split_heads(&qkv.v, heads)?);
+    let (q, k, v) = (
+        split_heads(&qkv.q, heads)?,
+        split_heads(&qkv.k, heads)?,
+        split_heads(&qkv.v, heads)?,
+    );
     merge_heads(&attention(&q, &k, &v, scale, &extra)?)
 }
 
@@ -461,7 +504,11 @@ pub fn plain_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let qc = if len == n { q.clone() } else { q.narrow(rank - 2, start, len)? };
+        let qc = if len == n {
+            q.clone()
+        } else {
+            q.narrow(rank - 2, start, len)?
+        };
         let probs = softmax_f32(&qc.matmul(&kt)?)?;
         outs.push(probs.matmul(v)?);
         start += len;
@@ -519,12 +566,18 @@ fn merged_attention(
         }
         bias.push(row);
     }
-    let needs_bias = extra.iter().any(|(_, _, logit_bias, mask)| *logit_bias != 0.0 || mask.is_some());
+    let needs_bias = extra
+        .iter()
+        .any(|(_, _, logit_bias, mask)| *logit_bias != 0.0 || mask.is_some());
     let keys = Tensor::cat(&keys, 2)?;
     let values = Tensor::cat(&values, 2)?;
     let total_keys = keys.dim(2)?;
     let bias = if needs_bias {
-        Some(Tensor::cat(&bias, 1)?.reshape((b, 1, 1, total_keys))?.to_dtype(dtype)?)
+        Some(
+            Tensor::cat(&bias, 1)?
+                .reshape((b, 1, 1, total_keys))?
+                .to_dtype(dtype)?,
+        )
     } else {
         None
     };
@@ -535,7 +588,11 @@ fn merged_attention(
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
+        let qc = if len == n {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
         let mut logits = qc.matmul(&kt)?;
         if let Some(bias) = &bias {
             logits = logits.broadcast_add(bias)?;
@@ -561,7 +618,16 @@ mod tests {
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// The merged kernel must equal attention over explicitly concatenated keys with the
@@ -585,18 +651,37 @@ mod tests {
         let out = attention(&q, &k, &v, 0.5, &extra).unwrap();
         for (row, item) in [(0usize, 2usize), (1, 0)] {
             let qi = q.narrow(0, item, 1).unwrap();
-            let kk = Tensor::cat(&[k.narrow(0, item, 1).unwrap(), ek.narrow(0, row, 1).unwrap()], 2).unwrap();
-            let vv = Tensor::cat(&[v.narrow(0, item, 1).unwrap(), ev.narrow(0, row, 1).unwrap()], 2).unwrap();
+            let kk = Tensor::cat(
+                &[k.narrow(0, item, 1).unwrap(), ek.narrow(0, row, 1).unwrap()],
+                2,
+            )
+            .unwrap();
+            let vv = Tensor::cat(
+                &[v.narrow(0, item, 1).unwrap(), ev.narrow(0, row, 1).unwrap()],
+                2,
+            )
+            .unwrap();
             let mut logits = (qi.matmul(&kk.t().unwrap()).unwrap() * 0.5).unwrap();
-            let shift: Vec<f32> = (0..n + m).map(|j| if j >= n { bias } else { 0.0 }).collect();
+            let shift: Vec<f32> = (0..n + m)
+                .map(|j| if j >= n { bias } else { 0.0 })
+                .collect();
             let shift = Tensor::from_vec(shift, n + m, &Device::Cpu).unwrap();
             logits = logits.broadcast_add(&shift).unwrap();
-            let expected = candle_nn::ops::softmax_last_dim(&logits).unwrap().matmul(&vv).unwrap();
+            let expected = candle_nn::ops::softmax_last_dim(&logits)
+                .unwrap()
+                .matmul(&vv)
+                .unwrap();
             let err = max_abs(&out.narrow(0, item, 1).unwrap(), &expected);
             assert!(err < 1e-5, "item {item}: {err}");
         }
         // Item 1 has no extra keys: plain attention.
-        let plain = plain_attention(&q.narrow(0, 1, 1).unwrap(), &k.narrow(0, 1, 1).unwrap(), &v.narrow(0, 1, 1).unwrap(), 0.5).unwrap();
+        let plain = plain_attention(
+            &q.narrow(0, 1, 1).unwrap(),
+            &k.narrow(0, 1, 1).unwrap(),
+            &v.narrow(0, 1, 1).unwrap(),
+            0.5,
+        )
+        .unwrap();
         assert!(max_abs(&out.narrow(0, 1, 1).unwrap(), &plain) < 1e-6);
     }
 
@@ -609,22 +694,60 @@ mod tests {
         let ek = rand(&[1, h, m, d], 14);
         let ev = rand(&[1, h, m, d], 15);
         let mask = Tensor::from_vec(vec![1f32, 0., 1., 0.], (1, m), &Device::Cpu).unwrap();
-        let masked = attention(&q, &k, &v, 1.0, &[ExtraKeys { items: vec![0], keys: ek.clone(), values: ev.clone(), logit_bias: 0.0, key_mask: Some(mask) }]).unwrap();
+        let masked = attention(
+            &q,
+            &k,
+            &v,
+            1.0,
+            &[ExtraKeys {
+                items: vec![0],
+                keys: ek.clone(),
+                values: ev.clone(),
+                logit_bias: 0.0,
+                key_mask: Some(mask),
+            }],
+        )
+        .unwrap();
         let keep = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
-        let kept = attention(&q, &k, &v, 1.0, &[ExtraKeys { items: vec![0], keys: ek.index_select(&keep, 2).unwrap(), values: ev.index_select(&keep, 2).unwrap(), logit_bias: 0.0, key_mask: None }]).unwrap();
+        let kept = attention(
+            &q,
+            &k,
+            &v,
+            1.0,
+            &[ExtraKeys {
+                items: vec![0],
+                keys: ek.index_select(&keep, 2).unwrap(),
+                values: ev.index_select(&keep, 2).unwrap(),
+                logit_bias: 0.0,
+                key_mask: None,
+            }],
+        )
+        .unwrap();
         assert!(max_abs(&masked, &kept) < 1e-6);
         assert_eq!(query_chunk(2, 8, 4096, 4096), 1024);
     }
 
     #[test]
     fn batch_layout_maps_items() {
-        let l = BatchLayout { images: 3, guidance: true };
+        let l = BatchLayout {
+            images: 3,
+            guidance: true,
+        };
         assert_eq!(l.batch_size(), 6);
         assert_eq!(l.image_of(4), 1);
         assert_eq!(l.half_of(2), GuidanceHalf::Unconditional);
         assert_eq!(l.half_of(3), GuidanceHalf::Conditional);
         assert_eq!(l.item(GuidanceHalf::Conditional, 0), 3);
-        let id = AttentionId { block: UNetBlock::Up(1), attention: 2, transformer_block: 0, kind: AttentionKind::SelfAttention, level: 1 };
-        assert_eq!(id.to_string(), "up_blocks.1.attentions.2.transformer_blocks.0.attn1");
+        let id = AttentionId {
+            block: UNetBlock::Up(1),
+            attention: 2,
+            transformer_block: 0,
+            kind: AttentionKind::SelfAttention,
+            level: 1,
+        };
+        assert_eq!(
+            id.to_string(),
+            "up_blocks.1.attentions.2.transformer_blocks.0.attn1"
+        );
     }
 }

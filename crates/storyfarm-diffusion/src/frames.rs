@@ -5,7 +5,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{DiffusionError, Result};
 use crate::image_io::{image_from_bytes, tensor_to_rgb8};
-use crate::pipeline::{FrameInput, GenerationSettings, ProgressFn, ReferenceInput, ReferenceLatents, StableDiffusion};
+use crate::pipeline::{
+    FrameInput, GenerationSettings, ProgressFn, ReferenceInput, ReferenceLatents, StableDiffusion,
+};
 use crate::style_aligned::StyleAlignedOptions;
 
 /// Tensor name inside a trajectory file.
@@ -41,17 +43,28 @@ pub struct RenderedFrame {
 }
 
 fn to_safetensors(name: &str, tensor: &Tensor) -> Result<Vec<u8>> {
-    let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
-    safetensors::serialize([(name, &tensor)], None)
-        .map_err(|e| DiffusionError::invalid_argument(name, format!("cannot encode safetensors: {e}")))
+    let tensor = tensor
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    safetensors::serialize([(name, &tensor)], None).map_err(|e| {
+        DiffusionError::invalid_argument(name, format!("cannot encode safetensors: {e}"))
+    })
 }
 
 fn from_safetensors(name: &str, bytes: &[u8], what: &str) -> Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| DiffusionError::InvalidArgument {
-        field: what.to_string(),
-        reason: format!("not a safetensors file: {e}"),
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        DiffusionError::InvalidArgument {
+            field: what.to_string(),
+            reason: format!("not a safetensors file: {e}"),
+        }
     })?;
-    tensors.remove(name).ok_or_else(|| DiffusionError::MissingTensor { name: name.to_string(), location: what.to_string() })
+    tensors
+        .remove(name)
+        .ok_or_else(|| DiffusionError::MissingTensor {
+            name: name.to_string(),
+            location: what.to_string(),
+        })
 }
 
 /// Final latents `[1, 4, h, w]` of a frame from its latents file.
@@ -65,9 +78,16 @@ pub fn compare_latents(a: &[u8], b: &[u8]) -> Result<(f32, f32)> {
     let a = latents_from_bytes(a)?;
     let b = latents_from_bytes(b)?;
     if a.dims() != b.dims() {
-        return Err(DiffusionError::invalid_argument("latents", format!("shapes {:?} and {:?} differ", a.dims(), b.dims())));
+        return Err(DiffusionError::invalid_argument(
+            "latents",
+            format!("shapes {:?} and {:?} differ", a.dims(), b.dims()),
+        ));
     }
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok((diff, scale))
 }
@@ -111,13 +131,22 @@ pub fn render_frames(
     let (latents, first) = match style {
         None => (sd.txt2img(settings, &inputs, progress)?.final_latents, 0),
         Some(style) => {
-            let trajectory = from_safetensors(TRAJECTORY, style.trajectory, "trajectory file")?.to_device(sd.device())?.to_dtype(sd.dtype())?;
+            let trajectory = from_safetensors(TRAJECTORY, style.trajectory, "trajectory file")?
+                .to_device(sd.device())?
+                .to_dtype(sd.dtype())?;
             let reference = ReferenceInput {
                 prompt: style.reference_prompt.to_string(),
                 negative_prompt: None,
-                latents: ReferenceLatents::Replay { trajectory, offset: style.offset },
+                latents: ReferenceLatents::Replay {
+                    trajectory,
+                    offset: style.offset,
+                },
             };
-            (sd.style_aligned(settings, &style.options, &reference, &inputs, progress)?.final_latents, 1)
+            (
+                sd.style_aligned(settings, &style.options, &reference, &inputs, progress)?
+                    .final_latents,
+                1,
+            )
         }
     };
     frames
@@ -129,8 +158,15 @@ pub fn render_frames(
             let rgb = tensor_to_rgb8(&image)?;
             let mut png = Vec::new();
             rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .map_err(|e| DiffusionError::Image { name: format!("frame {}", f.index), message: e.to_string() })?;
-            Ok(RenderedFrame { index: f.index, png, latents: to_safetensors(LATENTS, &l)? })
+                .map_err(|e| DiffusionError::Image {
+                    name: format!("frame {}", f.index),
+                    message: e.to_string(),
+                })?;
+            Ok(RenderedFrame {
+                index: f.index,
+                png,
+                latents: to_safetensors(LATENTS, &l)?,
+            })
         })
         .collect()
 }

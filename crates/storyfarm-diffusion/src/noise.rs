@@ -59,7 +59,10 @@ impl NoiseGenerator {
         device: &Device,
     ) -> Result<Tensor> {
         let values = Self::new(seed).normal_vec(channels * height * width);
-        Ok(Tensor::from_vec(values, (1, channels, height, width), &Device::Cpu)?.to_device(device)?)
+        Ok(
+            Tensor::from_vec(values, (1, channels, height, width), &Device::Cpu)?
+                .to_device(device)?,
+        )
     }
 }
 
@@ -85,7 +88,10 @@ mod tests {
         let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.01, "var {var}");
-        assert_ne!(NoiseGenerator::new(8).normal_vec(4), NoiseGenerator::new(7).normal_vec(4));
+        assert_ne!(
+            NoiseGenerator::new(8).normal_vec(4),
+            NoiseGenerator::new(7).normal_vec(4)
+        );
     }
 
     // Recorded when the definition was written (x86_64); any platform must reproduce them.

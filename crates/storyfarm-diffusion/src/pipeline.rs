@@ -34,12 +34,18 @@ impl GenerationSettings {
             }
         }
         if self.steps == 0 {
-            return Err(DiffusionError::invalid_argument("steps", "must be at least 1"));
+            return Err(DiffusionError::invalid_argument(
+                "steps",
+                "must be at least 1",
+            ));
         }
         if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 {
             return Err(DiffusionError::invalid_argument(
                 "guidance_scale",
-                format!("must be a finite non-negative number, got {}", self.guidance_scale),
+                format!(
+                    "must be a finite non-negative number, got {}",
+                    self.guidance_scale
+                ),
             ));
         }
         Ok(())
@@ -136,7 +142,9 @@ impl StableDiffusion {
         let vae = AutoencoderKl::load(&folder.component_dir("vae"), dtype, device)?;
         let text = TextConditioner::load(folder.root(), dtype, device)?;
         let scheduler = DdimConfig::from_file(
-            &folder.component_dir("scheduler").join("scheduler_config.json"),
+            &folder
+                .component_dir("scheduler")
+                .join("scheduler_config.json"),
         )?;
         if text.context_dim() != unet.config().context_dim() {
             return Err(DiffusionError::ModelLayout {
@@ -148,7 +156,15 @@ impl StableDiffusion {
                 ),
             });
         }
-        Ok(Self { family, unet, vae, text, scheduler, device: device.clone(), dtype })
+        Ok(Self {
+            family,
+            unet,
+            vae,
+            text,
+            scheduler,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -204,13 +220,18 @@ impl StableDiffusion {
                     .iter()
                     .map(|e| {
                         e.pooled.clone().ok_or_else(|| {
-                            DiffusionError::invalid_argument("prompt", "SDXL needs pooled embeddings")
+                            DiffusionError::invalid_argument(
+                                "prompt",
+                                "SDXL needs pooled embeddings",
+                            )
                         })
                     })
                     .collect::<Result<_>>()?;
                 let pooled = Tensor::cat(&pooled, 0)?;
                 let (h, w) = (settings.height as f32, settings.width as f32);
-                let ids: Vec<f32> = (0..ordered.len()).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+                let ids: Vec<f32> = (0..ordered.len())
+                    .flat_map(|_| [h, w, 0.0, 0.0, h, w])
+                    .collect();
                 let time_ids = Tensor::from_vec(ids, (ordered.len(), 6), &self.device)?;
                 Some((pooled, time_ids))
             }
@@ -253,10 +274,18 @@ impl StableDiffusion {
         let mut first = None;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            progress(Progress::Denoise { step: i, steps: settings.steps })?;
+            progress(Progress::Denoise {
+                step: i,
+                steps: settings.steps,
+            })?;
             let _span = tracing::debug_span!("denoise_step", step = i, timestep = t).entered();
             let ctx = ForwardContext {
-                step: StepContext { step: i, steps: settings.steps, timestep: t as u32, layout },
+                step: StepContext {
+                    step: i,
+                    steps: settings.steps,
+                    timestep: t as u32,
+                    layout,
+                },
                 hooks,
             };
             let (eps, out) = self.guided_eps_raw(&latents, t, conditioning, settings, ctx)?;
@@ -269,11 +298,15 @@ impl StableDiffusion {
             }
             per_step.push(latents.clone());
         }
-        progress(Progress::Denoise { step: settings.steps, steps: settings.steps })?;
+        progress(Progress::Denoise {
+            step: settings.steps,
+            steps: settings.steps,
+        })?;
         Ok(Denoised {
             final_latents: latents,
             latents_per_step: per_step,
-            first_unet_output: first.ok_or_else(|| DiffusionError::invalid_argument("steps", "no step ran"))?,
+            first_unet_output: first
+                .ok_or_else(|| DiffusionError::invalid_argument("steps", "no step ran"))?,
         })
     }
 
@@ -286,10 +319,21 @@ impl StableDiffusion {
     ) -> Result<Denoised> {
         settings.validate()?;
         let latents = self.stack_latents(frames.iter().map(|f| &f.init_latents), settings)?;
-        let (cond, uncond) =
-            self.encode_frames(frames.iter().map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())))?;
-        let conditioning = self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
-        self.denoise(latents, &conditioning, settings, Hooks::none(), None, progress)
+        let (cond, uncond) = self.encode_frames(
+            frames
+                .iter()
+                .map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())),
+        )?;
+        let conditioning =
+            self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
+        self.denoise(
+            latents,
+            &conditioning,
+            settings,
+            Hooks::none(),
+            None,
+            progress,
+        )
     }
 
     /// StyleAligned in the official layout: one batch with the reference as image 0 and the
@@ -309,11 +353,23 @@ impl StableDiffusion {
             std::iter::once(&ref_latents).chain(targets.iter().map(|f| &f.init_latents)),
             settings,
         )?;
-        let prompts = std::iter::once((reference.prompt.as_str(), reference.negative_prompt.as_deref()))
-            .chain(targets.iter().map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())));
+        let prompts = std::iter::once((
+            reference.prompt.as_str(),
+            reference.negative_prompt.as_deref(),
+        ))
+        .chain(
+            targets
+                .iter()
+                .map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())),
+        );
         let (cond, uncond) = self.encode_frames(prompts)?;
-        let conditioning = self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
-        let hooks = Hooks { attention: Some(&hook), norm: Some(&hook), ..Hooks::none() };
+        let conditioning =
+            self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
+        let hooks = Hooks {
+            attention: Some(&hook),
+            norm: Some(&hook),
+            ..Hooks::none()
+        };
         self.denoise(latents, &conditioning, settings, hooks, replay, progress)
     }
 
@@ -345,9 +401,13 @@ impl StableDiffusion {
             reference.prompt.as_str(),
             reference.negative_prompt.as_deref(),
         )))?;
-        let ref_conditioning = self.batch_conditioning(&ref_cond, &ref_uncond, settings, guidance)?;
-        let (cond, uncond) =
-            self.encode_frames(targets.iter().map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())))?;
+        let ref_conditioning =
+            self.batch_conditioning(&ref_cond, &ref_uncond, settings, guidance)?;
+        let (cond, uncond) = self.encode_frames(
+            targets
+                .iter()
+                .map(|f| (f.prompt.as_str(), f.negative_prompt.as_deref())),
+        )?;
         let conditioning = self.batch_conditioning(&cond, &uncond, settings, guidance)?;
         let scheduler = DdimScheduler::new(&self.scheduler, settings.steps)?;
         let images = targets.len();
@@ -355,17 +415,33 @@ impl StableDiffusion {
         let mut first = None;
         let timesteps = scheduler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            progress(Progress::Denoise { step: i, steps: settings.steps })?;
-            let _span = tracing::debug_span!("style_aligned_step", step = i, timestep = t).entered();
-            let step = |layout| StepContext { step: i, steps: settings.steps, timestep: t as u32, layout };
+            progress(Progress::Denoise {
+                step: i,
+                steps: settings.steps,
+            })?;
+            let _span =
+                tracing::debug_span!("style_aligned_step", step = i, timestep = t).entered();
+            let step = |layout| StepContext {
+                step: i,
+                steps: settings.steps,
+                timestep: t as u32,
+                layout,
+            };
             let ref_eps = self.guided_eps(
                 &ref_latents,
                 t,
                 &ref_conditioning,
                 settings,
                 ForwardContext {
-                    step: step(BatchLayout { images: 1, guidance }),
-                    hooks: Hooks { attention: Some(&capture), norm: Some(&capture), ..Hooks::none() },
+                    step: step(BatchLayout {
+                        images: 1,
+                        guidance,
+                    }),
+                    hooks: Hooks {
+                        attention: Some(&capture),
+                        norm: Some(&capture),
+                        ..Hooks::none()
+                    },
                 },
             )?;
             let (eps, raw) = self.guided_eps_raw(
@@ -375,7 +451,11 @@ impl StableDiffusion {
                 settings,
                 ForwardContext {
                     step: step(BatchLayout { images, guidance }),
-                    hooks: Hooks { attention: Some(&apply), norm: Some(&apply), ..Hooks::none() },
+                    hooks: Hooks {
+                        attention: Some(&apply),
+                        norm: Some(&apply),
+                        ..Hooks::none()
+                    },
                 },
             )?;
             if first.is_none() {
@@ -383,16 +463,22 @@ impl StableDiffusion {
             }
             latents = scheduler.step(&eps, t, &latents)?;
             ref_latents = match replay {
-                Some((trajectory, offset)) => trajectory.get((offset + 1).max(i + 1))?.unsqueeze(0)?,
+                Some((trajectory, offset)) => {
+                    trajectory.get((offset + 1).max(i + 1))?.unsqueeze(0)?
+                }
                 None => scheduler.step(&ref_eps, t, &ref_latents)?,
             };
             per_step.push(Tensor::cat(&[&ref_latents, &latents], 0)?);
         }
-        progress(Progress::Denoise { step: settings.steps, steps: settings.steps })?;
+        progress(Progress::Denoise {
+            step: settings.steps,
+            steps: settings.steps,
+        })?;
         Ok(Denoised {
             final_latents: Tensor::cat(&[&ref_latents, &latents], 0)?,
             latents_per_step: per_step,
-            first_unet_output: first.ok_or_else(|| DiffusionError::invalid_argument("steps", "no step ran"))?,
+            first_unet_output: first
+                .ok_or_else(|| DiffusionError::invalid_argument("steps", "no step ran"))?,
         })
     }
 
@@ -404,7 +490,9 @@ impl StableDiffusion {
         settings: &GenerationSettings,
         ctx: ForwardContext,
     ) -> Result<Tensor> {
-        Ok(self.guided_eps_raw(latents, t, conditioning, settings, ctx)?.0)
+        Ok(self
+            .guided_eps_raw(latents, t, conditioning, settings, ctx)?
+            .0)
     }
 
     /// One UNet call over `latents` (doubled under guidance): guided noise and the raw output.
@@ -422,7 +510,11 @@ impl StableDiffusion {
             context: &conditioning.context,
             added: conditioning.added.as_ref().map(|(a, b)| (a, b)),
         };
-        let input = if guidance { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
+        let input = if guidance {
+            Tensor::cat(&[latents, latents], 0)?
+        } else {
+            latents.clone()
+        };
         let out = self.unet.forward(&input, t as f64, &cond, &ctx)?;
         let eps = if guidance {
             let uncond = out.narrow(0, 0, images)?;
@@ -467,9 +559,17 @@ impl StableDiffusion {
     ) -> Result<Inversion> {
         let (_, channels, height, width) = image.dims4()?;
         if channels != 3 {
-            return Err(DiffusionError::invalid_argument("image", format!("expected 3 channels, got {channels}")));
+            return Err(DiffusionError::invalid_argument(
+                "image",
+                format!("expected 3 channels, got {channels}"),
+            ));
         }
-        let settings = GenerationSettings { height, width, steps, guidance_scale };
+        let settings = GenerationSettings {
+            height,
+            width,
+            steps,
+            guidance_scale,
+        };
         settings.validate()?;
         let scheduler = DdimScheduler::new(&self.scheduler, steps)?;
         let z0 = self.encode_image(image)?;
@@ -481,7 +581,10 @@ impl StableDiffusion {
             context: &conditioning.context,
             added: conditioning.added.as_ref().map(|(a, b)| (a, b)),
         };
-        let layout = BatchLayout { images: 1, guidance };
+        let layout = BatchLayout {
+            images: 1,
+            guidance,
+        };
         let mut z = z0.clone();
         let mut forward = vec![z0.clone()];
         let mut all_eps = Vec::with_capacity(steps);
@@ -489,9 +592,18 @@ impl StableDiffusion {
         for i in 0..steps {
             progress(Progress::Invert { step: i, steps })?;
             let t = timesteps[steps - 1 - i];
-            let input = if guidance { Tensor::cat(&[&z, &z], 0)? } else { z.clone() };
+            let input = if guidance {
+                Tensor::cat(&[&z, &z], 0)?
+            } else {
+                z.clone()
+            };
             let ctx = ForwardContext {
-                step: StepContext { step: i, steps, timestep: t as u32, layout },
+                step: StepContext {
+                    step: i,
+                    steps,
+                    timestep: t as u32,
+                    layout,
+                },
                 hooks: Hooks::none(),
             };
             let out = self.unet.forward(&input, t as f64, &unet_cond, &ctx)?;
@@ -524,7 +636,11 @@ impl StableDiffusion {
         let channels = self.unet.config().in_channels;
         let mut rows = Vec::new();
         for (i, l) in latents.enumerate() {
-            let l = if l.rank() == 3 { l.unsqueeze(0)? } else { l.clone() };
+            let l = if l.rank() == 3 {
+                l.unsqueeze(0)?
+            } else {
+                l.clone()
+            };
             if l.dims() != [1, channels, h, w] {
                 return Err(DiffusionError::invalid_argument(
                     format!("frames[{i}].init_latents"),
@@ -534,7 +650,10 @@ impl StableDiffusion {
             rows.push(l.to_device(&self.device)?.to_dtype(self.dtype)?);
         }
         if rows.is_empty() {
-            return Err(DiffusionError::invalid_argument("frames", "no frame to render"));
+            return Err(DiffusionError::invalid_argument(
+                "frames",
+                "no frame to render",
+            ));
         }
         Ok(Tensor::cat(&rows, 0)?)
     }
@@ -553,18 +672,29 @@ fn reference_start(latents: &ReferenceLatents) -> Result<(Tensor, Option<(&Tenso
                     format!("must be below the step count {steps}, got {offset}"),
                 ));
             }
-            (trajectory.get(offset)?.unsqueeze(0)?, Some((trajectory, offset)))
+            (
+                trajectory.get(offset)?.unsqueeze(0)?,
+                Some((trajectory, offset)),
+            )
         }
     })
 }
 
-fn check_trajectory(trajectory: &Tensor, steps: usize, offset: usize, latents: &Tensor) -> Result<()> {
+fn check_trajectory(
+    trajectory: &Tensor,
+    steps: usize,
+    offset: usize,
+    latents: &Tensor,
+) -> Result<()> {
     let dims = trajectory.dims();
     let (_, c, h, w) = latents.dims4()?;
     if dims.len() != 4 || dims[0] != steps + 1 || dims[1..] != [c, h, w] {
         return Err(DiffusionError::invalid_argument(
             "reference.trajectory",
-            format!("shape {dims:?}, expected [{}, {c}, {h}, {w}] for {steps} steps", steps + 1),
+            format!(
+                "shape {dims:?}, expected [{}, {c}, {h}, {w}] for {steps} steps",
+                steps + 1
+            ),
         ));
     }
     if offset >= steps {
@@ -583,5 +713,8 @@ fn replace_reference(latents: &Tensor, reference: &Tensor) -> Result<Tensor> {
     if n == 1 {
         return Ok(reference);
     }
-    Ok(Tensor::cat(&[&reference, &latents.narrow(0, 1, n - 1)?], 0)?)
+    Ok(Tensor::cat(
+        &[&reference, &latents.narrow(0, 1, n - 1)?],
+        0,
+    )?)
 }

@@ -159,13 +159,17 @@ impl DdimScheduler {
             ));
         }
         let betas: Vec<f32> = match config.beta_schedule {
-            BetaSchedule::Linear => linspace_f32(config.beta_start as f32, config.beta_end as f32, t),
-            BetaSchedule::ScaledLinear => {
-                linspace_f32(config.beta_start.sqrt() as f32, config.beta_end.sqrt() as f32, t)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect()
+            BetaSchedule::Linear => {
+                linspace_f32(config.beta_start as f32, config.beta_end as f32, t)
             }
+            BetaSchedule::ScaledLinear => linspace_f32(
+                config.beta_start.sqrt() as f32,
+                config.beta_end.sqrt() as f32,
+                t,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
         };
         // torch.cumprod on CPU accumulates float32 inputs in double.
         let mut acc = 1f64;
@@ -176,11 +180,18 @@ impl DdimScheduler {
                 acc as f32
             })
             .collect();
-        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         let timesteps: Vec<usize> = match config.timestep_spacing {
             TimestepSpacing::Leading => {
                 let ratio = t / steps;
-                (0..steps).rev().map(|i| i * ratio + config.steps_offset).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| i * ratio + config.steps_offset)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = t as f64 / steps as f64;
@@ -191,7 +202,11 @@ impl DdimScheduler {
             TimestepSpacing::Linspace => (0..steps)
                 .rev()
                 .map(|i| {
-                    let x = if steps == 1 { 0.0 } else { i as f64 * (t - 1) as f64 / (steps - 1) as f64 };
+                    let x = if steps == 1 {
+                        0.0
+                    } else {
+                        i as f64 * (t - 1) as f64 / (steps - 1) as f64
+                    };
                     x.round() as usize
                 })
                 .collect(),
@@ -309,13 +324,25 @@ mod tests {
     fn spacings_match_diffusers() {
         let mut c = DdimConfig::default();
         let s = DdimScheduler::new(&c, 10).unwrap();
-        assert_eq!(s.timesteps(), [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
-        assert_eq!(DdimScheduler::new(&c, 7).unwrap().timesteps(), [853, 711, 569, 427, 285, 143, 1]);
+        assert_eq!(
+            s.timesteps(),
+            [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+        );
+        assert_eq!(
+            DdimScheduler::new(&c, 7).unwrap().timesteps(),
+            [853, 711, 569, 427, 285, 143, 1]
+        );
         c.timestep_spacing = TimestepSpacing::Trailing;
         c.steps_offset = 0;
-        assert_eq!(DdimScheduler::new(&c, 4).unwrap().timesteps(), [999, 749, 499, 249]);
+        assert_eq!(
+            DdimScheduler::new(&c, 4).unwrap().timesteps(),
+            [999, 749, 499, 249]
+        );
         c.timestep_spacing = TimestepSpacing::Linspace;
-        assert_eq!(DdimScheduler::new(&c, 4).unwrap().timesteps(), [999, 666, 333, 0]);
+        assert_eq!(
+            DdimScheduler::new(&c, 4).unwrap().timesteps(),
+            [999, 666, 333, 0]
+        );
         assert!(DdimScheduler::new(&c, 0).is_err());
     }
 
@@ -323,9 +350,14 @@ mod tests {
     fn unsupported_fields_are_named() {
         let e = DdimConfig::from_json(&serde_json::json!({"clip_sample": true})).unwrap_err();
         assert!(e.to_string().contains("clip_sample"), "{e}");
-        let e = DdimConfig::from_json(&serde_json::json!({"prediction_type": "sample"})).unwrap_err();
-        assert!(e.to_string().contains("prediction_type") && e.to_string().contains("sample"), "{e}");
-        let e = DdimConfig::from_json(&serde_json::json!({"beta_schedule": "squaredcos_cap_v2"})).unwrap_err();
+        let e =
+            DdimConfig::from_json(&serde_json::json!({"prediction_type": "sample"})).unwrap_err();
+        assert!(
+            e.to_string().contains("prediction_type") && e.to_string().contains("sample"),
+            "{e}"
+        );
+        let e = DdimConfig::from_json(&serde_json::json!({"beta_schedule": "squaredcos_cap_v2"}))
+            .unwrap_err();
         assert!(e.to_string().contains("squaredcos_cap_v2"), "{e}");
     }
 
@@ -343,8 +375,18 @@ mod tests {
         let v = ((&eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
         let expected = s_eps.step(&eps, 501, &x).unwrap();
         c.prediction_type = PredictionType::VPrediction;
-        let got = DdimScheduler::new(&c, 10).unwrap().step(&v, 501, &x).unwrap();
-        let err: f32 = (expected - got).unwrap().abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let got = DdimScheduler::new(&c, 10)
+            .unwrap()
+            .step(&v, 501, &x)
+            .unwrap();
+        let err: f32 = (expected - got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(err < 1e-5, "{err}");
     }
 }

@@ -143,12 +143,20 @@ impl ReferenceFeatures {
             .map_err(|_| poisoned())?
             .get(id)
             .cloned()
-            .ok_or_else(|| DiffusionError::invalid_argument("style_aligned.reference", format!("no captured features for {id}")))
+            .ok_or_else(|| {
+                DiffusionError::invalid_argument(
+                    "style_aligned.reference",
+                    format!("no captured features for {id}"),
+                )
+            })
     }
 }
 
 fn poisoned() -> DiffusionError {
-    DiffusionError::invalid_argument("style_aligned.reference", "feature store poisoned by a panic")
+    DiffusionError::invalid_argument(
+        "style_aligned.reference",
+        "feature store poisoned by a panic",
+    )
 }
 
 /// The StyleAligned hook set for one UNet.
@@ -173,12 +181,20 @@ impl StyleAligned {
             .filter(|(_, plain)| !plain)
             .map(|(id, _)| id)
             .collect();
-        Ok(Self { options, shared, role: StyleRole::InBatch })
+        Ok(Self {
+            options,
+            shared,
+            role: StyleRole::InBatch,
+        })
     }
 
     /// The same hook set playing another role.
     pub fn with_role(&self, role: StyleRole) -> Self {
-        Self { options: self.options.clone(), shared: self.shared.clone(), role }
+        Self {
+            options: self.options.clone(),
+            shared: self.shared.clone(),
+            role,
+        }
     }
 
     pub fn role(&self) -> &StyleRole {
@@ -239,7 +255,9 @@ fn adain(feat: &Tensor, style: &Tensor) -> Result<Tensor> {
 
 fn restyle(feat: &Tensor, own: &(Tensor, Tensor), target: &(Tensor, Tensor)) -> Result<Tensor> {
     if kernels::supported(&[feat, &own.0, &own.1, &target.0, &target.1]) {
-        return Ok(kernels::restyle(feat, &own.0, &own.1, &target.0, &target.1)?);
+        return Ok(kernels::restyle(
+            feat, &own.0, &own.1, &target.0, &target.1,
+        )?);
     }
     Ok(feat
         .broadcast_sub(&own.0)?
@@ -279,7 +297,12 @@ impl AttentionHook for StyleAligned {
             && self.shared.contains(&site.id)
     }
 
-    fn prepare(&self, site: &AttentionSite, ctx: &StepContext, qkv: Qkv) -> Result<AttentionInputs> {
+    fn prepare(
+        &self,
+        site: &AttentionSite,
+        ctx: &StepContext,
+        qkv: Qkv,
+    ) -> Result<AttentionInputs> {
         match &self.role {
             StyleRole::InBatch => self.prepare_in_batch(ctx, qkv),
             StyleRole::CaptureReference(store) => {
@@ -288,8 +311,15 @@ impl AttentionHook for StyleAligned {
                     v: qkv.v.clone(),
                     stats: [mean_std(&qkv.q)?, mean_std(&qkv.k)?, mean_std(&qkv.v)?],
                 };
-                store.attention.lock().map_err(|_| poisoned())?.insert(site.id, captured);
-                Ok(AttentionInputs { qkv, extra: Vec::new() })
+                store
+                    .attention
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .insert(site.id, captured);
+                Ok(AttentionInputs {
+                    qkv,
+                    extra: Vec::new(),
+                })
             }
             StyleRole::Targets(store) => {
                 let reference = store.attention(&site.id)?;
@@ -298,7 +328,12 @@ impl AttentionHook for StyleAligned {
                     let (m, s) = &reference.stats[i];
                     Ok((select_rows(m, &rows)?, select_rows(s, &rows)?))
                 };
-                let Qkv { mut q, mut k, mut v, heads } = qkv;
+                let Qkv {
+                    mut q,
+                    mut k,
+                    mut v,
+                    heads,
+                } = qkv;
                 if self.options.adain_queries {
                     q = adain_toward(&q, &toward(0)?)?;
                 }
@@ -334,7 +369,12 @@ impl StyleAligned {
         let layout = &ctx.layout;
         let device = qkv.q.device().clone();
         let style = index(Self::style_items(layout), &device)?;
-        let Qkv { mut q, mut k, mut v, heads } = qkv;
+        let Qkv {
+            mut q,
+            mut k,
+            mut v,
+            heads,
+        } = qkv;
         if self.options.adain_queries {
             q = adain(&q, &style)?;
         }
@@ -395,13 +435,20 @@ impl NormHook for StyleAligned {
                 (mean.index_select(&style, 0)?, var.index_select(&style, 0)?)
             }
             StyleRole::CaptureReference(store) => {
-                store.norms.lock().map_err(|_| poisoned())?.insert(*id, (mean.clone(), var.clone()));
+                store
+                    .norms
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .insert(*id, (mean.clone(), var.clone()));
                 return Ok((mean, var));
             }
             StyleRole::Targets(store) => {
                 let norms = store.norms.lock().map_err(|_| poisoned())?;
                 let (m, v) = norms.get(id).ok_or_else(|| {
-                    DiffusionError::invalid_argument("style_aligned.reference", format!("no captured statistics for {id:?}"))
+                    DiffusionError::invalid_argument(
+                        "style_aligned.reference",
+                        format!("no captured statistics for {id:?}"),
+                    )
                 })?;
                 let rows = reference_rows(&ctx.layout);
                 (select_rows(m, &rows)?, select_rows(v, &rows)?)
@@ -434,7 +481,10 @@ mod tests {
 
     #[test]
     fn full_attention_share_is_rejected() {
-        let o = StyleAlignedOptions { full_attention_share: true, ..Default::default() };
+        let o = StyleAlignedOptions {
+            full_attention_share: true,
+            ..Default::default()
+        };
         let e = o.validate().unwrap_err().to_string();
         assert!(e.contains("full_attention_share"), "{e}");
     }

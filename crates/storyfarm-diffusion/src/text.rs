@@ -8,12 +8,12 @@ use candle_nn::{LayerNorm, Linear};
 use serde::Deserialize;
 
 use crate::component::read_json;
-use crate::model::weight_files_in;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{
     causal_mask, layer_norm, linear, linear_no_bias, merge_heads, scaled_dot_product_attention,
     split_heads,
 };
+use crate::model::weight_files_in;
 use crate::tokenizer::PromptTokenizer;
 use crate::weights::Weights;
 

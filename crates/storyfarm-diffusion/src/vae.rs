@@ -7,9 +7,9 @@ use candle_nn::{Conv2d, GroupNorm, Linear};
 use serde::Deserialize;
 
 use crate::component::read_json;
-use crate::model::weight_files_in;
 use crate::error::{DiffusionError, Result};
 use crate::layers::{conv2d, group_norm, linear, scaled_dot_product_attention};
+use crate::model::weight_files_in;
 use crate::weights::Weights;
 
 const COMPONENT: &str = "vae";

@@ -128,10 +128,12 @@ impl Weights {
         let full = self.path(name);
         match self.source.as_ref() {
             Source::Safetensors { files, location } => {
-                let view = files.get(&full).map_err(|_| DiffusionError::MissingTensor {
-                    name: full.clone(),
-                    location: location.to_string(),
-                })?;
+                let view = files
+                    .get(&full)
+                    .map_err(|_| DiffusionError::MissingTensor {
+                        name: full.clone(),
+                        location: location.to_string(),
+                    })?;
                 if view.shape() != shape {
                     return Err(DiffusionError::TensorShape {
                         name: full,
@@ -143,13 +145,16 @@ impl Weights {
                 let tensor = candle_core::safetensors::Load::load(&view, &self.device)?;
                 Ok(tensor.to_dtype(self.dtype)?)
             }
-            Source::Zeros => {
-                Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?)
-            }
+            Source::Zeros => Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?),
             Source::Random => {
                 let fan_in = shape.iter().skip(1).product::<usize>().max(1);
                 let t = if shape.len() > 1 {
-                    Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, &Device::Cpu)?
+                    Tensor::randn(
+                        0f32,
+                        (1.0 / fan_in as f64).sqrt() as f32,
+                        shape,
+                        &Device::Cpu,
+                    )?
                 } else if name.ends_with("weight") {
                     Tensor::ones(shape, DType::F32, &Device::Cpu)? // norm scales
                 } else {

@@ -10,15 +10,31 @@ use storyfarm_kernels::{attention, ExtraBlock};
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // SD 1.5 at 512x512 (8 heads), then SDXL at 1024x1024 (head size 64: 10 and 20 heads).
-    for &(n, c, heads) in &[(4096usize, 320usize, 8usize), (1024, 640, 8), (256, 1280, 8), (4096, 640, 10), (1024, 1280, 20)] {
+    for &(n, c, heads) in &[
+        (4096usize, 320usize, 8usize),
+        (1024, 640, 8),
+        (256, 1280, 8),
+        (4096, 640, 10),
+        (1024, 1280, 20),
+    ] {
         let d = c / heads;
         let q = Tensor::randn(0f32, 1.0, (2, n, c), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, n, c), &dev)?;
@@ -28,7 +44,13 @@ fn main() -> candle_core::Result<()> {
         let items = [0usize, 1];
         let scale = 1.0 / (d as f32).sqrt();
         for with_extra in [false, true] {
-            let extra = [ExtraBlock { items: &items, keys: &ek, values: &ev, logit_bias: 0.0, key_mask: None }];
+            let extra = [ExtraBlock {
+                items: &items,
+                keys: &ek,
+                values: &ev,
+                logit_bias: 0.0,
+                key_mask: None,
+            }];
             let blocks: &[ExtraBlock] = if with_extra { &extra } else { &[] };
             attention(&q, &k, &v, heads, scale, blocks)?;
             let reps = (4096 * 4096 / (n * n)).clamp(2, 20);

@@ -83,7 +83,15 @@ pub fn token_mean_std(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 }
 
 /// Sums over the rows of `x` (row length `c`) of columns `c0..c0 + w`.
-fn strided(x: &[f32], c: usize, c0: usize, w: usize, shift: &[f32], sum: &mut [f64], sq: &mut [f64]) {
+fn strided(
+    x: &[f32],
+    c: usize,
+    c0: usize,
+    w: usize,
+    shift: &[f32],
+    sum: &mut [f64],
+    sq: &mut [f64],
+) {
     if c0 == 0 && w == c {
         accumulate(x, shift, sum, sq);
         return;
@@ -122,23 +130,40 @@ pub fn restyle(
     let (m, s, tm, ts) = (m?, s?, tm?, ts?);
     for t in [&m, &s, &tm, &ts] {
         if t.elem_count() != b * c {
-            bail!("restyle: statistics {:?} for tokens {:?}", t.dims(), x.dims());
+            bail!(
+                "restyle: statistics {:?} for tokens {:?}",
+                t.dims(),
+                x.dims()
+            );
         }
     }
-    let (mv, sv, tmv, tsv, xv) =
-        (F32View::new(&m)?, F32View::new(&s)?, F32View::new(&tm)?, F32View::new(&ts)?, F32View::new(&x)?);
+    let (mv, sv, tmv, tsv, xv) = (
+        F32View::new(&m)?,
+        F32View::new(&s)?,
+        F32View::new(&tm)?,
+        F32View::new(&ts)?,
+        F32View::new(&x)?,
+    );
     let (ms, ss, tms, tss) = (mv.slice(), sv.slice(), tmv.slice(), tsv.slice());
     let mut dst = vec![0f32; b * n * c];
     let rows_per_task = (16384 / c.max(1)).max(1);
-    dst.par_chunks_mut(rows_per_task * c).zip(xv.slice().par_chunks(rows_per_task * c)).enumerate().for_each(
-        |(task, (d, src))| {
+    dst.par_chunks_mut(rows_per_task * c)
+        .zip(xv.slice().par_chunks(rows_per_task * c))
+        .enumerate()
+        .for_each(|(task, (d, src))| {
             for (i, (d, src)) in d.chunks_mut(c).zip(src.chunks(c)).enumerate() {
                 let item = (task * rows_per_task + i) / n;
                 let at = item * c;
-                restyle_row(src, d, &ms[at..at + c], &ss[at..at + c], &tms[at..at + c], &tss[at..at + c]);
+                restyle_row(
+                    src,
+                    d,
+                    &ms[at..at + c],
+                    &ss[at..at + c],
+                    &tms[at..at + c],
+                    &tss[at..at + c],
+                );
             }
-        },
-    );
+        });
     output(dst, (b, n, c))
 }
 
@@ -150,7 +175,15 @@ mod tests {
     fn reference(x: &Tensor) -> (Tensor, Tensor) {
         let n = x.dim(1).unwrap();
         let mean = x.mean_keepdim(1).unwrap();
-        let var = (x.broadcast_sub(&mean).unwrap().sqr().unwrap().sum_keepdim(1).unwrap() / (n - 1) as f64).unwrap();
+        let var = (x
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            / (n - 1) as f64)
+            .unwrap();
         (mean, (var + 1e-5).unwrap().sqrt().unwrap())
     }
 
@@ -160,10 +193,21 @@ mod tests {
             let x = ((rand(&[b, n, c], 1) * 3.0).unwrap() + 0.7).unwrap();
             let (m, s) = token_mean_std(&x, 1e-5).unwrap();
             let (wm, ws) = reference(&x);
-            assert!(max_abs(&m, &wm) < 1e-5 && max_abs(&s, &ws) < 1e-5, "{b}x{n}x{c}");
+            assert!(
+                max_abs(&m, &wm) < 1e-5 && max_abs(&s, &ws) < 1e-5,
+                "{b}x{n}x{c}"
+            );
             let tm = rand(&[b, 1, c], 2);
             let ts = (rand(&[b, 1, c], 3).abs().unwrap() + 0.5).unwrap();
-            let want = x.broadcast_sub(&wm).unwrap().broadcast_div(&ws).unwrap().broadcast_mul(&ts).unwrap().broadcast_add(&tm).unwrap();
+            let want = x
+                .broadcast_sub(&wm)
+                .unwrap()
+                .broadcast_div(&ws)
+                .unwrap()
+                .broadcast_mul(&ts)
+                .unwrap()
+                .broadcast_add(&tm)
+                .unwrap();
             let got = restyle(&x, &m, &s, &tm, &ts).unwrap();
             assert!(max_abs(&got, &want) < 1e-5, "{b}x{n}x{c}");
         }

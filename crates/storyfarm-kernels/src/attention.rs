@@ -39,8 +39,18 @@ struct Strides {
 
 fn strides(t: &Tensor, heads: usize, d: usize) -> Result<Strides> {
     Ok(match t.dims() {
-        &[_, n, c] if c == heads * d => Strides { item: n * c, head: d, token: c, tokens: n },
-        &[_, h, n, dd] if h == heads && dd == d => Strides { item: h * n * d, head: n * d, token: d, tokens: n },
+        &[_, n, c] if c == heads * d => Strides {
+            item: n * c,
+            head: d,
+            token: c,
+            tokens: n,
+        },
+        &[_, h, n, dd] if h == heads && dd == d => Strides {
+            item: h * n * d,
+            head: n * d,
+            token: d,
+            tokens: n,
+        },
         dims => bail!("attention: operand {dims:?} for {heads} heads of {d}"),
     })
 }
@@ -116,21 +126,37 @@ pub(crate) fn attention_with(
         dims => bail!("attention: query {dims:?}"),
     };
     if heads == 0 || c % heads != 0 || k.dim(0)? != b || v.dim(0)? != b {
-        bail!("attention: q {:?}, k {:?}, v {:?}, {heads} heads", q.dims(), k.dims(), v.dims());
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?}, {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
     let d = c / heads;
-    let (qs, ks, vs) = (strides(&q, heads, d)?, strides(&k, heads, d)?, strides(&v, heads, d)?);
+    let (qs, ks, vs) = (
+        strides(&q, heads, d)?,
+        strides(&k, heads, d)?,
+        strides(&v, heads, d)?,
+    );
     let n = qs.tokens;
     let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
 
     let mut extra_t = Vec::with_capacity(extra.len());
     for e in extra {
-        let mask = e.key_mask.map(|m| m.to_dtype(DType::F32)?.contiguous()).transpose()?;
+        let mask = e
+            .key_mask
+            .map(|m| m.to_dtype(DType::F32)?.contiguous())
+            .transpose()?;
         extra_t.push((e.keys.contiguous()?, e.values.contiguous()?, mask));
     }
     let mut extra_v = Vec::with_capacity(extra.len());
     for (ek, ev, m) in &extra_t {
-        extra_v.push((F32View::new(ek)?, F32View::new(ev)?, m.as_ref().map(F32View::new).transpose()?));
+        extra_v.push((
+            F32View::new(ek)?,
+            F32View::new(ev)?,
+            m.as_ref().map(F32View::new).transpose()?,
+        ));
     }
     // Per item: own keys first, then each extra block holding the item (its row's slices).
     let mut per_item: Vec<Vec<Block>> = Vec::with_capacity(b);
@@ -144,10 +170,16 @@ pub(crate) fn attention_with(
             mask: None,
         }];
         for ((e, (ek, ev, _)), (ekv, evv, mv)) in extra.iter().zip(&extra_t).zip(&extra_v) {
-            let Some(row) = e.items.iter().position(|&i| i == item) else { continue };
+            let Some(row) = e.items.iter().position(|&i| i == item) else {
+                continue;
+            };
             let (eks, evs) = (strides(ek, heads, d)?, strides(ev, heads, d)?);
             if eks.tokens != evs.tokens {
-                bail!("attention: extra keys {:?} and values {:?}", ek.dims(), ev.dims());
+                bail!(
+                    "attention: extra keys {:?} and values {:?}",
+                    ek.dims(),
+                    ev.dims()
+                );
             }
             blocks.push(Block {
                 k: &ekv.slice()[row * eks.item..],
@@ -155,7 +187,9 @@ pub(crate) fn attention_with(
                 ks: eks,
                 vs: evs,
                 bias: e.logit_bias,
-                mask: mv.as_ref().map(|m| &m.slice()[row * eks.tokens..][..eks.tokens]),
+                mask: mv
+                    .as_ref()
+                    .map(|m| &m.slice()[row * eks.tokens..][..eks.tokens]),
             });
         }
         per_item.push(blocks);
@@ -183,68 +217,130 @@ pub(crate) fn attention_with(
             })
             .collect();
         let mut dst = vec![0f32; b * n * c];
-        flash::run(qv.slice(), qs.item, qs.token, qs.head, n, heads, d, scale, &sources, &mut dst);
+        flash::run(
+            qv.slice(),
+            qs.item,
+            qs.token,
+            qs.head,
+            n,
+            heads,
+            d,
+            scale,
+            &sources,
+            &mut dst,
+        );
         return output(dst, (b, n, c));
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = use_flash;
-    let max_keys = per_item.iter().map(|bl| bl.iter().map(|x| x.ks.tokens).sum::<usize>()).max().unwrap_or(1);
+    let max_keys = per_item
+        .iter()
+        .map(|bl| bl.iter().map(|x| x.ks.tokens).sum::<usize>())
+        .max()
+        .unwrap_or(1);
     let chunk = (CHUNK_LOGITS / max_keys.max(1)).clamp(8, n.max(8));
     let chunks = n.div_ceil(chunk);
     let mut dst = vec![0f32; b * n * c];
     let out = SendPtr(dst.as_mut_ptr());
     let qsl = qv.slice();
-    (0..b * heads * chunks).into_par_iter().for_each_init(Vec::new, |buf: &mut Vec<f32>, task| {
-        let (item, h, ci) = (task / (heads * chunks), (task / chunks) % heads, task % chunks);
-        let (n0, len) = (ci * chunk, chunk.min(n - ci * chunk));
-        let blocks = &per_item[item];
-        let total: usize = blocks.iter().map(|x| x.ks.tokens).sum();
-        buf.resize(len * total, 0.0);
-        let qp = qsl[item * qs.item + h * qs.head + n0 * qs.token..].as_ptr();
-        let mut col = 0;
-        for bl in blocks {
-            let m = bl.ks.tokens;
-            // SAFETY: logits [len, m] at column `col` of buf; operands in bounds by strides.
-            unsafe {
-                gemm(len, m, d, buf.as_mut_ptr().add(col), total as isize, 1, false,
-                    Mat { ptr: qp, rs: qs.token as isize, cs: 1 },
-                    Mat { ptr: bl.k[h * bl.ks.head..].as_ptr(), rs: 1, cs: bl.ks.token as isize },
-                    scale, false);
-            }
-            if bl.bias != 0.0 || bl.mask.is_some() {
-                for row in buf.chunks_mut(total) {
-                    let row = &mut row[col..col + m];
-                    match bl.mask {
-                        Some(mask) => row.iter_mut().zip(mask).for_each(|(x, &keep)| {
-                            *x = if keep != 0.0 { *x + bl.bias } else { f32::NEG_INFINITY }
-                        }),
-                        None => row.iter_mut().for_each(|x| *x += bl.bias),
+    (0..b * heads * chunks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, task| {
+            let (item, h, ci) = (
+                task / (heads * chunks),
+                (task / chunks) % heads,
+                task % chunks,
+            );
+            let (n0, len) = (ci * chunk, chunk.min(n - ci * chunk));
+            let blocks = &per_item[item];
+            let total: usize = blocks.iter().map(|x| x.ks.tokens).sum();
+            buf.resize(len * total, 0.0);
+            let qp = qsl[item * qs.item + h * qs.head + n0 * qs.token..].as_ptr();
+            let mut col = 0;
+            for bl in blocks {
+                let m = bl.ks.tokens;
+                // SAFETY: logits [len, m] at column `col` of buf; operands in bounds by strides.
+                unsafe {
+                    gemm(
+                        len,
+                        m,
+                        d,
+                        buf.as_mut_ptr().add(col),
+                        total as isize,
+                        1,
+                        false,
+                        Mat {
+                            ptr: qp,
+                            rs: qs.token as isize,
+                            cs: 1,
+                        },
+                        Mat {
+                            ptr: bl.k[h * bl.ks.head..].as_ptr(),
+                            rs: 1,
+                            cs: bl.ks.token as isize,
+                        },
+                        scale,
+                        false,
+                    );
+                }
+                if bl.bias != 0.0 || bl.mask.is_some() {
+                    for row in buf.chunks_mut(total) {
+                        let row = &mut row[col..col + m];
+                        match bl.mask {
+                            Some(mask) => row.iter_mut().zip(mask).for_each(|(x, &keep)| {
+                                *x = if keep != 0.0 {
+                                    *x + bl.bias
+                                } else {
+                                    f32::NEG_INFINITY
+                                }
+                            }),
+                            None => row.iter_mut().for_each(|x| *x += bl.bias),
+                        }
                     }
                 }
+                col += m;
             }
-            col += m;
-        }
-        let inv: Vec<f32> = buf.chunks_mut(total).map(|row| 1.0 / softmax_row(row)).collect();
-        let o = out;
-        // SAFETY: rows n0..n0+len, columns h*d..(h+1)*d of this item: this task's alone.
-        let op = unsafe { o.0.add(item * n * c + n0 * c + h * d) };
-        let mut col = 0;
-        for (i, bl) in blocks.iter().enumerate() {
-            let m = bl.ks.tokens;
-            unsafe {
-                gemm(len, d, m, op, c as isize, 1, i > 0,
-                    Mat { ptr: buf.as_ptr().add(col), rs: total as isize, cs: 1 },
-                    Mat { ptr: bl.v[h * bl.vs.head..].as_ptr(), rs: bl.vs.token as isize, cs: 1 },
-                    1.0, false);
+            let inv: Vec<f32> = buf
+                .chunks_mut(total)
+                .map(|row| 1.0 / softmax_row(row))
+                .collect();
+            let o = out;
+            // SAFETY: rows n0..n0+len, columns h*d..(h+1)*d of this item: this task's alone.
+            let op = unsafe { o.0.add(item * n * c + n0 * c + h * d) };
+            let mut col = 0;
+            for (i, bl) in blocks.iter().enumerate() {
+                let m = bl.ks.tokens;
+                unsafe {
+                    gemm(
+                        len,
+                        d,
+                        m,
+                        op,
+                        c as isize,
+                        1,
+                        i > 0,
+                        Mat {
+                            ptr: buf.as_ptr().add(col),
+                            rs: total as isize,
+                            cs: 1,
+                        },
+                        Mat {
+                            ptr: bl.v[h * bl.vs.head..].as_ptr(),
+                            rs: bl.vs.token as isize,
+                            cs: 1,
+                        },
+                        1.0,
+                        false,
+                    );
+                }
+                col += m;
             }
-            col += m;
-        }
-        for (r, s) in inv.iter().enumerate() {
-            // SAFETY: as above.
-            let row = unsafe { std::slice::from_raw_parts_mut(op.add(r * c), d) };
-            row.iter_mut().for_each(|x| *x *= s);
-        }
-    });
+            for (r, s) in inv.iter().enumerate() {
+                // SAFETY: as above.
+                let row = unsafe { std::slice::from_raw_parts_mut(op.add(r * c), d) };
+                row.iter_mut().for_each(|x| *x *= s);
+            }
+        });
     output(dst, (b, n, c))
 }
 
@@ -256,11 +352,19 @@ mod tests {
 
     fn split(x: &Tensor, heads: usize) -> Tensor {
         let (b, n, c) = x.dims3().unwrap();
-        x.reshape((b, n, heads, c / heads)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+        x.reshape((b, n, heads, c / heads))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
     }
 
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: &Tensor) -> Tensor {
-        let logits = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(bias).unwrap();
+        let logits = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+            .unwrap()
+            .broadcast_add(bias)
+            .unwrap();
         let p = candle_nn::ops::softmax_last_dim(&logits).unwrap();
         let o = p.matmul(v).unwrap();
         let (b, h, n, d) = o.dims4().unwrap();
@@ -269,7 +373,11 @@ mod tests {
 
     /// Both kernels where the CPU has AVX-512, the `gemm` path elsewhere.
     fn paths() -> Vec<bool> {
-        if flash::available() { vec![false, true] } else { vec![false] }
+        if flash::available() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
     }
 
     #[test]
@@ -289,17 +397,36 @@ mod tests {
         let v = rand(&[b, m, heads * d], 3);
         let got = attention(&q, &k, &v, heads, 0.5, &[]).unwrap();
         let zero = Tensor::zeros(m, DType::F32, &Device::Cpu).unwrap();
-        let want = reference(&split(&q, heads), &split(&k, heads), &split(&v, heads), 0.5, &zero);
+        let want = reference(
+            &split(&q, heads),
+            &split(&k, heads),
+            &split(&v, heads),
+            0.5,
+            &zero,
+        );
         assert!(max_abs(&got, &want) < 1e-5);
         // Head layout inputs give the same tokens.
-        let got4 = attention(&split(&q, heads), &split(&k, heads), &split(&v, heads), heads, 0.5, &[]).unwrap();
+        let got4 = attention(
+            &split(&q, heads),
+            &split(&k, heads),
+            &split(&v, heads),
+            heads,
+            0.5,
+            &[],
+        )
+        .unwrap();
         assert!(max_abs(&got4, &want) < 1e-5);
     }
 
     #[test]
     fn extra_blocks_equal_concatenated_keys() {
         for flash in paths() {
-            for (n, m, heads, d) in [(9, 5, 2, 4), (300, 77, 2, 40), (70, 150, 1, 80), (20, 33, 2, 160)] {
+            for (n, m, heads, d) in [
+                (9, 5, 2, 4),
+                (300, 77, 2, 40),
+                (70, 150, 1, 80),
+                (20, 33, 2, 160),
+            ] {
                 extra_blocks_case(flash, n, m, heads, d);
             }
         }
@@ -316,7 +443,13 @@ mod tests {
             let ek = rand(&[1, m, heads * d], 14);
             let mask = Tensor::zeros((1, m), DType::F32, &Device::Cpu).unwrap();
             let items = [1usize];
-            let extra = [ExtraBlock { items: &items, keys: &ek, values: &ek, logit_bias: 0.0, key_mask: Some(&mask) }];
+            let extra = [ExtraBlock {
+                items: &items,
+                keys: &ek,
+                values: &ek,
+                logit_bias: 0.0,
+                key_mask: Some(&mask),
+            }];
             let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
             let plain = attention_with(&q, &k, &v, heads, 0.5, &[], flash).unwrap();
             assert!(max_abs(&got, &plain) < 1e-6, "flash {flash}");
@@ -330,25 +463,67 @@ mod tests {
         let v = split(&rand(&[b, n, heads * d], 6), heads);
         let ek = rand(&[2, heads, m, d], 7);
         let ev = rand(&[2, heads, m, d], 8);
-        let keep: Vec<f32> = (0..2 * m).map(|i| if i % 3 == 1 || i == 4 { 0.0 } else { 1.0 }).collect();
+        let keep: Vec<f32> = (0..2 * m)
+            .map(|i| if i % 3 == 1 || i == 4 { 0.0 } else { 1.0 })
+            .collect();
         let mask = Tensor::from_vec(keep, (2, m), &Device::Cpu).unwrap();
         let items = [2usize, 0];
-        let extra = [ExtraBlock { items: &items, keys: &ek, values: &ev, logit_bias: 0.7, key_mask: Some(&mask) }];
+        let extra = [ExtraBlock {
+            items: &items,
+            keys: &ek,
+            values: &ev,
+            logit_bias: 0.7,
+            key_mask: Some(&mask),
+        }];
         let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
         for (row, item) in [(0usize, 2usize), (1, 0)] {
-            let kk = Tensor::cat(&[k.narrow(0, item, 1).unwrap(), ek.narrow(0, row, 1).unwrap()], 2).unwrap();
-            let vv = Tensor::cat(&[v.narrow(0, item, 1).unwrap(), ev.narrow(0, row, 1).unwrap()], 2).unwrap();
-            let keep: Vec<f32> = mask.narrow(0, row, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let kk = Tensor::cat(
+                &[k.narrow(0, item, 1).unwrap(), ek.narrow(0, row, 1).unwrap()],
+                2,
+            )
+            .unwrap();
+            let vv = Tensor::cat(
+                &[v.narrow(0, item, 1).unwrap(), ev.narrow(0, row, 1).unwrap()],
+                2,
+            )
+            .unwrap();
+            let keep: Vec<f32> = mask
+                .narrow(0, row, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let shift: Vec<f32> = (0..n + m)
-                .map(|j| if j < n { 0.0 } else if keep[j - n] != 0.0 { 0.7 } else { f32::NEG_INFINITY })
+                .map(|j| {
+                    if j < n {
+                        0.0
+                    } else if keep[j - n] != 0.0 {
+                        0.7
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
                 .collect();
             let shift = Tensor::from_vec(shift, n + m, &Device::Cpu).unwrap();
             let want = reference(&q.narrow(0, item, 1).unwrap(), &kk, &vv, 0.5, &shift);
             let err = max_abs(&got.narrow(0, item, 1).unwrap(), &want);
-            assert!(err < 1e-5, "flash {flash}, n {n} m {m} d {d}, item {item}: {err}");
+            assert!(
+                err < 1e-5,
+                "flash {flash}, n {n} m {m} d {d}, item {item}: {err}"
+            );
         }
         let zero = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
-        let want = reference(&q.narrow(0, 1, 1).unwrap(), &k.narrow(0, 1, 1).unwrap(), &v.narrow(0, 1, 1).unwrap(), 0.5, &zero);
-        assert!(max_abs(&got.narrow(0, 1, 1).unwrap(), &want) < 1e-5, "flash {flash}, n {n} m {m} d {d}");
+        let want = reference(
+            &q.narrow(0, 1, 1).unwrap(),
+            &k.narrow(0, 1, 1).unwrap(),
+            &v.narrow(0, 1, 1).unwrap(),
+            0.5,
+            &zero,
+        );
+        assert!(
+            max_abs(&got.narrow(0, 1, 1).unwrap(), &want) < 1e-5,
+            "flash {flash}, n {n} m {m} d {d}"
+        );
     }
 }

@@ -25,7 +25,15 @@ pub fn conv2d(
     channel_add: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    conv(x, Weight::Tensor(weight), bias, stride, padding, channel_add, residual)
+    conv(
+        x,
+        Weight::Tensor(weight),
+        bias,
+        stride,
+        padding,
+        channel_add,
+        residual,
+    )
 }
 
 /// [`conv2d`] with the weight packed at load by [`PackedWeight::conv`]; the im2col panels
@@ -39,7 +47,15 @@ pub fn conv2d_packed(
     channel_add: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    conv(x, Weight::Packed(weight), bias, stride, padding, channel_add, residual)
+    conv(
+        x,
+        Weight::Packed(weight),
+        bias,
+        stride,
+        padding,
+        channel_add,
+        residual,
+    )
 }
 
 enum Weight<'a> {
@@ -62,11 +78,17 @@ fn conv(
         Weight::Tensor(t) => t.dims4()?,
         Weight::Packed(p) => match *p.dims() {
             [o, i, kh, kw] => (o, i, kh, kw),
-            _ => bail!("conv2d_packed: weight {:?} is not a convolution weight", p.dims()),
+            _ => bail!(
+                "conv2d_packed: weight {:?} is not a convolution weight",
+                p.dims()
+            ),
         },
     };
     if wcin != cin || stride == 0 {
-        bail!("conv2d: input {:?}, weight [{cout}, {wcin}, {kh}, {kw}], stride {stride}", x.dims());
+        bail!(
+            "conv2d: input {:?}, weight [{cout}, {wcin}, {kh}, {kw}], stride {stride}",
+            x.dims()
+        );
     }
     if h + 2 * padding < kh || w + 2 * padding < kw {
         bail!("conv2d: kernel larger than the padded input");
@@ -86,13 +108,18 @@ fn conv(
     if let Some(add) = channel_add {
         let add = add.contiguous()?;
         if add.elem_count() != b * cout {
-            bail!("conv2d: channel_add {:?} for output [{b}, {cout}, ..]", add.dims());
+            bail!(
+                "conv2d: channel_add {:?} for output [{b}, {cout}, ..]",
+                add.dims()
+            );
         }
         let av = F32View::new(&add)?;
         let a = av.slice();
-        dst.par_chunks_mut(plane).zip(a.par_iter()).for_each(|(row, v)| {
-            row.iter_mut().for_each(|x| *x += v);
-        });
+        dst.par_chunks_mut(plane)
+            .zip(a.par_iter())
+            .for_each(|(row, v)| {
+                row.iter_mut().for_each(|x| *x += v);
+            });
     }
 
     let direct = kh == 1 && kw == 1 && stride == 1 && padding == 0;
@@ -106,17 +133,44 @@ fn conv(
         for item in 0..b {
             let x_item = &xs[item * cin * h * w..][..cin * h * w];
             let dst_item = dst[item * cout * plane..].as_mut_ptr();
-            let geom = Geometry { h, w, kh, kw, stride, padding, wo, r0: 0, rows: ho };
+            let geom = Geometry {
+                h,
+                w,
+                kh,
+                kw,
+                stride,
+                padding,
+                wo,
+                r0: 0,
+                rows: ho,
+            };
             let fill = |panel: &mut [f32], pc: usize, kc: usize, j0: usize, cols: usize| {
                 fill_panel(x_item, panel, pc, kc, j0, cols, &geom);
             };
             let rhs = if direct {
-                Rhs::Mat(Mat { ptr: x_item.as_ptr(), rs: plane as isize, cs: 1 })
+                Rhs::Mat(Mat {
+                    ptr: x_item.as_ptr(),
+                    rs: plane as isize,
+                    cs: 1,
+                })
             } else {
                 Rhs::Fill(&fill)
             };
             // SAFETY: [Cout, K] x [K, H*W] into this item's output.
-            done &= unsafe { sgemm_ops(cout, plane, k, dst_item, plane as isize, true, Lhs::Packed(pw), rhs, 1.0, true) };
+            done &= unsafe {
+                sgemm_ops(
+                    cout,
+                    plane,
+                    k,
+                    dst_item,
+                    plane as isize,
+                    true,
+                    Lhs::Packed(pw),
+                    rhs,
+                    1.0,
+                    true,
+                )
+            };
         }
         // Only the first item can fail (no AVX-512F), before anything was written.
         if done {
@@ -130,17 +184,38 @@ fn conv(
     let wv = F32View::new(&weight)?;
     let ws = wv.slice();
     let rows_per_tile = (MAX_COL_ELEMS / (k * wo).max(1)).clamp(1, ho);
-    let mut col = if direct { Vec::new() } else { vec![0f32; k * rows_per_tile * wo] };
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![0f32; k * rows_per_tile * wo]
+    };
     for item in 0..b {
         let x_item = &xs[item * cin * h * w..][..cin * h * w];
         let dst_item = dst[item * cout * plane..].as_mut_ptr();
         if direct {
             // SAFETY: [Cout, Cin] x [Cin, H*W] into this item's output.
             unsafe {
-                gemm(cout, plane, cin, dst_item, plane as isize, 1, true,
-                    Mat { ptr: ws.as_ptr(), rs: k as isize, cs: 1 },
-                    Mat { ptr: x_item.as_ptr(), rs: plane as isize, cs: 1 },
-                    1.0, true);
+                gemm(
+                    cout,
+                    plane,
+                    cin,
+                    dst_item,
+                    plane as isize,
+                    1,
+                    true,
+                    Mat {
+                        ptr: ws.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: x_item.as_ptr(),
+                        rs: plane as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                    true,
+                );
             }
             continue;
         }
@@ -148,16 +223,46 @@ fn conv(
         while r0 < ho {
             let rows = rows_per_tile.min(ho - r0);
             let p = rows * wo;
-            let geom = Geometry { h, w, kh, kw, stride, padding, wo, r0, rows };
-            col[..k * p].par_chunks_mut(kh * kw * p).enumerate().for_each(|(c, chunk)| {
-                im2col_channel(&x_item[c * h * w..][..h * w], chunk, &geom);
-            });
+            let geom = Geometry {
+                h,
+                w,
+                kh,
+                kw,
+                stride,
+                padding,
+                wo,
+                r0,
+                rows,
+            };
+            col[..k * p]
+                .par_chunks_mut(kh * kw * p)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    im2col_channel(&x_item[c * h * w..][..h * w], chunk, &geom);
+                });
             // SAFETY: [Cout, K] x [K, p] into output rows r0..r0+rows of this item.
             unsafe {
-                gemm(cout, p, k, dst_item.add(r0 * wo), plane as isize, 1, true,
-                    Mat { ptr: ws.as_ptr(), rs: k as isize, cs: 1 },
-                    Mat { ptr: col.as_ptr(), rs: p as isize, cs: 1 },
-                    1.0, true);
+                gemm(
+                    cout,
+                    p,
+                    k,
+                    dst_item.add(r0 * wo),
+                    plane as isize,
+                    1,
+                    true,
+                    Mat {
+                        ptr: ws.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: col.as_ptr(),
+                        rs: p as isize,
+                        cs: 1,
+                    },
+                    1.0,
+                    true,
+                );
             }
             r0 += rows;
         }
@@ -180,7 +285,15 @@ struct Geometry {
 /// Rows `pc..pc + kc`, columns `j0..j0 + cols` of the im2col matrix of one item `x` `[Cin, H,
 /// W]` (all output rows) as an sgemm panel `[kc][panel.len() / kc]`.
 #[cfg(target_arch = "x86_64")]
-fn fill_panel(x: &[f32], panel: &mut [f32], pc: usize, kc: usize, j0: usize, cols: usize, g: &Geometry) {
+fn fill_panel(
+    x: &[f32],
+    panel: &mut [f32],
+    pc: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    g: &Geometry,
+) {
     let width = panel.len() / kc;
     let taps = g.kh * g.kw;
     // The (channel, tap row, tap column) of row pc, stepped instead of divided per row.
@@ -209,7 +322,11 @@ fn fill_panel(x: &[f32], panel: &mut [f32], pc: usize, kc: usize, j0: usize, col
                 } else {
                     for (d, v) in o.iter_mut().enumerate() {
                         let ix = ((ox0 + d) * g.stride + j) as isize - g.padding as isize;
-                        *v = if ix >= 0 && ix < g.w as isize { row[ix as usize] } else { 0.0 };
+                        *v = if ix >= 0 && ix < g.w as isize {
+                            row[ix as usize]
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -252,7 +369,11 @@ fn im2col_channel(plane: &[f32], out: &mut [f32], g: &Geometry) {
                 } else {
                     for (ox, v) in o.iter_mut().enumerate() {
                         let ix = (ox * g.stride + j) as isize - g.padding as isize;
-                        *v = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+                        *v = if ix >= 0 && ix < g.w as isize {
+                            src[ix as usize]
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }
@@ -272,7 +393,7 @@ mod tests {
             (4, 6, 8, 8, 3, 2, 1),
             (5, 3, 6, 5, 1, 1, 0),
             (2, 3, 5, 5, 3, 1, 0),
-            (300, 4, 9, 9, 3, 1, 1), // several im2col tiles
+            (300, 4, 9, 9, 3, 1, 1),   // several im2col tiles
             (40, 30, 12, 20, 3, 1, 1), // several k blocks; panels span output rows
             (7, 200, 11, 11, 3, 2, 1), // several row blocks, strided
             (64, 26, 10, 10, 1, 1, 0), // packed 1x1
@@ -285,17 +406,37 @@ mod tests {
             let add = rand(&[2, cout], 4);
             let res = rand(&[2, cout, ho, wo], 5);
             let want = want
-                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap()).unwrap()
-                .broadcast_add(&add.reshape((2, cout, 1, 1)).unwrap()).unwrap()
-                .add(&res).unwrap();
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&add.reshape((2, cout, 1, 1)).unwrap())
+                .unwrap()
+                .add(&res)
+                .unwrap();
             let got = conv2d(&x, &wt, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
             let err = max_abs(&got, &want);
-            assert!(err < 1e-4, "{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
-            let Some(packed) = PackedWeight::conv(&wt).unwrap() else { continue };
+            assert!(
+                err < 1e-4,
+                "{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}"
+            );
+            let Some(packed) = PackedWeight::conv(&wt).unwrap() else {
+                continue;
+            };
             assert_eq!(max_abs(&packed.unpack().unwrap(), &wt), 0.0);
-            let got = conv2d_packed(&x, &packed, Some(&bias), stride, pad, Some(&add), Some(&res)).unwrap();
+            let got = conv2d_packed(
+                &x,
+                &packed,
+                Some(&bias),
+                stride,
+                pad,
+                Some(&add),
+                Some(&res),
+            )
+            .unwrap();
             let err = max_abs(&got, &want);
-            assert!(err < 1e-4, "packed {cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}");
+            assert!(
+                err < 1e-4,
+                "packed {cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {err}"
+            );
         }
     }
 }

@@ -67,24 +67,43 @@ mod imp {
 
     fn pack(src: &Source, heads: usize, d: usize) -> Packed {
         let kept: Vec<usize> = match src.mask {
-            Some(mask) => (0..src.tokens).filter(|&j| mask.get(j).is_none_or(|&keep| keep != 0.0)).collect(),
+            Some(mask) => (0..src.tokens)
+                .filter(|&j| mask.get(j).is_none_or(|&keep| keep != 0.0))
+                .collect(),
             None => (0..src.tokens).collect(),
         };
         let mpad = kept.len().next_multiple_of(KB);
         let bias = src.bias * std::f32::consts::LOG2_E;
         if mpad == 0 {
             // Every key masked (a subject dropped whole at this step): the block adds nothing.
-            return Packed { keys: Vec::new(), values: Vec::new(), kept: 0, mpad: 0, bias };
+            return Packed {
+                keys: Vec::new(),
+                values: Vec::new(),
+                kept: 0,
+                mpad: 0,
+                bias,
+            };
         }
         let mut keys = vec![0f32; heads * mpad * d];
         let mut values = vec![0f32; heads * mpad * d];
-        keys.chunks_mut(mpad * d).zip(values.chunks_mut(mpad * d)).enumerate().for_each(|(h, (kh, vh))| {
-            for (row, &j) in kept.iter().enumerate() {
-                kh[row * d..][..d].copy_from_slice(&src.k[j * src.k_token + h * src.k_head..][..d]);
-                vh[row * d..][..d].copy_from_slice(&src.v[j * src.v_token + h * src.v_head..][..d]);
-            }
-        });
-        Packed { keys, values, kept: kept.len(), mpad, bias }
+        keys.chunks_mut(mpad * d)
+            .zip(values.chunks_mut(mpad * d))
+            .enumerate()
+            .for_each(|(h, (kh, vh))| {
+                for (row, &j) in kept.iter().enumerate() {
+                    kh[row * d..][..d]
+                        .copy_from_slice(&src.k[j * src.k_token + h * src.k_head..][..d]);
+                    vh[row * d..][..d]
+                        .copy_from_slice(&src.v[j * src.v_token + h * src.v_head..][..d]);
+                }
+            });
+        Packed {
+            keys,
+            values,
+            kept: kept.len(),
+            mpad,
+            bias,
+        }
     }
 
     /// Attention of `rows` query tokens (element (token, head, 0) at `token * q_token + head *
@@ -104,9 +123,13 @@ mod imp {
         out: &mut [f32],
     ) {
         let items = sources.len();
-        let jobs: Vec<(usize, usize)> =
-            (0..items).flat_map(|i| (0..sources[i].len()).map(move |b| (i, b))).collect();
-        let packed: Vec<Packed> = jobs.par_iter().map(|&(i, b)| pack(&sources[i][b], heads, d)).collect();
+        let jobs: Vec<(usize, usize)> = (0..items)
+            .flat_map(|i| (0..sources[i].len()).map(move |b| (i, b)))
+            .collect();
+        let packed: Vec<Packed> = jobs
+            .par_iter()
+            .map(|&(i, b)| pack(&sources[i][b], heads, d))
+            .collect();
         let mut first = Vec::with_capacity(items);
         let mut at = 0;
         for s in sources {
@@ -124,67 +147,94 @@ mod imp {
         // every one); each task then overwrites its block with its normalised output, which a
         // last pass writes back as whole token rows.
         let mut qo = vec![0f32; items * chunks * heads * blk];
-        qo.par_chunks_mut(heads * blk).enumerate().for_each(|(ic, dst)| {
-            let (item, ci) = (ic / chunks, ic % chunks);
-            let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
-            for r in 0..len {
-                let base = item * q_item + (n0 + r) * q_token;
-                for (h, o) in dst.chunks_exact_mut(blk).enumerate() {
-                    for (dd, &x) in q[base + h * q_head..][..d].iter().enumerate() {
-                        o[dd * QW + r] = x * scale2;
+        qo.par_chunks_mut(heads * blk)
+            .enumerate()
+            .for_each(|(ic, dst)| {
+                let (item, ci) = (ic / chunks, ic % chunks);
+                let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
+                for r in 0..len {
+                    let base = item * q_item + (n0 + r) * q_token;
+                    for (h, o) in dst.chunks_exact_mut(blk).enumerate() {
+                        for (dd, &x) in q[base + h * q_head..][..d].iter().enumerate() {
+                            o[dd * QW + r] = x * scale2;
+                        }
                     }
                 }
-            }
-        });
+            });
         let qp = SendPtr(qo.as_mut_ptr());
-        (0..items * heads * chunks).into_par_iter().for_each_init(Scratch::default, |sc, task| {
-            // Consecutive tasks share a head's keys and values.
-            let (item, h, ci) = (task / (heads * chunks), (task / chunks) % heads, task % chunks);
-            #[allow(clippy::redundant_locals)]
-            let qp = qp;
-            // SAFETY: block (item, ci, h) of `qo` is this task's alone.
-            let qt = unsafe { std::slice::from_raw_parts_mut(qp.0.add(((item * chunks + ci) * heads + h) * blk), blk) };
-            sc.reset(d);
-            let mut state = Softmax::new();
-            for p in &packed[first[item]..][..sources[item].len()] {
-                let kh = &p.keys[h * p.mpad * d..][..p.mpad * d];
-                let vh = &p.values[h * p.mpad * d..][..p.mpad * d];
-                let mut t0 = 0;
-                while t0 < p.mpad {
-                    let tl = TILE.min(p.mpad - t0);
-                    let valid = (p.kept - t0).min(tl);
-                    // SAFETY: the CPU has AVX-512F (checked by the caller through `available`);
-                    // the slices hold `tl` rows of `d` floats.
-                    unsafe {
-                        tile(sc, qt.as_ptr(), &mut state, d, &kh[t0 * d..][..tl * d], &vh[t0 * d..][..tl * d], tl, valid, p.bias);
+        (0..items * heads * chunks)
+            .into_par_iter()
+            .for_each_init(Scratch::default, |sc, task| {
+                // Consecutive tasks share a head's keys and values.
+                let (item, h, ci) = (
+                    task / (heads * chunks),
+                    (task / chunks) % heads,
+                    task % chunks,
+                );
+                #[allow(clippy::redundant_locals)]
+                let qp = qp;
+                // SAFETY: block (item, ci, h) of `qo` is this task's alone.
+                let qt = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        qp.0.add(((item * chunks + ci) * heads + h) * blk),
+                        blk,
+                    )
+                };
+                sc.reset(d);
+                let mut state = Softmax::new();
+                for p in &packed[first[item]..][..sources[item].len()] {
+                    let kh = &p.keys[h * p.mpad * d..][..p.mpad * d];
+                    let vh = &p.values[h * p.mpad * d..][..p.mpad * d];
+                    let mut t0 = 0;
+                    while t0 < p.mpad {
+                        let tl = TILE.min(p.mpad - t0);
+                        let valid = (p.kept - t0).min(tl);
+                        // SAFETY: the CPU has AVX-512F (checked by the caller through `available`);
+                        // the slices hold `tl` rows of `d` floats.
+                        unsafe {
+                            tile(
+                                sc,
+                                qt.as_ptr(),
+                                &mut state,
+                                d,
+                                &kh[t0 * d..][..tl * d],
+                                &vh[t0 * d..][..tl * d],
+                                tl,
+                                valid,
+                                p.bias,
+                            );
+                        }
+                        t0 += tl;
                     }
-                    t0 += tl;
                 }
-            }
-            let inv = state.inverse_sums();
-            for (o, x) in qt.chunks_exact_mut(QW).zip(sc.ot.chunks_exact(QW)) {
-                for ((o, &x), &inv) in o.iter_mut().zip(x).zip(&inv) {
-                    *o = x * inv;
+                let inv = state.inverse_sums();
+                for (o, x) in qt.chunks_exact_mut(QW).zip(sc.ot.chunks_exact(QW)) {
+                    for ((o, &x), &inv) in o.iter_mut().zip(x).zip(&inv) {
+                        *o = x * inv;
+                    }
                 }
-            }
-        });
+            });
         let dst = SendPtr(out.as_mut_ptr());
-        qo.par_chunks(heads * blk).enumerate().for_each(|(ic, src)| {
-            let (item, ci) = (ic / chunks, ic % chunks);
-            let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
-            #[allow(clippy::redundant_locals)]
-            let dst = dst;
-            // SAFETY: rows n0..n0 + len of this item: this chunk's alone.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((item * rows + n0) * c), len * c) };
-            for (r, row) in o.chunks_exact_mut(c).enumerate() {
-                for (h, x) in row.chunks_exact_mut(d).enumerate() {
-                    let b = &src[h * blk..][..blk];
-                    for (dd, x) in x.iter_mut().enumerate() {
-                        *x = b[dd * QW + r];
+        qo.par_chunks(heads * blk)
+            .enumerate()
+            .for_each(|(ic, src)| {
+                let (item, ci) = (ic / chunks, ic % chunks);
+                let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
+                #[allow(clippy::redundant_locals)]
+                let dst = dst;
+                // SAFETY: rows n0..n0 + len of this item: this chunk's alone.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.0.add((item * rows + n0) * c), len * c)
+                };
+                for (r, row) in o.chunks_exact_mut(c).enumerate() {
+                    for (h, x) in row.chunks_exact_mut(d).enumerate() {
+                        let b = &src[h * blk..][..blk];
+                        for (dd, x) in x.iter_mut().enumerate() {
+                            *x = b[dd * QW + r];
+                        }
                     }
                 }
-            }
-        });
+            });
     }
 
     #[derive(Default)]
@@ -211,7 +261,10 @@ mod imp {
 
     impl Softmax {
         fn new() -> Self {
-            Self { m: [f32::NEG_INFINITY; QW], l: [0.0; QW] }
+            Self {
+                m: [f32::NEG_INFINITY; QW],
+                l: [0.0; QW],
+            }
         }
 
         fn inverse_sums(&self) -> [f32; QW] {
@@ -223,11 +276,28 @@ mod imp {
     /// task's 48 query rows: logits, online-softmax update and the value product.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile(sc: &mut Scratch, qp: *const f32, st: &mut Softmax, d: usize, kt: &[f32], vt: &[f32], tl: usize, valid: usize, bias: f32) {
+    unsafe fn tile(
+        sc: &mut Scratch,
+        qp: *const f32,
+        st: &mut Softmax,
+        d: usize,
+        kt: &[f32],
+        vt: &[f32],
+        tl: usize,
+        valid: usize,
+        bias: f32,
+    ) {
         let sp = sc.s.as_mut_ptr();
         let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); NQ];
         for j0 in (0..tl).step_by(KB) {
-            qk(qp, d, kt.as_ptr().wrapping_add(j0 * d), sp.wrapping_add(j0 * QW), valid.saturating_sub(j0), &mut mx);
+            qk(
+                qp,
+                d,
+                kt.as_ptr().wrapping_add(j0 * d),
+                sp.wrapping_add(j0 * QW),
+                valid.saturating_sub(j0),
+                &mut mx,
+            );
         }
         let mut alpha = [_mm512_setzero_ps(); NQ];
         let mut m_new = [_mm512_setzero_ps(); NQ];
@@ -311,7 +381,13 @@ mod imp {
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let f = _mm512_sub_ps(x, n);
         let mut p = _mm512_set1_ps(1.327_647_1e-3);
-        for c in [9.675_542e-3, 5.550_713e-2, 2.402_212e-1, 6.931_469_4e-1, 1.000_000_1] {
+        for c in [
+            9.675_542e-3,
+            5.550_713e-2,
+            2.402_212e-1,
+            6.931_469_4e-1,
+            1.000_000_1,
+        ] {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
         }
         _mm512_scalef_ps(p, n)
@@ -323,9 +399,17 @@ mod imp {
     /// probabilities).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn fma_rows<const R: usize>(acc: &mut [[__m512; NQ]; R], a: *const f32, n: usize, b: *const f32, rs: usize, is: usize) {
+    unsafe fn fma_rows<const R: usize>(
+        acc: &mut [[__m512; NQ]; R],
+        a: *const f32,
+        n: usize,
+        b: *const f32,
+        rs: usize,
+        is: usize,
+    ) {
         for i in 0..n {
-            let ai: [__m512; NQ] = std::array::from_fn(|c| load(a.wrapping_add(i * QW + c * LANES)));
+            let ai: [__m512; NQ] =
+                std::array::from_fn(|c| load(a.wrapping_add(i * QW + c * LANES)));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let br = bcast(b.wrapping_add(r * rs + i * is));
                 for c in 0..NQ {
@@ -340,7 +424,14 @@ mod imp {
     /// also raise the running maximum `mx`, straight from the registers.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn qk(qt: *const f32, d: usize, k: *const f32, s: *mut f32, real: usize, mx: &mut [__m512; NQ]) {
+    unsafe fn qk(
+        qt: *const f32,
+        d: usize,
+        k: *const f32,
+        s: *mut f32,
+        real: usize,
+        mx: &mut [__m512; NQ],
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NQ]; KB];
         fma_rows(&mut acc, qt, d, k, d, 1);
         for (j, acc) in acc.iter().enumerate() {
@@ -357,7 +448,14 @@ mod imp {
     /// (`p` `[keys][QW]`, `v` row stride `vs`, `o` `[ND][QW]`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn pv<const ND: usize>(p: *const f32, keys: usize, v: *const f32, vs: usize, o: *mut f32, alpha: &[__m512; NQ]) {
+    unsafe fn pv<const ND: usize>(
+        p: *const f32,
+        keys: usize,
+        v: *const f32,
+        vs: usize,
+        o: *mut f32,
+        alpha: &[__m512; NQ],
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NQ]; ND];
         for (e, acc) in acc.iter_mut().enumerate() {
             for (c, a) in acc.iter_mut().enumerate() {

@@ -23,7 +23,9 @@ fn gate_tile_body(tile: &[f32], bias: &[f32], gated: &mut [f32]) {
     let (bh, bg) = bias[..32].split_at(16);
     for (t, g) in tile.chunks_exact(32).zip(gated.chunks_exact_mut(16)) {
         let (h, gt) = t.split_at(16);
-        for ((o, (&h, &gv)), (&bh, &bg)) in g.iter_mut().zip(h.iter().zip(gt)).zip(bh.iter().zip(bg)) {
+        for ((o, (&h, &gv)), (&bh, &bg)) in
+            g.iter_mut().zip(h.iter().zip(gt)).zip(bh.iter().zip(bg))
+        {
             *o = (h + bh) * gelu_erf(gv + bg);
         }
     }
@@ -53,7 +55,9 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     *shape.last_mut().expect("rank >= 1") = inner;
     let xv = F32View::new(&x)?;
     let mut dst = vec![0f32; x.elem_count() / 2];
-    dst.par_chunks_mut(inner).zip(xv.slice().par_chunks(two)).for_each(|(d, s)| gate_row(s, d));
+    dst.par_chunks_mut(inner)
+        .zip(xv.slice().par_chunks(two))
+        .for_each(|(d, s)| gate_row(s, d));
     output(dst, shape)
 }
 
@@ -66,7 +70,9 @@ mod tests {
     #[test]
     fn geglu_matches_candle_ops() {
         let x = (rand(&[2, 3, 10], 1) * 3.0).unwrap();
-        let want = (x.narrow(D::Minus1, 0, 5).unwrap() * x.narrow(D::Minus1, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
+        let want = (x.narrow(D::Minus1, 0, 5).unwrap()
+            * x.narrow(D::Minus1, 5, 5).unwrap().gelu_erf().unwrap())
+        .unwrap();
         assert!(max_abs(&geglu(&x).unwrap(), &want) < 1e-5);
     }
 }

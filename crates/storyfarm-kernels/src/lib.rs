@@ -20,7 +20,9 @@ pub use adain::{restyle, token_mean_std};
 pub use attention::{attention, ExtraBlock};
 pub use conv::{conv2d, conv2d_packed};
 pub use geglu::geglu;
-pub use matmul::{linear, linear_from_channels, linear_geglu, linear_packed, linear_to_channels, PackedWeight};
+pub use matmul::{
+    linear, linear_from_channels, linear_geglu, linear_packed, linear_to_channels, PackedWeight,
+};
 pub use norm::{group_norm_apply, group_norm_stats};
 pub use view::supported;
 
@@ -47,6 +49,15 @@ pub(crate) mod test_util {
 
     pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 }

@@ -36,11 +36,15 @@ pub(crate) unsafe fn gemm(
     parallel: bool,
 ) {
     #[cfg(feature = "openblas")]
-    if openblas::sgemm(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel) {
+    if openblas::sgemm(
+        m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
+    ) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel) {
+    if crate::sgemm::sgemm(
+        m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
+    ) {
         return;
     }
     let par = if parallel && rayon::current_num_threads() > 1 {
@@ -96,7 +100,11 @@ mod openblas {
 
     /// (transpose flag, leading dimension) of a `rows x cols` operand, if BLAS can address it.
     fn layout(mat: Mat, rows: usize, cols: usize) -> Option<(c_int, c_int)> {
-        let ld = |v: isize, min: usize| c_int::try_from(v).ok().filter(|&l| l as usize >= min.max(1));
+        let ld = |v: isize, min: usize| {
+            c_int::try_from(v)
+                .ok()
+                .filter(|&l| l as usize >= min.max(1))
+        };
         if mat.cs == 1 {
             ld(mat.rs, cols).map(|l| (NO_TRANS, l))
         } else if mat.rs == 1 {
@@ -151,10 +159,22 @@ mod openblas {
         let call = |m0: usize, rows: usize, n0: usize, cols: usize| {
             // SAFETY: a sub-block of the caller's operands; blocks write disjoint outputs.
             unsafe {
-                cblas_sgemm(ROW_MAJOR, ta, tb, rows as c_int, cols as c_int, k as c_int, scale,
-                    lhs.ptr.offset(m0 as isize * lhs.rs), lda,
-                    rhs.ptr.offset(n0 as isize * rhs.cs), ldb, beta,
-                    dst.offset(m0 as isize * dst_rs + n0 as isize), ldc);
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    ta,
+                    tb,
+                    rows as c_int,
+                    cols as c_int,
+                    k as c_int,
+                    scale,
+                    lhs.ptr.offset(m0 as isize * lhs.rs),
+                    lda,
+                    rhs.ptr.offset(n0 as isize * rhs.cs),
+                    ldb,
+                    beta,
+                    dst.offset(m0 as isize * dst_rs + n0 as isize),
+                    ldc,
+                );
             }
         };
         let threads = rayon::current_num_threads();
@@ -168,7 +188,11 @@ mod openblas {
         (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
             let (s0, sl) = (i * step, step.min(len - i * step));
             let call = call.get();
-            if split_m { call(s0, sl, 0, n) } else { call(0, m, s0, sl) }
+            if split_m {
+                call(s0, sl, 0, n)
+            } else {
+                call(0, m, s0, sl)
+            }
         });
         true
     }
@@ -197,7 +221,11 @@ pub struct PackedWeight {
 fn geglu_order(n: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |q| {
         let (p, l) = (q / 32, q % 32);
-        if l < 16 { 16 * p + l } else { n / 2 + 16 * p + l - 16 }
+        if l < 16 {
+            16 * p + l
+        } else {
+            n / 2 + 16 * p + l - 16
+        }
     })
 }
 
@@ -217,8 +245,24 @@ impl PackedWeight {
             let k = cin * kh * kw;
             let v = F32View::new(weight)?;
             // SAFETY: a contiguous [cout, k] matrix.
-            let data = unsafe { crate::sgemm::pack_lhs_all(Mat { ptr: v.slice().as_ptr(), rs: k as isize, cs: 1 }, cout, k) };
-            return Ok(Some(Self { data, dims: (cout, k), shape: weight.dims().to_vec(), lhs: true, geglu: false }));
+            let data = unsafe {
+                crate::sgemm::pack_lhs_all(
+                    Mat {
+                        ptr: v.slice().as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    cout,
+                    k,
+                )
+            };
+            return Ok(Some(Self {
+                data,
+                dims: (cout, k),
+                shape: weight.dims().to_vec(),
+                lhs: true,
+                geglu: false,
+            }));
         }
         let _ = weight;
         Ok(None)
@@ -231,8 +275,24 @@ impl PackedWeight {
             let (out_f, inp) = weight.dims2()?;
             let v = F32View::new(weight)?;
             // SAFETY: W^T of a contiguous [out, in] matrix.
-            let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: v.slice().as_ptr(), rs: 1, cs: inp as isize }, inp, out_f) };
-            return Ok(Some(Self { data, dims: (inp, out_f), shape: weight.dims().to_vec(), lhs: false, geglu: false }));
+            let data = unsafe {
+                crate::sgemm::pack_rhs_all(
+                    Mat {
+                        ptr: v.slice().as_ptr(),
+                        rs: 1,
+                        cs: inp as isize,
+                    },
+                    inp,
+                    out_f,
+                )
+            };
+            return Ok(Some(Self {
+                data,
+                dims: (inp, out_f),
+                shape: weight.dims().to_vec(),
+                lhs: false,
+                geglu: false,
+            }));
         }
         let _ = weight;
         Ok(None)
@@ -253,8 +313,24 @@ impl PackedWeight {
                     dst.copy_from_slice(&w[src * inp..][..inp]);
                 }
                 // SAFETY: W^T of the [two, in] matrix above.
-                let data = unsafe { crate::sgemm::pack_rhs_all(Mat { ptr: permuted.as_ptr(), rs: 1, cs: inp as isize }, inp, two) };
-                return Ok(Some(Self { data, dims: (inp, two), shape: weight.dims().to_vec(), lhs: false, geglu: true }));
+                let data = unsafe {
+                    crate::sgemm::pack_rhs_all(
+                        Mat {
+                            ptr: permuted.as_ptr(),
+                            rs: 1,
+                            cs: inp as isize,
+                        },
+                        inp,
+                        two,
+                    )
+                };
+                return Ok(Some(Self {
+                    data,
+                    dims: (inp, two),
+                    shape: weight.dims().to_vec(),
+                    lhs: false,
+                    geglu: true,
+                }));
             }
         }
         let _ = weight;
@@ -286,7 +362,11 @@ impl PackedWeight {
             Tensor::from_vec(data, self.shape.as_slice(), &candle_core::Device::Cpu)
         }
         #[cfg(not(all(target_arch = "x86_64", not(feature = "openblas"))))]
-        bail!("packed weights {:?} {}: not built in this configuration", self.shape, self.lhs)
+        bail!(
+            "packed weights {:?} {}: not built in this configuration",
+            self.shape,
+            self.lhs
+        )
     }
 
     /// The packed data if it was packed for these product dimensions.
@@ -306,23 +386,25 @@ pub(crate) fn prefill(
     residual: Option<&[f32]>,
 ) {
     let rows_per_task = (16384 / row_len.max(1)).max(1);
-    dst.par_chunks_mut(row_len * rows_per_task).enumerate().for_each(|(task, chunk)| {
-        for (i, row) in chunk.chunks_mut(row_len).enumerate() {
-            let r = task * rows_per_task + i;
-            match residual {
-                Some(res) => row.copy_from_slice(&res[r * row_len..][..row_len]),
-                None => row.fill(0.0),
-            }
-            match bias {
-                Some(b) if bias_per_row => {
-                    let v = b[r % b.len()];
-                    row.iter_mut().for_each(|x| *x += v);
+    dst.par_chunks_mut(row_len * rows_per_task)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (i, row) in chunk.chunks_mut(row_len).enumerate() {
+                let r = task * rows_per_task + i;
+                match residual {
+                    Some(res) => row.copy_from_slice(&res[r * row_len..][..row_len]),
+                    None => row.fill(0.0),
                 }
-                Some(b) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
-                None => {}
+                match bias {
+                    Some(b) if bias_per_row => {
+                        let v = b[r % b.len()];
+                        row.iter_mut().for_each(|x| *x += v);
+                    }
+                    Some(b) => row.iter_mut().zip(b).for_each(|(x, v)| *x += v),
+                    None => {}
+                }
             }
-        }
-    });
+        });
 }
 
 fn dims_of(x: &Tensor) -> (usize, usize) {
@@ -359,8 +441,16 @@ pub fn linear(
             out_f as isize,
             1,
             true,
-            Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 },
-            Mat { ptr: w.slice().as_ptr(), rs: 1, cs: inp as isize },
+            Mat {
+                ptr: xv.slice().as_ptr(),
+                rs: inp as isize,
+                cs: 1,
+            },
+            Mat {
+                ptr: w.slice().as_ptr(),
+                rs: 1,
+                cs: inp as isize,
+            },
             1.0,
             true,
         );
@@ -378,7 +468,10 @@ pub fn linear_packed(
     let x = x.contiguous()?;
     let (rows, inp) = dims_of(&x);
     let &[out_f, w_in] = packed.dims() else {
-        bail!("linear_packed: weight {:?} is not a linear weight", packed.dims());
+        bail!(
+            "linear_packed: weight {:?} is not a linear weight",
+            packed.dims()
+        );
     };
     if w_in != inp {
         bail!("linear: input has {inp} features, weight expects {w_in}");
@@ -387,10 +480,27 @@ pub fn linear_packed(
     if let Some(p) = packed.for_dims((inp, out_f)) {
         use crate::sgemm::{sgemm_ops, Lhs, Rhs};
         let xv = F32View::new(&x)?;
-        let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
+        let xm = Mat {
+            ptr: xv.slice().as_ptr(),
+            rs: inp as isize,
+            cs: 1,
+        };
         let mut dst = linear_prefill(&x, out_f, bias, residual)?;
         // SAFETY: [rows, in] x [in, out] into the owned buffer.
-        if unsafe { sgemm_ops(rows, out_f, inp, dst.as_mut_ptr(), out_f as isize, true, Lhs::Mat(xm), Rhs::Packed(p), 1.0, true) } {
+        if unsafe {
+            sgemm_ops(
+                rows,
+                out_f,
+                inp,
+                dst.as_mut_ptr(),
+                out_f as isize,
+                true,
+                Lhs::Mat(xm),
+                Rhs::Packed(p),
+                1.0,
+                true,
+            )
+        } {
             return output(dst, linear_shape(&x, out_f));
         }
     }
@@ -404,10 +514,16 @@ pub fn linear_geglu(x: &Tensor, packed: &PackedWeight, bias: Option<&Tensor>) ->
     let x = x.contiguous()?;
     let inp = dims_of(&x).1;
     let &[two, w_in] = packed.dims() else {
-        bail!("linear_geglu: weight {:?} is not a linear weight", packed.dims());
+        bail!(
+            "linear_geglu: weight {:?} is not a linear weight",
+            packed.dims()
+        );
     };
     if w_in != inp || !two.is_multiple_of(2) {
-        bail!("linear_geglu: input has {inp} features, weight {:?}", packed.dims());
+        bail!(
+            "linear_geglu: input has {inp} features, weight {:?}",
+            packed.dims()
+        );
     }
     #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
     if packed.geglu && packed.dims == (inp, two) {
@@ -418,14 +534,22 @@ pub fn linear_geglu(x: &Tensor, packed: &PackedWeight, bias: Option<&Tensor>) ->
             if bv.slice().len() != two {
                 bail!("linear_geglu: bias {:?} for {two} outputs", bias.dims());
             }
-            b.iter_mut().zip(geglu_order(two)).for_each(|(o, src)| *o = bv.slice()[src]);
+            b.iter_mut()
+                .zip(geglu_order(two))
+                .for_each(|(o, src)| *o = bv.slice()[src]);
         }
         let xv = F32View::new(&x)?;
         let rows = dims_of(&x).0;
         let mut dst = vec![0f32; rows * two / 2];
-        let xm = Mat { ptr: xv.slice().as_ptr(), rs: inp as isize, cs: 1 };
+        let xm = Mat {
+            ptr: xv.slice().as_ptr(),
+            rs: inp as isize,
+            cs: 1,
+        };
         // SAFETY: [rows, in] x [in, two] gated into the owned [rows, two / 2] buffer.
-        if unsafe { crate::sgemm::sgemm_geglu(rows, two, inp, dst.as_mut_ptr(), xm, &packed.data, &b, true) } {
+        if unsafe {
+            crate::sgemm::sgemm_geglu(rows, two, inp, dst.as_mut_ptr(), xm, &packed.data, &b, true)
+        } {
             return output(dst, linear_shape(&x, two / 2));
         }
     }
@@ -433,7 +557,12 @@ pub fn linear_geglu(x: &Tensor, packed: &PackedWeight, bias: Option<&Tensor>) ->
 }
 
 /// The output of `x W^T` for `out_f` features, prefilled with bias and residual.
-fn linear_prefill(x: &Tensor, out_f: usize, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Vec<f32>> {
+fn linear_prefill(
+    x: &Tensor,
+    out_f: usize,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Vec<f32>> {
     let mut dst = vec![0f32; dims_of(x).0 * out_f];
     with_bias_residual(bias, residual, |b, r| {
         prefill(&mut dst, out_f, b, false, r);
@@ -455,7 +584,10 @@ pub fn linear_from_channels(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
     let (b, c, h, w) = x.dims4()?;
     let out_f = weight.dim(0)?;
     if weight.elem_count() != out_f * c {
-        bail!("linear_from_channels: weight {:?} for {c} channels", weight.dims());
+        bail!(
+            "linear_from_channels: weight {:?} for {c} channels",
+            weight.dims()
+        );
     }
     let hw = h * w;
     let weight = weight.contiguous()?;
@@ -477,8 +609,16 @@ pub fn linear_from_channels(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
                 out_f as isize,
                 1,
                 true,
-                Mat { ptr: xv.slice().as_ptr().add(item * c * hw), rs: 1, cs: hw as isize },
-                Mat { ptr: wv.slice().as_ptr(), rs: 1, cs: c as isize },
+                Mat {
+                    ptr: xv.slice().as_ptr().add(item * c * hw),
+                    rs: 1,
+                    cs: hw as isize,
+                },
+                Mat {
+                    ptr: wv.slice().as_ptr(),
+                    rs: 1,
+                    cs: c as isize,
+                },
                 1.0,
                 true,
             );
@@ -501,7 +641,11 @@ pub fn linear_to_channels(
     let (b, n, c) = tokens.dims3()?;
     let out_f = weight.dim(0)?;
     if n != height * width || weight.elem_count() != out_f * c {
-        bail!("linear_to_channels: tokens {:?}, weight {:?}", tokens.dims(), weight.dims());
+        bail!(
+            "linear_to_channels: tokens {:?}, weight {:?}",
+            tokens.dims(),
+            weight.dims()
+        );
     }
     let weight = weight.contiguous()?;
     let wv = F32View::new(&weight)?;
@@ -522,8 +666,16 @@ pub fn linear_to_channels(
                 n as isize,
                 1,
                 true,
-                Mat { ptr: wv.slice().as_ptr(), rs: c as isize, cs: 1 },
-                Mat { ptr: tv.slice().as_ptr().add(item * n * c), rs: 1, cs: c as isize },
+                Mat {
+                    ptr: wv.slice().as_ptr(),
+                    rs: c as isize,
+                    cs: 1,
+                },
+                Mat {
+                    ptr: tv.slice().as_ptr().add(item * n * c),
+                    rs: 1,
+                    cs: c as isize,
+                },
                 1.0,
                 true,
             );
@@ -542,7 +694,10 @@ pub(crate) fn with_bias_residual<R>(
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     let bv = bias.as_ref().map(F32View::new).transpose()?;
     let rv = residual.as_ref().map(F32View::new).transpose()?;
-    f(bv.as_ref().map(|v| v.slice()), rv.as_ref().map(|v| v.slice()))
+    f(
+        bv.as_ref().map(|v| v.slice()),
+        rv.as_ref().map(|v| v.slice()),
+    )
 }
 
 #[cfg(test)]
@@ -557,9 +712,15 @@ mod tests {
         let w = rand(&[5, 12], 2);
         let b = rand(&[5], 3);
         let r = rand(&[2, 7, 5], 4);
-        let want = (candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap() + &r).unwrap();
+        let want = (candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap()
+            + &r)
+            .unwrap();
         assert!(max_abs(&linear(&x, &w, Some(&b), Some(&r)).unwrap(), &want) < 1e-5);
-        let want = x.matmul(&w.t().unwrap().broadcast_left(2).unwrap()).unwrap();
+        let want = x
+            .matmul(&w.t().unwrap().broadcast_left(2).unwrap())
+            .unwrap();
         assert!(max_abs(&linear(&x, &w, None, None).unwrap(), &want) < 1e-5);
     }
 
@@ -571,8 +732,14 @@ mod tests {
             let w = rand(&[out, inp], 12);
             let b = rand(&[out], 13);
             let r = rand(&[2, rows, out], 14);
-            let want = (candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap() + &r).unwrap();
-            let Some(packed) = PackedWeight::linear(&w).unwrap() else { return };
+            let want = (candle_nn::Linear::new(w.clone(), Some(b.clone()))
+                .forward(&x)
+                .unwrap()
+                + &r)
+                .unwrap();
+            let Some(packed) = PackedWeight::linear(&w).unwrap() else {
+                return;
+            };
             assert_eq!(max_abs(&packed.unpack().unwrap(), &w), 0.0);
             let got = linear_packed(&x, &packed, Some(&b), Some(&r)).unwrap();
             let err = max_abs(&got, &want);
@@ -587,7 +754,9 @@ mod tests {
             let w = rand(&[2 * inner, inp], 22);
             let b = rand(&[2 * inner], 23);
             let want = crate::geglu(&linear(&x, &w, Some(&b), None).unwrap()).unwrap();
-            let Some(packed) = PackedWeight::geglu(&w).unwrap() else { return };
+            let Some(packed) = PackedWeight::geglu(&w).unwrap() else {
+                return;
+            };
             assert_eq!(max_abs(&packed.unpack().unwrap(), &w), 0.0);
             let err = max_abs(&linear_geglu(&x, &packed, Some(&b)).unwrap(), &want);
             assert!(err < 1e-4, "{rows}x{inp}->{inner}: {err}");
@@ -600,14 +769,24 @@ mod tests {
         let x = rand(&[b, c, h, w], 5);
         let wt = rand(&[o, c, 1, 1], 6);
         let bias = rand(&[o], 7);
-        let tokens = x.permute((0, 2, 3, 1)).unwrap().reshape((b, h * w, c)).unwrap();
+        let tokens = x
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape((b, h * w, c))
+            .unwrap();
         let lin = candle_nn::Linear::new(wt.reshape((o, c)).unwrap(), Some(bias.clone()));
         let want = lin.forward(&tokens).unwrap();
         assert!(max_abs(&linear_from_channels(&x, &wt, Some(&bias)).unwrap(), &want) < 1e-5);
 
         let t = rand(&[b, h * w, c], 8);
         let res = rand(&[b, o, h, w], 9);
-        let want = lin.forward(&t).unwrap().reshape((b, h, w, o)).unwrap().permute((0, 3, 1, 2)).unwrap();
+        let want = lin
+            .forward(&t)
+            .unwrap()
+            .reshape((b, h, w, o))
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
         let want = (want + &res).unwrap();
         let got = linear_to_channels(&t, &wt, Some(&bias), Some(&res), h, w).unwrap();
         assert!(max_abs(&got, &want) < 1e-5);

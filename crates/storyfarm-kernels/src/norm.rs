@@ -87,11 +87,18 @@ pub fn group_norm_apply(
     let x = x.contiguous()?;
     let (b, c) = (x.dim(0)?, x.dim(1)?);
     if groups == 0 || c % groups != 0 || mean.len() != b * groups || var.len() != b * groups {
-        bail!("group_norm: {c} channels, {groups} groups, {} statistics", mean.len());
+        bail!(
+            "group_norm: {c} channels, {groups} groups, {} statistics",
+            mean.len()
+        );
     }
     let spatial = x.elem_count() / (b * c);
     let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
-    let (wv, bv, xv) = (F32View::new(&weight)?, F32View::new(&bias)?, F32View::new(&x)?);
+    let (wv, bv, xv) = (
+        F32View::new(&weight)?,
+        F32View::new(&bias)?,
+        F32View::new(&x)?,
+    );
     let (w, bs) = (wv.slice(), bv.slice());
     if w.len() != c || bs.len() != c {
         bail!("group_norm: affine of {} for {c} channels", w.len());
@@ -100,19 +107,22 @@ pub fn group_norm_apply(
     let out = SendPtr(dst.as_mut_ptr());
     let per_group = c / groups;
     // One task per (item, channel) plane; planes are disjoint in `dst`.
-    xv.slice().par_chunks(spatial.max(1)).enumerate().for_each(|(plane, src)| {
-        let (item, ch) = (plane / c, plane % c);
-        let stat = item * groups + ch / per_group;
-        let inv = 1.0 / ((var[stat] as f64 + eps).sqrt() as f32);
-        let a = w[ch] * inv;
-        let shift = bs[ch] - mean[stat] * a;
-        // Rebinding captures the whole `Send` wrapper rather than its raw-pointer field.
-        #[allow(clippy::redundant_locals)]
-        let out = out;
-        // SAFETY: plane `plane` of `dst`, written by this task only.
-        let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(plane * spatial), spatial) };
-        affine(src, d, a, shift, silu);
-    });
+    xv.slice()
+        .par_chunks(spatial.max(1))
+        .enumerate()
+        .for_each(|(plane, src)| {
+            let (item, ch) = (plane / c, plane % c);
+            let stat = item * groups + ch / per_group;
+            let inv = 1.0 / ((var[stat] as f64 + eps).sqrt() as f32);
+            let a = w[ch] * inv;
+            let shift = bs[ch] - mean[stat] * a;
+            // Rebinding captures the whole `Send` wrapper rather than its raw-pointer field.
+            #[allow(clippy::redundant_locals)]
+            let out = out;
+            // SAFETY: plane `plane` of `dst`, written by this task only.
+            let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(plane * spatial), spatial) };
+            affine(src, d, a, shift, silu);
+        });
     output(dst, x.dims())
 }
 
@@ -133,10 +143,14 @@ mod tests {
         let centered = grouped.broadcast_sub(&mean).unwrap();
         let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         let want = centered
-            .broadcast_div(&(var.clone() + 1e-5).unwrap().sqrt().unwrap()).unwrap()
-            .reshape((b, c, h, w)).unwrap()
-            .broadcast_mul(&weight.reshape((1, c, 1, 1)).unwrap()).unwrap()
-            .broadcast_add(&bias.reshape((1, c, 1, 1)).unwrap()).unwrap();
+            .broadcast_div(&(var.clone() + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((b, c, h, w))
+            .unwrap()
+            .broadcast_mul(&weight.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
         let (m, v) = group_norm_stats(&x, g).unwrap();
         let want_m: Vec<f32> = mean.flatten_all().unwrap().to_vec1().unwrap();
         let want_v: Vec<f32> = var.flatten_all().unwrap().to_vec1().unwrap();

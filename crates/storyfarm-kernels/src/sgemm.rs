@@ -9,7 +9,9 @@
 pub(crate) use imp::{sgemm, sgemm_ops, Lhs, Rhs};
 // The `openblas` build keeps weights unpacked (OpenBLAS takes the products).
 #[cfg(all(target_arch = "x86_64", not(feature = "openblas")))]
-pub(crate) use imp::{available, pack_lhs_all, pack_rhs_all, sgemm_geglu, unpack_lhs_all, unpack_rhs_all};
+pub(crate) use imp::{
+    available, pack_lhs_all, pack_rhs_all, sgemm_geglu, unpack_lhs_all, unpack_rhs_all,
+};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -96,7 +98,14 @@ mod imp {
             let kc = kb.min(k - pc);
             for r in 0..rp {
                 let i0 = r * MR;
-                pack_lhs(&mut out[pc * rp * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+                pack_lhs(
+                    &mut out[pc * rp * MR + r * kc * MR..][..kc * MR],
+                    lhs,
+                    i0,
+                    MR.min(m - i0),
+                    pc,
+                    kc,
+                );
             }
         }
         out
@@ -114,7 +123,14 @@ mod imp {
             let kc = kb.min(k - pc);
             for p in 0..np {
                 let j0 = p * NR;
-                pack_rhs(&mut out[pc * np * NR + p * kc * NR..][..kc * NR], rhs, pc, kc, j0, NR.min(n - j0));
+                pack_rhs(
+                    &mut out[pc * np * NR + p * kc * NR..][..kc * NR],
+                    rhs,
+                    pc,
+                    kc,
+                    j0,
+                    NR.min(n - j0),
+                );
             }
         }
         out
@@ -176,7 +192,18 @@ mod imp {
         if dst_cs != 1 || m * n * k < MIN_MACS {
             return false;
         }
-        sgemm_ops(m, n, k, dst, dst_rs, accumulate, Lhs::Mat(lhs), Rhs::Mat(rhs), scale, parallel)
+        sgemm_ops(
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            Lhs::Mat(lhs),
+            Rhs::Mat(rhs),
+            scale,
+            parallel,
+        )
     }
 
     /// [`sgemm`] for any operand source and size; `false` (nothing written) when the CPU lacks
@@ -201,7 +228,11 @@ mod imp {
         if dst_rs < n as isize || k == 0 || m == 0 || n == 0 || !available() {
             return false;
         }
-        let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let threads = if parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
         // Row blocks of at most MC rows, as many as a multiple of the thread count so no
         // thread idles through the last round.
         let blocks = m.div_ceil(MC).next_multiple_of(threads);
@@ -224,7 +255,14 @@ mod imp {
                             let kc = kb.min(k - pc);
                             for r in 0..rpanels {
                                 let i0 = ic + r * MR;
-                                pack_lhs(&mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+                                pack_lhs(
+                                    &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
+                                    lhs,
+                                    i0,
+                                    MR.min(m - i0),
+                                    pc,
+                                    kc,
+                                );
                             }
                         }
                         (&apack[..rpanels * MR * k], rpanels, 0)
@@ -267,7 +305,9 @@ mod imp {
             for pc in (0..k).step_by(kb) {
                 let kc = kb.min(k - pc);
                 let bp: &[f32] = match ops.rhs() {
-                    Rhs::Packed(all) => &all[pc * panels_all * NR + jc / NR * kc * NR..][..panels * kc * NR],
+                    Rhs::Packed(all) => {
+                        &all[pc * panels_all * NR + jc / NR * kc * NR..][..panels * kc * NR]
+                    }
                     Rhs::Mat(_) | Rhs::Fill(_) => {
                         // Every element a kernel reads is rewritten below, so the buffer is
                         // only zeroed when it grows.
@@ -297,7 +337,9 @@ mod imp {
                     let mcur = mc.min(m - ic);
                     let rpanels = mcur.div_ceil(MR);
                     let ap: &[f32] = match ops.lhs() {
-                        Lhs::Packed(all) => &all[pc * rpanels_all * MR + ic / MR * kc * MR..][..rpanels * kc * MR],
+                        Lhs::Packed(all) => {
+                            &all[pc * rpanels_all * MR + ic / MR * kc * MR..][..rpanels * kc * MR]
+                        }
                         Lhs::Mat(lhs) => {
                             if apack.len() < rpanels * kc * MR {
                                 apack.resize(rpanels * kc * MR, 0.0);
@@ -357,7 +399,11 @@ mod imp {
         if k == 0 || m == 0 || !n.is_multiple_of(NR) || bias.len() != n || !available() {
             return false;
         }
-        let threads = if parallel { rayon::current_num_threads().max(1) } else { 1 };
+        let threads = if parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
         let blocks = m.div_ceil(MC).next_multiple_of(threads);
         let mc = m.div_ceil(blocks).next_multiple_of(MR).max(MR);
         let (panels, kb, ldd) = (n / NR, k_block(k), n / 2);
@@ -372,7 +418,14 @@ mod imp {
                 let kc = kb.min(k - pc);
                 for r in 0..rpanels {
                     let i0 = ic + r * MR;
-                    pack_lhs(&mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR], lhs, i0, MR.min(m - i0), pc, kc);
+                    pack_lhs(
+                        &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
+                        lhs,
+                        i0,
+                        MR.min(m - i0),
+                        pc,
+                        kc,
+                    );
                 }
             }
             let mut tile = [0f32; MR * NR];
@@ -388,9 +441,16 @@ mod imp {
                         // SAFETY: the CPU has AVX-512F; the tile is local.
                         kernel(kc, a, b, tile.as_mut_ptr(), NR, 1.0, pc == 0);
                     }
-                    crate::geglu::gate_tile_avx512(&tile[..rows * NR], &bias[p * NR..][..NR], &mut gated[..rows * NR / 2]);
+                    crate::geglu::gate_tile_avx512(
+                        &tile[..rows * NR],
+                        &bias[p * NR..][..NR],
+                        &mut gated[..rows * NR / 2],
+                    );
                     for i in 0..rows {
-                        let row = std::slice::from_raw_parts_mut(dst.get().add((i0 + i) * ldd + p * NR / 2), NR / 2);
+                        let row = std::slice::from_raw_parts_mut(
+                            dst.get().add((i0 + i) * ldd + p * NR / 2),
+                            NR / 2,
+                        );
                         row.copy_from_slice(&gated[i * NR / 2..][..NR / 2]);
                     }
                 }
@@ -401,10 +461,17 @@ mod imp {
 
     /// Runs `block(ic, scratch)` for every row block start, across threads when there are
     /// several.
-    fn by_row_blocks(threads: usize, m: usize, mc: usize, block: impl Fn(usize, &mut Vec<f32>) + Send + Sync) {
+    fn by_row_blocks(
+        threads: usize,
+        m: usize,
+        mc: usize,
+        block: impl Fn(usize, &mut Vec<f32>) + Send + Sync,
+    ) {
         let starts: Vec<usize> = (0..m).step_by(mc).collect();
         if threads > 1 && starts.len() > 1 {
-            starts.into_par_iter().for_each_init(Vec::new, |ap, ic| block(ic, ap));
+            starts
+                .into_par_iter()
+                .for_each_init(Vec::new, |ap, ic| block(ic, ap));
         } else {
             let mut ap = Vec::new();
             starts.into_iter().for_each(|ic| block(ic, &mut ap));
@@ -415,7 +482,14 @@ mod imp {
     ///
     /// # Safety
     /// `c` must be valid for `rows` rows of `cols` floats at stride `ldc`.
-    unsafe fn store_tile(tile: &[f32; MR * NR], c: *mut f32, ldc: usize, rows: usize, cols: usize, overwrite: bool) {
+    unsafe fn store_tile(
+        tile: &[f32; MR * NR],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        overwrite: bool,
+    ) {
         for i in 0..rows {
             let row = std::slice::from_raw_parts_mut(c.add(i * ldc), cols);
             let t = &tile[i * NR..][..cols];
@@ -429,7 +503,10 @@ mod imp {
 
     /// `panel[kk][r] = lhs[i0 + r][pc + kk]` for `rows` rows (zeros after).
     unsafe fn pack_lhs(panel: &mut [f32], lhs: Mat, i0: usize, rows: usize, pc: usize, kc: usize) {
-        let at = |r: usize| lhs.ptr.offset((i0 + r) as isize * lhs.rs + pc as isize * lhs.cs);
+        let at = |r: usize| {
+            lhs.ptr
+                .offset((i0 + r) as isize * lhs.rs + pc as isize * lhs.cs)
+        };
         if lhs.cs == 1 {
             // Rows are contiguous: transpose through a small block instead of scattering
             // single floats across the panel.
@@ -458,10 +535,16 @@ mod imp {
 
     /// `panel[kk][j] = rhs[pc + kk][j0 + j]` for `cols` columns (zeros after).
     unsafe fn pack_rhs(panel: &mut [f32], rhs: Mat, pc: usize, kc: usize, j0: usize, cols: usize) {
-        let at = |j: usize| rhs.ptr.offset(pc as isize * rhs.rs + (j0 + j) as isize * rhs.cs);
+        let at = |j: usize| {
+            rhs.ptr
+                .offset(pc as isize * rhs.rs + (j0 + j) as isize * rhs.cs)
+        };
         if rhs.cs == 1 {
             for kk in 0..kc {
-                let src = std::slice::from_raw_parts(rhs.ptr.offset((pc + kk) as isize * rhs.rs + j0 as isize), cols);
+                let src = std::slice::from_raw_parts(
+                    rhs.ptr.offset((pc + kk) as isize * rhs.rs + j0 as isize),
+                    cols,
+                );
                 panel[kk * NR..][..cols].copy_from_slice(src);
             }
         } else if rhs.rs == 1 {
@@ -501,7 +584,15 @@ mod imp {
     /// `c[12][32] = (overwrite ? 0 : c) + scale * a b` for packed `a` `[kc][12]` and `b`
     /// `[kc][32]`, `c` row stride `ldc`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, scale: f32, overwrite: bool) {
+    unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        scale: f32,
+        overwrite: bool,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
@@ -520,7 +611,11 @@ mod imp {
             for (h, &v) in acc.iter().enumerate() {
                 let p = c.wrapping_add(r * ldc + h * 16);
                 let v = if scale != 1.0 { _mm512_mul_ps(v, s) } else { v };
-                let v = if overwrite { v } else { _mm512_add_ps(_mm512_maskz_loadu_ps(!0, p), v) };
+                let v = if overwrite {
+                    v
+                } else {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(!0, p), v)
+                };
                 _mm512_mask_storeu_ps(p, !0, v);
             }
         }
@@ -542,15 +637,57 @@ mod tests {
             (300, 33, 90, false, true, true, 1.0),
             (64, 2100, 20, true, true, false, 1.0),
         ] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-            let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
             let c0: Vec<f32> = (0..m * n).map(|i| (i % 13) as f32).collect();
             // Transposed operands are stored the other way round.
-            let am = if ta { Mat { ptr: a.as_ptr(), rs: 1, cs: m as isize } } else { Mat { ptr: a.as_ptr(), rs: k as isize, cs: 1 } };
-            let bm = if tb { Mat { ptr: b.as_ptr(), rs: 1, cs: k as isize } } else { Mat { ptr: b.as_ptr(), rs: n as isize, cs: 1 } };
+            let am = if ta {
+                Mat {
+                    ptr: a.as_ptr(),
+                    rs: 1,
+                    cs: m as isize,
+                }
+            } else {
+                Mat {
+                    ptr: a.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                }
+            };
+            let bm = if tb {
+                Mat {
+                    ptr: b.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                }
+            } else {
+                Mat {
+                    ptr: b.as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                }
+            };
             let mut c = c0.clone();
             // SAFETY: buffers sized for the strides above.
-            let done = unsafe { super::sgemm(m, n, k, c.as_mut_ptr(), n as isize, 1, acc, am, bm, scale, true) };
+            let done = unsafe {
+                super::sgemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    acc,
+                    am,
+                    bm,
+                    scale,
+                    true,
+                )
+            };
             assert!(done, "{m}x{n}x{k}");
             for i in 0..m {
                 for j in 0..n {
@@ -558,13 +695,19 @@ mod tests {
                     for p in 0..k {
                         // SAFETY: in bounds by construction.
                         let (x, y) = unsafe {
-                            (*am.ptr.offset(i as isize * am.rs + p as isize * am.cs), *bm.ptr.offset(p as isize * bm.rs + j as isize * bm.cs))
+                            (
+                                *am.ptr.offset(i as isize * am.rs + p as isize * am.cs),
+                                *bm.ptr.offset(p as isize * bm.rs + j as isize * bm.cs),
+                            )
                         };
                         s += x as f64 * y as f64;
                     }
                     let want = if acc { c0[i * n + j] as f64 } else { 0.0 } + scale as f64 * s;
                     let got = c[i * n + j] as f64;
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{m}x{n}x{k} ({i},{j}): {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                    );
                 }
             }
         }

@@ -95,9 +95,15 @@ mod tests {
         while x < 88.0 {
             let (got, want) = (exp(x), x.exp());
             // Below -87.3 the result is flushed to zero (e^-87.3 is ~1e-38).
-            assert!((got - want).abs() <= 4e-7 * want + 1.3e-38, "exp({x}) {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 4e-7 * want + 1.3e-38,
+                "exp({x}) {got} vs {want}"
+            );
             let s = x / (1.0 + (-x).exp());
-            assert!((silu(x) - s).abs() <= 1e-6 * s.abs().max(1e-30), "silu({x})");
+            assert!(
+                (silu(x) - s).abs() <= 1e-6 * s.abs().max(1e-30),
+                "silu({x})"
+            );
             x += 0.0137;
         }
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
@@ -105,7 +111,10 @@ mod tests {
         while x < 12.0 {
             let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / std::f64::consts::SQRT_2));
             let got = gelu_erf(x) as f64;
-            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "gelu({x}) {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "gelu({x}) {got} vs {want}"
+            );
             x += 0.0031;
         }
     }

@@ -6,7 +6,9 @@ use crate::Result;
 
 /// Whether the fused kernels can take these tensors (all f32 on the CPU).
 pub fn supported(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+    tensors
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
 }
 
 /// The f32 elements of a contiguous CPU tensor, in logical order.
@@ -21,7 +23,10 @@ impl<'a> F32View<'a> {
     pub fn new(t: &'a Tensor) -> Result<Self> {
         let (guard, layout) = t.storage_and_layout();
         let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("storyfarm-kernels: tensor of shape {:?} is not contiguous", t.dims())
+            bail!(
+                "storyfarm-kernels: tensor of shape {:?} is not contiguous",
+                t.dims()
+            )
         };
         match &*guard {
             Storage::Cpu(s) => {
@@ -29,12 +34,18 @@ impl<'a> F32View<'a> {
             }
             _ => bail!("storyfarm-kernels: tensor is not on the CPU"),
         }
-        Ok(Self { guard, start, len: end - start })
+        Ok(Self {
+            guard,
+            start,
+            len: end - start,
+        })
     }
 
     pub fn slice(&self) -> &[f32] {
         match &*self.guard {
-            Storage::Cpu(s) => &s.as_slice::<f32>().expect("checked in new")[self.start..][..self.len],
+            Storage::Cpu(s) => {
+                &s.as_slice::<f32>().expect("checked in new")[self.start..][..self.len]
+            }
             _ => unreachable!("checked in new"),
         }
     }

@@ -53,7 +53,11 @@ mod convert {
 
         #[test]
         fn style_options_round_trip() {
-            let o = StyleOptions { shared_score_shift: 0.69, share_group_norm: false, ..StyleOptions::default() };
+            let o = StyleOptions {
+                shared_score_shift: 0.69,
+                share_group_norm: false,
+                ..StyleOptions::default()
+            };
             assert_eq!(StyleOptions::from(StyleAlignedOptions::from(&o)), o);
         }
     }

@@ -56,7 +56,14 @@ fn spec() -> StoryboardSpec {
 async fn storyboard_of(store: &dyn MetadataStore, spec: StoryboardSpec) -> StoryboardId {
     let project = store.create_project("p").await.expect("create_project");
     store
-        .create_storyboard(project.id, "board", &StoredStoryboard { spec, reference_id: None })
+        .create_storyboard(
+            project.id,
+            "board",
+            &StoredStoryboard {
+                spec,
+                reference_id: None,
+            },
+        )
         .await
         .expect("create_storyboard")
         .id
@@ -67,7 +74,14 @@ async fn storyboard(store: &dyn MetadataStore) -> StoryboardId {
 }
 
 fn task(kind: TaskKind, frames: Vec<u32>) -> PlannedTask {
-    PlannedTask { id: TaskId::new(), kind, family: "sd".into(), max_attempts: 3, frames, payload: vec![1, 2, 3] }
+    PlannedTask {
+        id: TaskId::new(),
+        kind,
+        family: "sd".into(),
+        max_attempts: 3,
+        frames,
+        payload: vec![1, 2, 3],
+    }
 }
 
 /// A job of [`spec`]: frames 0 and 1 in the first render task, frame 2 in the second.
@@ -76,30 +90,58 @@ fn new_job(storyboard_id: StoryboardId, key: Option<&str>) -> NewJob {
         id: JobId::new(),
         storyboard_id,
         frames: spec().resolved_frames(),
-        inversion: key.map(|k| PlannedInversion { cache_key: k.into(), task: task(TaskKind::Invert, vec![]) }),
-        render_tasks: vec![task(TaskKind::Render, vec![0, 1]), task(TaskKind::Render, vec![2])],
+        inversion: key.map(|k| PlannedInversion {
+            cache_key: k.into(),
+            task: task(TaskKind::Invert, vec![]),
+        }),
+        render_tasks: vec![
+            task(TaskKind::Render, vec![0, 1]),
+            task(TaskKind::Render, vec![2]),
+        ],
     }
 }
 
 fn event(task_id: TaskId, attempt: u32, seq: u64, kind: TaskEventKind) -> TaskEventRecord {
-    TaskEventRecord { task_id, attempt, seq, worker_id: "w1".into(), kind }
+    TaskEventRecord {
+        task_id,
+        attempt,
+        seq,
+        worker_id: "w1".into(),
+        kind,
+    }
 }
 
-fn event_from(worker: &str, task_id: TaskId, attempt: u32, seq: u64, kind: TaskEventKind) -> TaskEventRecord {
-    TaskEventRecord { worker_id: worker.into(), ..event(task_id, attempt, seq, kind) }
+fn event_from(
+    worker: &str,
+    task_id: TaskId,
+    attempt: u32,
+    seq: u64,
+    kind: TaskEventKind,
+) -> TaskEventRecord {
+    TaskEventRecord {
+        worker_id: worker.into(),
+        ..event(task_id, attempt, seq, kind)
+    }
 }
 
 fn succeeded(frames: &[u32]) -> TaskEventKind {
     TaskEventKind::Succeeded {
         frames: frames
             .iter()
-            .map(|&i| FrameArtifacts { index: i, png_key: format!("png{i}"), latents_key: format!("lat{i}") })
+            .map(|&i| FrameArtifacts {
+                index: i,
+                png_key: format!("png{i}"),
+                latents_key: format!("lat{i}"),
+            })
             .collect(),
         trajectory_key: None,
     }
 }
 
-const FAST: RetryPolicy = RetryPolicy { base: Duration::from_millis(1), max: Duration::from_millis(1) };
+const FAST: RetryPolicy = RetryPolicy {
+    base: Duration::from_millis(1),
+    max: Duration::from_millis(1),
+};
 
 async fn publish_all(store: &dyn MetadataStore) -> Vec<OutboxMessage> {
     let out = store.pending_outbox(1000).await.expect("pending_outbox");
@@ -110,7 +152,15 @@ async fn publish_all(store: &dyn MetadataStore) -> Vec<OutboxMessage> {
 
 /// The tasks of the unpublished outbox rows, sorted (rows written by one statement have no order).
 async fn outbox_tasks(store: &dyn MetadataStore) -> Vec<TaskId> {
-    sorted(store.pending_outbox(1000).await.expect("pending_outbox").iter().map(|m| m.task_id).collect())
+    sorted(
+        store
+            .pending_outbox(1000)
+            .await
+            .expect("pending_outbox")
+            .iter()
+            .map(|m| m.task_id)
+            .collect(),
+    )
 }
 
 fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
@@ -143,35 +193,78 @@ pub async fn rows_read_back_as_written(store: Store) {
         created_at: chrono::Utc::now(),
     };
     let stored_reference = store.create_reference(&reference).await.unwrap();
-    assert_eq!(Reference { created_at: stored_reference.created_at, ..reference }, stored_reference);
-    assert_eq!(store.get_reference(stored_reference.id).await.unwrap(), stored_reference);
+    assert_eq!(
+        Reference {
+            created_at: stored_reference.created_at,
+            ..reference
+        },
+        stored_reference
+    );
+    assert_eq!(
+        store.get_reference(stored_reference.id).await.unwrap(),
+        stored_reference
+    );
 
     let spec = spec_with(3, u64::MAX - 1);
-    let stored = StoredStoryboard { spec: spec.clone(), reference_id: Some(stored_reference.id) };
-    let board = store.create_storyboard(project.id, "board", &stored).await.unwrap();
+    let stored = StoredStoryboard {
+        spec: spec.clone(),
+        reference_id: Some(stored_reference.id),
+    };
+    let board = store
+        .create_storyboard(project.id, "board", &stored)
+        .await
+        .unwrap();
     assert_eq!(store.get_storyboard(board.id).await.unwrap(), board);
     assert_eq!(board.stored, stored);
 
-    let planned = NewJob { frames: spec.resolved_frames(), ..new_job(board.id, None) };
+    let planned = NewJob {
+        frames: spec.resolved_frames(),
+        ..new_job(board.id, None)
+    };
     let job = store.submit_job(&planned).await.unwrap();
     assert_eq!(store.get_job(job.id).await.unwrap(), job);
     assert_eq!(
-        (job.state, job.frames_total, job.frames_succeeded, job.inversion_tasks, job.render_tasks, job.finished_at),
+        (
+            job.state,
+            job.frames_total,
+            job.frames_succeeded,
+            job.inversion_tasks,
+            job.render_tasks,
+            job.finished_at
+        ),
         (JobState::Queued, 3, 0, 0, 2, None)
     );
     assert_eq!(store.unfinished_jobs().await.unwrap(), vec![job.id]);
     let frames = store.list_frames(job.id).await.unwrap();
     let seeds: Vec<u64> = frames.iter().map(|f| f.seed).collect();
-    assert_eq!(seeds, vec![u64::MAX - 1, u64::MAX, 0], "seeds wrap like frame_seed and round-trip");
+    assert_eq!(
+        seeds,
+        vec![u64::MAX - 1, u64::MAX, 0],
+        "seeds wrap like frame_seed and round-trip"
+    );
     assert_eq!(frames[1].prompt, "frame 1");
     assert_eq!(frames[1].task_id, Some(planned.render_tasks[0].id));
     assert_eq!(frames[2].task_id, Some(planned.render_tasks[1].id));
-    assert!(frames.iter().all(|f| f.state == FrameState::Pending && f.attempts == 0 && f.finished_at.is_none()));
+    assert!(frames
+        .iter()
+        .all(|f| f.state == FrameState::Pending && f.attempts == 0 && f.finished_at.is_none()));
     let out = store.pending_outbox(100).await.unwrap();
-    let expected: Vec<(TaskId, u32, &str, &[u8])> =
-        planned.render_tasks.iter().map(|t| (t.id, 1, "sd", t.payload.as_slice())).collect();
-    let got: Vec<(TaskId, u32, &str, &[u8])> =
-        out.iter().map(|m| (m.task_id, m.attempt, m.family.as_str(), m.payload.as_slice())).collect();
+    let expected: Vec<(TaskId, u32, &str, &[u8])> = planned
+        .render_tasks
+        .iter()
+        .map(|t| (t.id, 1, "sd", t.payload.as_slice()))
+        .collect();
+    let got: Vec<(TaskId, u32, &str, &[u8])> = out
+        .iter()
+        .map(|m| {
+            (
+                m.task_id,
+                m.attempt,
+                m.family.as_str(),
+                m.payload.as_slice(),
+            )
+        })
+        .collect();
     assert_eq!(got, expected, "outbox rows in the order they were written");
     assert!(out[0].id < out[1].id);
     assert_eq!(store.pending_outbox(1).await.unwrap().len(), 1, "limit");
@@ -181,7 +274,13 @@ pub async fn rows_read_back_as_written(store: Store) {
 pub async fn not_found_and_references(store: Store) {
     let store = store.as_ref();
     let missing = ProjectId::new();
-    assert!(matches!(store.get_project(missing).await, Err(StoreError::NotFound { what: "project", .. })));
+    assert!(matches!(
+        store.get_project(missing).await,
+        Err(StoreError::NotFound {
+            what: "project",
+            ..
+        })
+    ));
     let reference = Reference {
         id: ReferenceId::new(),
         project_id: missing,
@@ -194,23 +293,80 @@ pub async fn not_found_and_references(store: Store) {
         created_at: chrono::Utc::now(),
     };
     let error = store.create_reference(&reference).await.unwrap_err();
-    assert!(matches!(error, StoreError::NotFound { what: "project", .. }), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            StoreError::NotFound {
+                what: "project",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     assert!(error.to_string().contains(&missing.to_string()), "{error}");
-    let stored = StoredStoryboard { spec: spec(), reference_id: None };
-    let error = store.create_storyboard(missing, "b", &stored).await.unwrap_err();
-    assert!(matches!(error, StoreError::NotFound { what: "project", .. }), "{error:?}");
+    let stored = StoredStoryboard {
+        spec: spec(),
+        reference_id: None,
+    };
+    let error = store
+        .create_storyboard(missing, "b", &stored)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::NotFound {
+                what: "project",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
     let project = store.create_project("p").await.unwrap();
-    let stored = store.create_reference(&Reference { project_id: project.id, ..reference.clone() }).await.unwrap();
+    let stored = store
+        .create_reference(&Reference {
+            project_id: project.id,
+            ..reference.clone()
+        })
+        .await
+        .unwrap();
     assert_eq!(store.get_reference(stored.id).await.unwrap().image_key, "k");
-    assert!(matches!(store.get_reference(ReferenceId::new()).await, Err(StoreError::NotFound { what: "reference", .. })));
-    assert!(matches!(store.get_storyboard(StoryboardId::new()).await, Err(StoreError::NotFound { what: "storyboard", .. })));
-    assert!(matches!(store.get_job(JobId::new()).await, Err(StoreError::NotFound { what: "job", .. })));
-    assert!(matches!(store.list_frames(JobId::new()).await, Err(StoreError::NotFound { what: "job", .. })));
-    assert!(matches!(store.cancel_job(JobId::new()).await, Err(StoreError::NotFound { what: "job", .. })));
+    assert!(matches!(
+        store.get_reference(ReferenceId::new()).await,
+        Err(StoreError::NotFound {
+            what: "reference",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.get_storyboard(StoryboardId::new()).await,
+        Err(StoreError::NotFound {
+            what: "storyboard",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.get_job(JobId::new()).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
+    assert!(matches!(
+        store.list_frames(JobId::new()).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
+    assert!(matches!(
+        store.cancel_job(JobId::new()).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
     let unknown_task = event(TaskId::new(), 1, 0, TaskEventKind::Started);
-    assert!(matches!(store.record_event(&unknown_task, &FAST).await, Err(StoreError::NotFound { what: "task", .. })));
+    assert!(matches!(
+        store.record_event(&unknown_task, &FAST).await,
+        Err(StoreError::NotFound { what: "task", .. })
+    ));
     // Not recorded either: the same event for a task that exists later would not be a duplicate.
-    assert!(matches!(store.record_event(&unknown_task, &FAST).await, Err(StoreError::NotFound { what: "task", .. })));
+    assert!(matches!(
+        store.record_event(&unknown_task, &FAST).await,
+        Err(StoreError::NotFound { what: "task", .. })
+    ));
     assert_eq!(store.list_projects().await.unwrap().len(), 1);
 }
 
@@ -220,12 +376,22 @@ pub async fn job_of_a_missing_storyboard_leaves_nothing(store: Store) {
     let planned = new_job(StoryboardId::new(), Some("key-orphan"));
     let error = store.submit_job(&planned).await.unwrap_err();
     assert!(!error.is_retryable(), "{error:?}");
-    assert!(matches!(store.get_job(planned.id).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.get_job(planned.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
     assert!(store.pending_outbox(100).await.unwrap().is_empty());
     assert!(store.unfinished_jobs().await.unwrap().is_empty());
     // The inversion claim was rolled back with the job: the next job claims it.
     let sb = storyboard(store).await;
-    assert_eq!(store.submit_job(&new_job(sb, Some("key-orphan"))).await.unwrap().inversion_tasks, 1);
+    assert_eq!(
+        store
+            .submit_job(&new_job(sb, Some("key-orphan")))
+            .await
+            .unwrap()
+            .inversion_tasks,
+        1
+    );
 }
 
 pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store) {
@@ -233,7 +399,10 @@ pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store
     let sb = storyboard(store).await;
     let first = new_job(sb, Some("key-1"));
     let job = store.submit_job(&first).await.unwrap();
-    assert_eq!((job.inversion_tasks, job.render_tasks, job.frames_total), (1, 2, 3));
+    assert_eq!(
+        (job.inversion_tasks, job.render_tasks, job.frames_total),
+        (1, 2, 3)
+    );
     // Only the inversion is dispatched; renders wait for it.
     let outbox = store.pending_outbox(100).await.unwrap();
     assert_eq!(outbox.len(), 1);
@@ -245,18 +414,46 @@ pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store
     let job2 = store.submit_job(&second).await.unwrap();
     assert_eq!(job2.inversion_tasks, 0);
     assert!(store.pending_outbox(100).await.unwrap().is_empty());
-    assert_eq!(store.inversion_trajectory("key-1").await.unwrap(), None, "pending is not ready");
+    assert_eq!(
+        store.inversion_trajectory("key-1").await.unwrap(),
+        None,
+        "pending is not ready"
+    );
 
     let inv = first.inversion.as_ref().unwrap().task.id;
-    store.record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
-    let done = TaskEventKind::Succeeded { frames: vec![], trajectory_key: Some("traj".into()) };
-    let affected = applied(store.record_event(&event(inv, 1, 1, done.clone()), &FAST).await.unwrap());
+    store
+        .record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let done = TaskEventKind::Succeeded {
+        frames: vec![],
+        trajectory_key: Some("traj".into()),
+    };
+    let affected = applied(
+        store
+            .record_event(&event(inv, 1, 1, done.clone()), &FAST)
+            .await
+            .unwrap(),
+    );
     assert_eq!(sorted(affected), sorted(vec![first.id, second.id]));
-    assert_eq!(store.inversion_trajectory("key-1").await.unwrap().as_deref(), Some("traj"));
+    assert_eq!(
+        store
+            .inversion_trajectory("key-1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("traj")
+    );
     // Both jobs' four render tasks are released.
     assert_eq!(store.pending_outbox(100).await.unwrap().len(), 4);
     // The same event again changes nothing.
-    assert_eq!(store.record_event(&event(inv, 1, 1, done), &FAST).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(
+        store
+            .record_event(&event(inv, 1, 1, done), &FAST)
+            .await
+            .unwrap(),
+        EventOutcome::Duplicate
+    );
 
     // A third job finds the inversion ready: renders are dispatched at once.
     let third = new_job(sb, Some("key-1"));
@@ -272,17 +469,38 @@ pub async fn frames_succeed_once_and_the_job_finishes(store: Store) {
     store.submit_job(&planned).await.unwrap();
     assert_eq!(store.pending_outbox(100).await.unwrap().len(), 2);
     let (a, b) = (planned.render_tasks[0].id, planned.render_tasks[1].id);
-    store.record_event(&event(a, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
+    store
+        .record_event(&event(a, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
     let job = store.get_job(planned.id).await.unwrap();
     assert_eq!(job.state, JobState::Running);
     let frames = store.list_frames(planned.id).await.unwrap();
     assert_eq!(frames[0].state, FrameState::Rendering);
     assert_eq!(frames[0].attempts, 1);
-    store.record_event(&event(a, 1, 1, succeeded(&[0, 1])), &FAST).await.unwrap();
+    store
+        .record_event(&event(a, 1, 1, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
     // A redelivered copy of the task on another worker: its events are stale.
-    let stale = store.record_event(&event_from("w2", a, 1, 7, succeeded(&[0, 1])), &FAST).await.unwrap();
-    assert!(matches!(stale, EventOutcome::Stale { cancelled: false, .. }), "{stale:?}");
-    store.record_event(&event(b, 1, 0, succeeded(&[2])), &FAST).await.unwrap();
+    let stale = store
+        .record_event(&event_from("w2", a, 1, 7, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            stale,
+            EventOutcome::Stale {
+                cancelled: false,
+                ..
+            }
+        ),
+        "{stale:?}"
+    );
+    store
+        .record_event(&event(b, 1, 0, succeeded(&[2])), &FAST)
+        .await
+        .unwrap();
     let job = store.get_job(planned.id).await.unwrap();
     assert_eq!((job.state, job.frames_succeeded), (JobState::Succeeded, 3));
     assert!(job.finished_at.is_some());
@@ -291,9 +509,18 @@ pub async fn frames_succeed_once_and_the_job_finishes(store: Store) {
     assert_eq!(frames[2].png_key.as_deref(), Some("png2"));
     assert_eq!(frames[2].latents_key.as_deref(), Some("lat2"));
     let one = store.get_frame(planned.id, 2).await.unwrap();
-    assert_eq!((one.index, one.png_key.as_deref(), one.state), (2, Some("png2"), FrameState::Succeeded));
-    assert!(matches!(store.get_frame(planned.id, 3).await, Err(StoreError::NotFound { what: "frame", .. })));
-    assert!(matches!(store.get_frame(JobId::new(), 0).await, Err(StoreError::NotFound { what: "job", .. })));
+    assert_eq!(
+        (one.index, one.png_key.as_deref(), one.state),
+        (2, Some("png2"), FrameState::Succeeded)
+    );
+    assert!(matches!(
+        store.get_frame(planned.id, 3).await,
+        Err(StoreError::NotFound { what: "frame", .. })
+    ));
+    assert!(matches!(
+        store.get_frame(JobId::new(), 0).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
 }
 
 pub async fn retryable_failures_back_off_then_give_up(store: Store) {
@@ -303,7 +530,17 @@ pub async fn retryable_failures_back_off_then_give_up(store: Store) {
     store.submit_job(&planned).await.unwrap();
     publish_all(store).await;
     let t = planned.render_tasks[0].id;
-    let fail = |attempt, seq| event(t, attempt, seq, TaskEventKind::Failed { reason: "gpu busy".into(), retryable: true });
+    let fail = |attempt, seq| {
+        event(
+            t,
+            attempt,
+            seq,
+            TaskEventKind::Failed {
+                reason: "gpu busy".into(),
+                retryable: true,
+            },
+        )
+    };
     for attempt in 1..=2 {
         store.record_event(&fail(attempt, 0), &FAST).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -313,18 +550,43 @@ pub async fn retryable_failures_back_off_then_give_up(store: Store) {
         assert_eq!((out[0].task_id, out[0].attempt), (t, attempt + 1));
         store.mark_published(&[out[0].id]).await.unwrap();
         // The old attempt's late events change nothing.
-        let late = store.record_event(&event(t, attempt, 5, succeeded(&[0, 1])), &FAST).await.unwrap();
+        let late = store
+            .record_event(&event(t, attempt, 5, succeeded(&[0, 1])), &FAST)
+            .await
+            .unwrap();
         assert!(matches!(late, EventOutcome::Stale { .. }), "{late:?}");
     }
     store.record_event(&fail(3, 0), &FAST).await.unwrap();
     let frames = store.list_frames(planned.id).await.unwrap();
     assert_eq!(frames[0].state, FrameState::Failed);
-    assert!(frames[0].error.as_deref().unwrap().contains("gave up after 3 attempts"), "{:?}", frames[0].error);
+    assert!(
+        frames[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("gave up after 3 attempts"),
+        "{:?}",
+        frames[0].error
+    );
     // Frame 2 still open: the job is not finished until its task ends.
-    assert_eq!(store.get_job(planned.id).await.unwrap().state, JobState::Queued);
+    assert_eq!(
+        store.get_job(planned.id).await.unwrap().state,
+        JobState::Queued
+    );
     let other = planned.render_tasks[1].id;
     store
-        .record_event(&event(other, 1, 0, TaskEventKind::Failed { reason: "bad reference image".into(), retryable: false }), &FAST)
+        .record_event(
+            &event(
+                other,
+                1,
+                0,
+                TaskEventKind::Failed {
+                    reason: "bad reference image".into(),
+                    retryable: false,
+                },
+            ),
+            &FAST,
+        )
         .await
         .unwrap();
     let job = store.get_job(planned.id).await.unwrap();
@@ -340,15 +602,38 @@ pub async fn retries_wait_for_their_backoff(store: Store) {
     store.submit_job(&planned).await.unwrap();
     publish_all(store).await;
     let t = planned.render_tasks[0].id;
-    store.record_event(&event(t, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
-    let hour = RetryPolicy { base: Duration::from_secs(3600), max: Duration::from_secs(3600) };
-    let failed = TaskEventKind::Failed { reason: "gpu busy".into(), retryable: true };
-    store.record_event(&event(t, 1, 1, failed), &hour).await.unwrap();
-    assert_eq!(store.release_due_retries().await.unwrap(), 0, "an hour has not passed");
+    store
+        .record_event(&event(t, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let hour = RetryPolicy {
+        base: Duration::from_secs(3600),
+        max: Duration::from_secs(3600),
+    };
+    let failed = TaskEventKind::Failed {
+        reason: "gpu busy".into(),
+        retryable: true,
+    };
+    store
+        .record_event(&event(t, 1, 1, failed), &hour)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.release_due_retries().await.unwrap(),
+        0,
+        "an hour has not passed"
+    );
     assert!(store.pending_outbox(100).await.unwrap().is_empty());
     let frames = store.list_frames(planned.id).await.unwrap();
-    assert_eq!((frames[0].state, frames[0].attempts), (FrameState::Pending, 1), "back to pending until the retry runs");
-    assert_eq!(store.get_job(planned.id).await.unwrap().state, JobState::Running);
+    assert_eq!(
+        (frames[0].state, frames[0].attempts),
+        (FrameState::Pending, 1),
+        "back to pending until the retry runs"
+    );
+    assert_eq!(
+        store.get_job(planned.id).await.unwrap().state,
+        JobState::Running
+    );
 }
 
 pub async fn failed_inversion_fails_every_waiting_frame(store: Store) {
@@ -357,18 +642,37 @@ pub async fn failed_inversion_fails_every_waiting_frame(store: Store) {
     let planned = new_job(sb, Some("key-x"));
     store.submit_job(&planned).await.unwrap();
     let inv = planned.inversion.as_ref().unwrap().task.id;
-    let failed = TaskEventKind::Failed { reason: "cannot decode image".into(), retryable: false };
-    store.record_event(&event(inv, 1, 0, failed), &FAST).await.unwrap();
+    let failed = TaskEventKind::Failed {
+        reason: "cannot decode image".into(),
+        retryable: false,
+    };
+    store
+        .record_event(&event(inv, 1, 0, failed), &FAST)
+        .await
+        .unwrap();
     let frames = store.list_frames(planned.id).await.unwrap();
-    assert!(frames.iter().all(|f| f.state == FrameState::Failed), "{frames:?}");
-    assert!(frames[0].error.as_deref().unwrap().contains("inversion failed: cannot decode image"));
-    assert_eq!(store.get_job(planned.id).await.unwrap().state, JobState::Failed);
+    assert!(
+        frames.iter().all(|f| f.state == FrameState::Failed),
+        "{frames:?}"
+    );
+    assert!(frames[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("inversion failed: cannot decode image"));
+    assert_eq!(
+        store.get_job(planned.id).await.unwrap().state,
+        JobState::Failed
+    );
     assert_eq!(store.inversion_trajectory("key-x").await.unwrap(), None);
     // A later job tries the inversion again.
     let again = new_job(sb, Some("key-x"));
     assert_eq!(store.submit_job(&again).await.unwrap().inversion_tasks, 1);
     let out = store.pending_outbox(100).await.unwrap();
-    assert_eq!(out.last().map(|m| m.task_id), Some(again.inversion.as_ref().unwrap().task.id));
+    assert_eq!(
+        out.last().map(|m| m.task_id),
+        Some(again.inversion.as_ref().unwrap().task.id)
+    );
 }
 
 pub async fn cancel_stops_queued_work_and_flags_running_tasks(store: Store) {
@@ -379,17 +683,35 @@ pub async fn cancel_stops_queued_work_and_flags_running_tasks(store: Store) {
     let out = store.pending_outbox(100).await.unwrap();
     store.mark_published(&[out[0].id]).await.unwrap();
     let running = planned.render_tasks[0].id;
-    store.record_event(&event(running, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
+    store
+        .record_event(&event(running, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
     let (job, had_running) = store.cancel_job(planned.id).await.unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert!(job.finished_at.is_some());
     assert!(had_running);
     // The unpublished message of the queued task is gone.
     assert!(store.pending_outbox(100).await.unwrap().is_empty());
-    let late = store.record_event(&event(running, 1, 1, TaskEventKind::Progress), &FAST).await.unwrap();
-    assert!(matches!(late, EventOutcome::Stale { cancelled: true, .. }), "{late:?}");
+    let late = store
+        .record_event(&event(running, 1, 1, TaskEventKind::Progress), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            EventOutcome::Stale {
+                cancelled: true,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
     let frames = store.list_frames(planned.id).await.unwrap();
-    assert!(frames.iter().all(|f| f.state == FrameState::Cancelled), "{frames:?}");
+    assert!(
+        frames.iter().all(|f| f.state == FrameState::Cancelled),
+        "{frames:?}"
+    );
     assert!(store.unfinished_jobs().await.unwrap().is_empty());
     // Cancelling again is a no-op.
     let (again, had_running) = store.cancel_job(planned.id).await.unwrap();
@@ -410,11 +732,23 @@ pub async fn sequence_numbers_are_per_worker(store: Store) {
     let planned = new_job(sb, None);
     store.submit_job(&planned).await.unwrap();
     let t = planned.render_tasks[1].id;
-    store.record_event(&event(t, 1, 5, TaskEventKind::Progress), &FAST).await.unwrap();
+    store
+        .record_event(&event(t, 1, 5, TaskEventKind::Progress), &FAST)
+        .await
+        .unwrap();
     let second = event_from("w2", t, 1, 5, succeeded(&[2]));
-    assert!(matches!(store.record_event(&second, &FAST).await.unwrap(), EventOutcome::Applied { .. }));
-    assert_eq!(store.record_event(&second, &FAST).await.unwrap(), EventOutcome::Duplicate);
-    assert_eq!(store.list_frames(planned.id).await.unwrap()[2].state, FrameState::Succeeded);
+    assert!(matches!(
+        store.record_event(&second, &FAST).await.unwrap(),
+        EventOutcome::Applied { .. }
+    ));
+    assert_eq!(
+        store.record_event(&second, &FAST).await.unwrap(),
+        EventOutcome::Duplicate
+    );
+    assert_eq!(
+        store.list_frames(planned.id).await.unwrap()[2].state,
+        FrameState::Succeeded
+    );
 }
 
 /// `finished_at` is set once, when a frame succeeds, fails or is cancelled, in the transaction
@@ -426,45 +760,105 @@ pub async fn frames_record_when_they_finished(store: Store) {
     let job = store.submit_job(&planned).await.unwrap();
     publish_all(store).await;
     let (a, b) = (planned.render_tasks[0].id, planned.render_tasks[1].id);
-    store.record_event(&event(a, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
-    let retry = TaskEventKind::Failed { reason: "gpu busy".into(), retryable: true };
-    store.record_event(&event(a, 1, 1, retry), &FAST).await.unwrap();
+    store
+        .record_event(&event(a, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let retry = TaskEventKind::Failed {
+        reason: "gpu busy".into(),
+        retryable: true,
+    };
+    store
+        .record_event(&event(a, 1, 1, retry), &FAST)
+        .await
+        .unwrap();
     let frames = store.list_frames(planned.id).await.unwrap();
-    assert!(frames.iter().all(|f| f.finished_at.is_none()), "a retry finishes nothing: {frames:?}");
+    assert!(
+        frames.iter().all(|f| f.finished_at.is_none()),
+        "a retry finishes nothing: {frames:?}"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(store.release_due_retries().await.unwrap(), 1);
-    store.record_event(&event(a, 2, 0, succeeded(&[0, 1])), &FAST).await.unwrap();
+    store
+        .record_event(&event(a, 2, 0, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
     let frames = store.list_frames(planned.id).await.unwrap();
-    let done = frames[0].finished_at.expect("a succeeded frame has finished_at");
-    assert_eq!(frames[1].finished_at, Some(done), "one transaction, one time");
-    assert!(done >= job.created_at, "{done} before the job was created ({})", job.created_at);
+    let done = frames[0]
+        .finished_at
+        .expect("a succeeded frame has finished_at");
+    assert_eq!(
+        frames[1].finished_at,
+        Some(done),
+        "one transaction, one time"
+    );
+    assert!(
+        done >= job.created_at,
+        "{done} before the job was created ({})",
+        job.created_at
+    );
     assert_eq!(frames[2].finished_at, None);
 
     // Late and duplicate events do not move it.
-    store.record_event(&event_from("w2", a, 2, 0, succeeded(&[0, 1])), &FAST).await.unwrap();
-    assert_eq!(store.record_event(&event(a, 2, 0, succeeded(&[0, 1])), &FAST).await.unwrap(), EventOutcome::Duplicate);
+    store
+        .record_event(&event_from("w2", a, 2, 0, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .record_event(&event(a, 2, 0, succeeded(&[0, 1])), &FAST)
+            .await
+            .unwrap(),
+        EventOutcome::Duplicate
+    );
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let permanent = TaskEventKind::Failed { reason: "unsupported model".into(), retryable: false };
-    store.record_event(&event(b, 1, 0, permanent), &FAST).await.unwrap();
+    let permanent = TaskEventKind::Failed {
+        reason: "unsupported model".into(),
+        retryable: false,
+    };
+    store
+        .record_event(&event(b, 1, 0, permanent), &FAST)
+        .await
+        .unwrap();
     let frames = store.list_frames(planned.id).await.unwrap();
     assert_eq!(frames[0].finished_at, Some(done));
-    let failed_at = frames[2].finished_at.expect("a failed frame has finished_at");
+    let failed_at = frames[2]
+        .finished_at
+        .expect("a failed frame has finished_at");
     assert!(failed_at > done, "{failed_at} not after {done}");
     let job = store.get_job(planned.id).await.unwrap();
-    assert_eq!(job.finished_at, Some(failed_at), "the job finished with its last frame");
+    assert_eq!(
+        job.finished_at,
+        Some(failed_at),
+        "the job finished with its last frame"
+    );
 
     // Cancelled frames finish with their job; finished frames keep their time.
     let cancelled = new_job(sb, None);
     store.submit_job(&cancelled).await.unwrap();
     let c = cancelled.render_tasks[1].id;
-    store.record_event(&event(c, 1, 0, succeeded(&[2])), &FAST).await.unwrap();
-    let before = store.list_frames(cancelled.id).await.unwrap()[2].finished_at.expect("succeeded");
+    store
+        .record_event(&event(c, 1, 0, succeeded(&[2])), &FAST)
+        .await
+        .unwrap();
+    let before = store.list_frames(cancelled.id).await.unwrap()[2]
+        .finished_at
+        .expect("succeeded");
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (job, _) = store.cancel_job(cancelled.id).await.unwrap();
     let frames = store.list_frames(cancelled.id).await.unwrap();
-    assert_eq!((frames[0].state, frames[0].finished_at), (FrameState::Cancelled, job.finished_at));
-    assert_eq!((frames[1].state, frames[1].finished_at), (FrameState::Cancelled, job.finished_at));
-    assert_eq!((frames[2].state, frames[2].finished_at), (FrameState::Succeeded, Some(before)));
+    assert_eq!(
+        (frames[0].state, frames[0].finished_at),
+        (FrameState::Cancelled, job.finished_at)
+    );
+    assert_eq!(
+        (frames[1].state, frames[1].finished_at),
+        (FrameState::Cancelled, job.finished_at)
+    );
+    assert_eq!(
+        (frames[2].state, frames[2].finished_at),
+        (FrameState::Succeeded, Some(before))
+    );
     assert!(job.finished_at > Some(before));
 }
 
@@ -478,9 +872,18 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     store.submit_job(&a).await.unwrap();
     publish_all(store).await;
     let (a0, a1) = (a.render_tasks[0].id, a.render_tasks[1].id);
-    store.record_event(&event(a0, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
-    let retry = TaskEventKind::Failed { reason: "gpu busy".into(), retryable: true };
-    store.record_event(&event(a1, 1, 1, retry), &FAST).await.unwrap();
+    store
+        .record_event(&event(a0, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let retry = TaskEventKind::Failed {
+        reason: "gpu busy".into(),
+        retryable: true,
+    };
+    store
+        .record_event(&event(a1, 1, 1, retry), &FAST)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(store.release_due_retries().await.unwrap(), 1);
     publish_all(store).await;
@@ -488,9 +891,21 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     let c = new_job(sb, None);
     store.submit_job(&c).await.unwrap();
     publish_all(store).await;
-    store.record_event(&event(c.render_tasks[0].id, 1, 0, succeeded(&[0, 1])), &FAST).await.unwrap();
-    store.record_event(&event(c.render_tasks[1].id, 1, 0, succeeded(&[2])), &FAST).await.unwrap();
-    assert_eq!(store.get_job(c.id).await.unwrap().state, JobState::Succeeded);
+    store
+        .record_event(
+            &event(c.render_tasks[0].id, 1, 0, succeeded(&[0, 1])),
+            &FAST,
+        )
+        .await
+        .unwrap();
+    store
+        .record_event(&event(c.render_tasks[1].id, 1, 0, succeeded(&[2])), &FAST)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_job(c.id).await.unwrap().state,
+        JobState::Succeeded
+    );
     let b = new_job(sb, None);
     store.submit_job(&b).await.unwrap();
 
@@ -499,12 +914,35 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
     assert_eq!(store.requeue_lost_deliveries(Some(c.id)).await.unwrap(), 0);
     assert_eq!(store.requeue_lost_deliveries(Some(b.id)).await.unwrap(), 0);
     assert_eq!(store.requeue_lost_deliveries(Some(a.id)).await.unwrap(), 2);
-    assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 0, "A's tasks have unpublished rows now");
-    let out: Vec<(TaskId, u32)> = store.pending_outbox(100).await.unwrap().iter().map(|m| (m.task_id, m.attempt)).collect();
-    let expected = vec![(a0, 1), (a1, 2), (b.render_tasks[0].id, 1), (b.render_tasks[1].id, 1)];
-    assert_eq!(sorted(out), sorted(expected), "A's tasks at their attempts, B's rows not duplicated, nothing of C");
+    assert_eq!(
+        store.requeue_lost_deliveries(None).await.unwrap(),
+        0,
+        "A's tasks have unpublished rows now"
+    );
+    let out: Vec<(TaskId, u32)> = store
+        .pending_outbox(100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| (m.task_id, m.attempt))
+        .collect();
+    let expected = vec![
+        (a0, 1),
+        (a1, 2),
+        (b.render_tasks[0].id, 1),
+        (b.render_tasks[1].id, 1),
+    ];
+    assert_eq!(
+        sorted(out),
+        sorted(expected),
+        "A's tasks at their attempts, B's rows not duplicated, nothing of C"
+    );
     let frames = store.list_frames(a.id).await.unwrap();
-    assert_eq!((frames[0].state, frames[0].attempts), (FrameState::Pending, 0), "the interrupted render is given back");
+    assert_eq!(
+        (frames[0].state, frames[0].attempts),
+        (FrameState::Pending, 0),
+        "the interrupted render is given back"
+    );
     assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
     // Once requeued, they have unpublished rows: requeueing again adds nothing.
     assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 0);
@@ -512,20 +950,51 @@ pub async fn lost_deliveries_are_requeued_at_their_attempt(store: Store) {
 
     // The new run's worker (a new id, its counter from 0) runs the same attempts to the end.
     publish_all(store).await;
-    store.record_event(&event_from("w2", a0, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
+    store
+        .record_event(&event_from("w2", a0, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
     let frames = store.list_frames(a.id).await.unwrap();
-    assert_eq!((frames[0].state, frames[0].attempts), (FrameState::Rendering, 1));
-    applied(store.record_event(&event_from("w2", a0, 1, 1, succeeded(&[0, 1])), &FAST).await.unwrap());
-    applied(store.record_event(&event_from("w2", a1, 2, 2, succeeded(&[2])), &FAST).await.unwrap());
+    assert_eq!(
+        (frames[0].state, frames[0].attempts),
+        (FrameState::Rendering, 1)
+    );
+    applied(
+        store
+            .record_event(&event_from("w2", a0, 1, 1, succeeded(&[0, 1])), &FAST)
+            .await
+            .unwrap(),
+    );
+    applied(
+        store
+            .record_event(&event_from("w2", a1, 2, 2, succeeded(&[2])), &FAST)
+            .await
+            .unwrap(),
+    );
     let job = store.get_job(a.id).await.unwrap();
     assert_eq!((job.state, job.frames_succeeded), (JobState::Succeeded, 3));
     // The old worker's last words are stale now.
-    let late = store.record_event(&event(a0, 1, 9, TaskEventKind::Heartbeat), &FAST).await.unwrap();
-    assert!(matches!(late, EventOutcome::Stale { cancelled: false, .. }), "{late:?}");
+    let late = store
+        .record_event(&event(a0, 1, 9, TaskEventKind::Heartbeat), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            EventOutcome::Stale {
+                cancelled: false,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
 
     // B's published messages are lost by the next restart; A and C are finished.
     assert_eq!(store.requeue_lost_deliveries(None).await.unwrap(), 2);
-    assert_eq!(outbox_tasks(store).await, sorted(vec![b.render_tasks[0].id, b.render_tasks[1].id]));
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(vec![b.render_tasks[0].id, b.render_tasks[1].id])
+    );
 }
 
 /// A cancelled job's inversion that another job's renders wait for keeps running after cancel;
@@ -537,23 +1006,52 @@ pub async fn lost_inversion_of_a_cancelled_job_still_serves_its_waiters(store: S
     store.submit_job(&x).await.unwrap();
     publish_all(store).await;
     let inv = x.inversion.as_ref().unwrap().task.id;
-    store.record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
+    store
+        .record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
     let y = new_job(sb, Some("key-shared"));
     store.submit_job(&y).await.unwrap();
     let (cancelled, had_running) = store.cancel_job(x.id).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
-    assert!(!had_running, "the inversion was kept for job Y, so nothing of X must stop");
+    assert!(
+        !had_running,
+        "the inversion was kept for job Y, so nothing of X must stop"
+    );
 
     // Resuming job Y requeues the inversion Y waits for, though it belongs to job X.
     assert_eq!(store.requeue_lost_deliveries(Some(y.id)).await.unwrap(), 1);
     let out = publish_all(store).await;
-    assert_eq!(out.iter().map(|m| (m.task_id, m.attempt)).collect::<Vec<_>>(), vec![(inv, 1)], "Y's renders still wait");
-    let done = TaskEventKind::Succeeded { frames: vec![], trajectory_key: Some("traj".into()) };
-    store.record_event(&event_from("w2", inv, 1, 0, TaskEventKind::Started), &FAST).await.unwrap();
-    let affected = applied(store.record_event(&event_from("w2", inv, 1, 1, done), &FAST).await.unwrap());
+    assert_eq!(
+        out.iter()
+            .map(|m| (m.task_id, m.attempt))
+            .collect::<Vec<_>>(),
+        vec![(inv, 1)],
+        "Y's renders still wait"
+    );
+    let done = TaskEventKind::Succeeded {
+        frames: vec![],
+        trajectory_key: Some("traj".into()),
+    };
+    store
+        .record_event(&event_from("w2", inv, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let affected = applied(
+        store
+            .record_event(&event_from("w2", inv, 1, 1, done), &FAST)
+            .await
+            .unwrap(),
+    );
     assert!(affected.contains(&y.id), "{affected:?}");
-    assert_eq!(outbox_tasks(store).await, sorted(vec![y.render_tasks[0].id, y.render_tasks[1].id]));
-    assert_eq!(store.get_job(x.id).await.unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(vec![y.render_tasks[0].id, y.render_tasks[1].id])
+    );
+    assert_eq!(
+        store.get_job(x.id).await.unwrap().state,
+        JobState::Cancelled
+    );
 }
 
 /// The coordinator calls the store from several tasks at once: event ingestion for many workers,
@@ -577,25 +1075,43 @@ pub async fn hammer(stores: Vec<Store>) {
         storyboard_id: sb,
         frames: spec_with(TASKS as usize, 7).resolved_frames(),
         inversion: None,
-        render_tasks: (0..TASKS).map(|i| task(TaskKind::Render, vec![i])).collect(),
+        render_tasks: (0..TASKS)
+            .map(|i| task(TaskKind::Render, vec![i]))
+            .collect(),
     };
     store.submit_job(&planned).await.unwrap();
 
     let mut handles = Vec::new();
     for w in 0..WORKERS {
         let store = pick(w as usize);
-        let mine: Vec<(u32, TaskId)> =
-            (w..TASKS).step_by(WORKERS as usize).map(|i| (i, planned.render_tasks[i as usize].id)).collect();
+        let mine: Vec<(u32, TaskId)> = (w..TASKS)
+            .step_by(WORKERS as usize)
+            .map(|i| (i, planned.render_tasks[i as usize].id))
+            .collect();
         handles.push(tokio::spawn(async move {
             let worker = format!("w{w}");
             for (index, t) in mine {
-                let kinds = [TaskEventKind::Started, TaskEventKind::Heartbeat, TaskEventKind::Progress, succeeded(&[index])];
+                let kinds = [
+                    TaskEventKind::Started,
+                    TaskEventKind::Heartbeat,
+                    TaskEventKind::Progress,
+                    succeeded(&[index]),
+                ];
                 for (seq, kind) in kinds.into_iter().enumerate() {
                     let e = event_from(&worker, t, 1, seq as u64, kind);
-                    let outcome = store.record_event(&e, &FAST).await.unwrap_or_else(|err| panic!("{worker} {e:?}: {err}"));
-                    assert!(matches!(outcome, EventOutcome::Applied { .. }), "{worker} {e:?}: {outcome:?}");
+                    let outcome = store
+                        .record_event(&e, &FAST)
+                        .await
+                        .unwrap_or_else(|err| panic!("{worker} {e:?}: {err}"));
+                    assert!(
+                        matches!(outcome, EventOutcome::Applied { .. }),
+                        "{worker} {e:?}: {outcome:?}"
+                    );
                     // The worker resends when the reply is late: a duplicate, recorded once.
-                    let again = store.record_event(&e, &FAST).await.unwrap_or_else(|err| panic!("{worker} resend: {err}"));
+                    let again = store
+                        .record_event(&e, &FAST)
+                        .await
+                        .unwrap_or_else(|err| panic!("{worker} resend: {err}"));
                     assert_eq!(again, EventOutcome::Duplicate, "{worker} {e:?}");
                 }
             }
@@ -606,13 +1122,19 @@ pub async fn hammer(stores: Vec<Store>) {
         let mut kept = Vec::new();
         for i in 0..API_JOBS {
             let job = new_job(sb, None);
-            api_store.submit_job(&job).await.expect("submit while workers report");
+            api_store
+                .submit_job(&job)
+                .await
+                .expect("submit while workers report");
             api_store.get_job(job.id).await.expect("get_job");
             api_store.list_frames(job.id).await.expect("list_frames");
             api_store.unfinished_jobs().await.expect("unfinished_jobs");
             // Cancel reads before it writes: a transaction that must not lose its turn.
             if i % 2 == 0 {
-                let (cancelled, _) = api_store.cancel_job(job.id).await.expect("cancel while workers report");
+                let (cancelled, _) = api_store
+                    .cancel_job(job.id)
+                    .await
+                    .expect("cancel while workers report");
                 assert_eq!(cancelled.state, JobState::Cancelled);
             } else {
                 kept.push(job);
@@ -624,10 +1146,19 @@ pub async fn hammer(stores: Vec<Store>) {
     let dispatcher = tokio::spawn(async move {
         let mut published = Vec::new();
         for _ in 0..50 {
-            let out = dispatcher_store.pending_outbox(3).await.expect("pending_outbox");
+            let out = dispatcher_store
+                .pending_outbox(3)
+                .await
+                .expect("pending_outbox");
             let ids: Vec<i64> = out.iter().map(|m| m.id).collect();
-            dispatcher_store.mark_published(&ids).await.expect("mark_published");
-            dispatcher_store.release_due_retries().await.expect("release_due_retries");
+            dispatcher_store
+                .mark_published(&ids)
+                .await
+                .expect("mark_published");
+            dispatcher_store
+                .release_due_retries()
+                .await
+                .expect("release_due_retries");
             published.extend(out);
             tokio::task::yield_now().await;
         }
@@ -643,18 +1174,42 @@ pub async fn hammer(stores: Vec<Store>) {
     let ids = sorted(published.iter().map(|m| m.id).collect::<Vec<_>>());
     let mut unique = ids.clone();
     unique.dedup();
-    assert_eq!(ids, unique, "an outbox row was handed out again after being marked published");
-    let main: Vec<TaskId> = published.iter().map(|m| m.task_id).filter(|t| planned.render_tasks.iter().any(|p| p.id == *t)).collect();
-    assert_eq!(sorted(main), sorted(planned.render_tasks.iter().map(|t| t.id).collect()), "each task published once");
+    assert_eq!(
+        ids, unique,
+        "an outbox row was handed out again after being marked published"
+    );
+    let main: Vec<TaskId> = published
+        .iter()
+        .map(|m| m.task_id)
+        .filter(|t| planned.render_tasks.iter().any(|p| p.id == *t))
+        .collect();
+    assert_eq!(
+        sorted(main),
+        sorted(planned.render_tasks.iter().map(|t| t.id).collect()),
+        "each task published once"
+    );
     for job in &kept {
-        let tasks: Vec<TaskId> = published.iter().map(|m| m.task_id).filter(|t| job.render_tasks.iter().any(|p| p.id == *t)).collect();
+        let tasks: Vec<TaskId> = published
+            .iter()
+            .map(|m| m.task_id)
+            .filter(|t| job.render_tasks.iter().any(|p| p.id == *t))
+            .collect();
         assert_eq!(tasks.len(), 2, "a kept job's messages are all published");
     }
 
     let job = store.get_job(planned.id).await.unwrap();
-    assert_eq!((job.state, job.frames_succeeded), (JobState::Succeeded, TASKS), "{job:?}");
+    assert_eq!(
+        (job.state, job.frames_succeeded),
+        (JobState::Succeeded, TASKS),
+        "{job:?}"
+    );
     let frames = store.list_frames(planned.id).await.unwrap();
-    assert!(frames.iter().all(|f| f.attempts == 1 && f.finished_at.is_some()), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.attempts == 1 && f.finished_at.is_some()),
+        "{frames:?}"
+    );
     let unfinished = sorted(store.unfinished_jobs().await.unwrap());
     assert_eq!(unfinished, sorted(kept.iter().map(|j| j.id).collect()));
 }

@@ -6,7 +6,11 @@ pub enum StoreError {
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
     #[error("{what} {id}: {message}")]
-    Conflict { what: &'static str, id: String, message: String },
+    Conflict {
+        what: &'static str,
+        id: String,
+        message: String,
+    },
     #[error("database unavailable: {message}")]
     Unavailable { message: String },
     #[error("database error: {message}")]
@@ -14,12 +18,18 @@ pub enum StoreError {
     #[error("stored {what} is corrupt: {message}")]
     Corrupt { what: &'static str, message: String },
     #[error("cannot open database {}: {message}", path.display())]
-    Open { path: std::path::PathBuf, message: String },
+    Open {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 impl StoreError {
     pub fn not_found(what: &'static str, id: impl ToString) -> Self {
-        Self::NotFound { what, id: id.to_string() }
+        Self::NotFound {
+            what,
+            id: id.to_string(),
+        }
     }
 
     /// Whether retrying the operation later can succeed.
@@ -35,16 +45,30 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
-            | sqlx::Error::Tls(_) => Self::Unavailable { message: e.to_string() },
-            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")) => {
+            | sqlx::Error::Tls(_) => Self::Unavailable {
+                message: e.to_string(),
+            },
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+            {
                 // Serialization failure or deadlock victim: the caller retries the whole transaction.
-                Self::Unavailable { message: e.to_string() }
+                Self::Unavailable {
+                    message: e.to_string(),
+                }
             }
-            sqlx::Error::Database(db) if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some_and(sqlite_busy) => {
+            sqlx::Error::Database(db)
+                if db
+                    .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                    .is_some_and(sqlite_busy) =>
+            {
                 // Another writer held the file past the busy timeout: a later try can succeed.
-                Self::Unavailable { message: e.to_string() }
+                Self::Unavailable {
+                    message: e.to_string(),
+                }
             }
-            _ => Self::Backend { message: e.to_string() },
+            _ => Self::Backend {
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -54,7 +78,9 @@ fn sqlite_busy(e: &sqlx::sqlite::SqliteError) -> bool {
     use sqlx::error::DatabaseError;
     const SQLITE_BUSY: i32 = 5;
     const SQLITE_LOCKED: i32 = 6;
-    e.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
+    e.code()
+        .and_then(|c| c.parse::<i32>().ok())
+        .is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED))
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

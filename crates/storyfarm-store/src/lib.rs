@@ -71,7 +71,11 @@ pub trait MetadataStore: Send + Sync {
     async fn requeue_lost_deliveries(&self, job: Option<JobId>) -> Result<u32>;
 
     /// Applies one worker event, once: a redelivered event is a no-op.
-    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome>;
+    async fn record_event(
+        &self,
+        event: &TaskEventRecord,
+        retry: &RetryPolicy,
+    ) -> Result<EventOutcome>;
     /// Whether an inversion is ready, and its trajectory.
     async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>>;
 }

@@ -38,7 +38,9 @@ impl PgStore {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| StoreError::Backend { message: format!("migration failed: {e}") })
+            .map_err(|e| StoreError::Backend {
+                message: format!("migration failed: {e}"),
+            })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -47,7 +49,10 @@ impl PgStore {
 }
 
 fn corrupt(what: &'static str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { what, message: message.into() }
+    StoreError::Corrupt {
+        what,
+        message: message.into(),
+    }
 }
 
 fn project_from(row: &PgRow) -> Result<Project> {
@@ -80,7 +85,8 @@ fn frame_from(row: &PgRow) -> Result<Frame> {
         prompt: row.try_get("prompt")?,
         negative_prompt: row.try_get("negative_prompt")?,
         seed: row.try_get::<i64, _>("seed")? as u64,
-        state: FrameState::parse(&state).ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
+        state: FrameState::parse(&state)
+            .ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
         task_id: row.try_get::<Option<Uuid>, _>("task_id")?.map(TaskId),
         png_key: row.try_get("png_key")?,
         latents_key: row.try_get("latents_key")?,
@@ -173,15 +179,21 @@ async fn insert_tasks(
     Ok(())
 }
 
-async fn enqueue(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], attempts: &[i32]) -> Result<()> {
+async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    task_ids: &[Uuid],
+    attempts: &[i32],
+) -> Result<()> {
     if task_ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("INSERT INTO outbox (task_id, attempt) SELECT * FROM UNNEST($1::uuid[], $2::int[])")
-        .bind(task_ids)
-        .bind(attempts)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (task_id, attempt) SELECT * FROM UNNEST($1::uuid[], $2::int[])",
+    )
+    .bind(task_ids)
+    .bind(attempts)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -223,7 +235,11 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
     )
     .bind(job_id.0)
     .bind(state)
-    .bind(if failed > 0 { error.map(|e| format!("{failed} frame(s) failed; first: {e}")) } else { None })
+    .bind(if failed > 0 {
+        error.map(|e| format!("{failed} frame(s) failed; first: {e}"))
+    } else {
+        None
+    })
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -231,14 +247,20 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
 
 /// Jobs with renders waiting for the inversion `key`.
 async fn waiting_jobs(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<Vec<Uuid>> {
-    Ok(sqlx::query_scalar("SELECT DISTINCT job_id FROM tasks WHERE inversion_key = $1 AND state = 'waiting'")
-        .bind(key)
-        .fetch_all(&mut **tx)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT job_id FROM tasks WHERE inversion_key = $1 AND state = 'waiting'",
+    )
+    .bind(key)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
-async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reason: &str) -> Result<Vec<JobId>> {
+async fn fail_frames(
+    tx: &mut Transaction<'_, Postgres>,
+    task_ids: &[Uuid],
+    reason: &str,
+) -> Result<Vec<JobId>> {
     let rows = sqlx::query(
         "UPDATE frames SET state = 'failed', error = $2, finished_at = now()
          WHERE task_id = ANY($1) AND state IN ('pending', 'rendering')
@@ -248,7 +270,10 @@ async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reas
     .bind(reason)
     .fetch_all(&mut **tx)
     .await?;
-    let mut jobs: Vec<JobId> = rows.iter().map(|r| r.try_get("job_id").map(JobId)).collect::<Result<_, _>>()?;
+    let mut jobs: Vec<JobId> = rows
+        .iter()
+        .map(|r| r.try_get("job_id").map(JobId))
+        .collect::<Result<_, _>>()?;
     jobs.sort();
     jobs.dedup();
     Ok(jobs)
@@ -257,11 +282,13 @@ async fn fail_frames(tx: &mut Transaction<'_, Postgres>, task_ids: &[Uuid], reas
 #[async_trait::async_trait]
 impl MetadataStore for PgStore {
     async fn create_project(&self, name: &str) -> Result<Project> {
-        let row = sqlx::query("INSERT INTO projects (id, name) VALUES ($1, $2) RETURNING id, name, created_at")
-            .bind(ProjectId::new().0)
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "INSERT INTO projects (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
+        )
+        .bind(ProjectId::new().0)
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
         project_from(&row)
     }
 
@@ -310,8 +337,14 @@ impl MetadataStore for PgStore {
         reference_from(&row)
     }
 
-    async fn create_storyboard(&self, project_id: ProjectId, name: &str, stored: &StoredStoryboard) -> Result<Storyboard> {
-        let spec = serde_json::to_value(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
+    async fn create_storyboard(
+        &self,
+        project_id: ProjectId,
+        name: &str,
+        stored: &StoredStoryboard,
+    ) -> Result<Storyboard> {
+        let spec =
+            serde_json::to_value(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
         let row = sqlx::query(
             "INSERT INTO storyboards (id, project_id, name, spec)
              SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM projects WHERE id = $2)
@@ -334,17 +367,20 @@ impl MetadataStore for PgStore {
     }
 
     async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard> {
-        let row = sqlx::query("SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::not_found("storyboard", id))?;
+        let row = sqlx::query(
+            "SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = $1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found("storyboard", id))?;
         let spec: serde_json::Value = row.try_get("spec")?;
         Ok(Storyboard {
             id,
             project_id: ProjectId(row.try_get("project_id")?),
             name: row.try_get("name")?,
-            stored: serde_json::from_value(spec).map_err(|e| corrupt("storyboard", e.to_string()))?,
+            stored: serde_json::from_value(spec)
+                .map_err(|e| corrupt("storyboard", e.to_string()))?,
             created_at: row.try_get("created_at")?,
         })
     }
@@ -359,7 +395,11 @@ impl MetadataStore for PgStore {
             .await?;
         let indices: Vec<i32> = job.frames.iter().map(|f| f.index as i32).collect();
         let prompts: Vec<&str> = job.frames.iter().map(|f| f.prompt.as_str()).collect();
-        let negatives: Vec<&str> = job.frames.iter().map(|f| f.negative_prompt.as_str()).collect();
+        let negatives: Vec<&str> = job
+            .frames
+            .iter()
+            .map(|f| f.negative_prompt.as_str())
+            .collect();
         let seeds: Vec<i64> = job.frames.iter().map(|f| f.seed as i64).collect();
         sqlx::query(
             "INSERT INTO frames (job_id, frame_index, prompt, negative_prompt, seed, state)
@@ -412,7 +452,14 @@ impl MetadataStore for PgStore {
                 render_state = "waiting";
             }
             if must_invert {
-                insert_tasks(&mut tx, job.id, &[&inv.task], "queued", Some(&inv.cache_key)).await?;
+                insert_tasks(
+                    &mut tx,
+                    job.id,
+                    &[&inv.task],
+                    "queued",
+                    Some(&inv.cache_key),
+                )
+                .await?;
                 runnable.push(inv.task.id.0);
             }
         }
@@ -462,17 +509,21 @@ impl MetadataStore for PgStore {
             Some(row) => frame_from(&row),
             None => {
                 self.get_job(job_id).await?;
-                Err(StoreError::not_found("frame", format!("{index} of job {job_id}")))
+                Err(StoreError::not_found(
+                    "frame",
+                    format!("{index} of job {job_id}"),
+                ))
             }
         }
     }
 
     async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)> {
         let mut tx = self.pool.begin().await?;
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
         let state = state.ok_or_else(|| StoreError::not_found("job", id))?;
         if JobState::parse(&state).is_some_and(JobState::is_terminal) {
             let job = job_in(&mut tx, id).await?;
@@ -512,7 +563,10 @@ impl MetadataStore for PgStore {
                     .await?;
             }
         }
-        let ids: Vec<Uuid> = cancelled.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        let ids: Vec<Uuid> = cancelled
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
         sqlx::query("DELETE FROM outbox WHERE task_id = ANY($1) AND published_at IS NULL")
             .bind(&ids)
             .execute(&mut *tx)
@@ -533,9 +587,11 @@ impl MetadataStore for PgStore {
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
-        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at")
-            .fetch_all(&self.pool)
-            .await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(ids.into_iter().map(JobId).collect())
     }
 
@@ -576,8 +632,14 @@ impl MetadataStore for PgStore {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
-        let attempts: Vec<i32> = rows.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+        let ids: Vec<Uuid> = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let attempts: Vec<i32> = rows
+            .iter()
+            .map(|r| r.try_get("attempt"))
+            .collect::<Result<_, _>>()?;
         enqueue(&mut tx, &ids, &attempts).await?;
         tx.commit().await?;
         Ok(ids.len() as u32)
@@ -603,8 +665,14 @@ impl MetadataStore for PgStore {
         .bind(job.map(|j| j.0))
         .fetch_all(&mut *tx)
         .await?;
-        let ids: Vec<Uuid> = lost.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
-        let attempts: Vec<i32> = lost.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+        let ids: Vec<Uuid> = lost
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let attempts: Vec<i32> = lost
+            .iter()
+            .map(|r| r.try_get("attempt"))
+            .collect::<Result<_, _>>()?;
         sqlx::query(
             "UPDATE tasks SET state = 'queued', worker_id = NULL, heartbeat_at = NULL, updated_at = now() WHERE id = ANY($1)",
         )
@@ -624,7 +692,11 @@ impl MetadataStore for PgStore {
         Ok(ids.len() as u32)
     }
 
-    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
+    async fn record_event(
+        &self,
+        event: &TaskEventRecord,
+        retry: &RetryPolicy,
+    ) -> Result<EventOutcome> {
         let mut tx = self.pool.begin().await?;
         let fresh = sqlx::query(
             "INSERT INTO task_events (task_id, attempt, seq, kind, worker_id) VALUES ($1, $2, $3, $4, $5)
@@ -662,9 +734,14 @@ impl MetadataStore for PgStore {
         let attempt = task.try_get::<i32, _>("attempt")? as u32;
         let max_attempts = task.try_get::<i32, _>("max_attempts")? as u32;
         let inversion_key: Option<String> = task.try_get("inversion_key")?;
-        if event.attempt != attempt || matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+        if event.attempt != attempt
+            || matches!(state.as_str(), "succeeded" | "failed" | "cancelled")
+        {
             tx.commit().await?;
-            return Ok(EventOutcome::Stale { job_id, cancelled: state == "cancelled" });
+            return Ok(EventOutcome::Stale {
+                job_id,
+                cancelled: state == "cancelled",
+            });
         }
         let task_ids = [event.task_id.0];
         let mut affected = vec![job_id];
@@ -681,13 +758,18 @@ impl MetadataStore for PgStore {
                         .bind(event.task_id.0)
                         .execute(&mut *tx)
                         .await?;
-                    sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'")
-                        .bind(job_id.0)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'running' WHERE id = $1 AND state = 'queued'",
+                    )
+                    .bind(job_id.0)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
-            TaskEventKind::Succeeded { frames, trajectory_key } => {
+            TaskEventKind::Succeeded {
+                frames,
+                trajectory_key,
+            } => {
                 sqlx::query("UPDATE tasks SET state = 'succeeded', heartbeat_at = now(), updated_at = now() WHERE id = $1")
                     .bind(event.task_id.0)
                     .execute(&mut *tx)
@@ -697,8 +779,12 @@ impl MetadataStore for PgStore {
                     .execute(&mut *tx)
                     .await?;
                 if kind == "invert" {
-                    let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
-                    let trajectory = trajectory_key.clone().ok_or_else(|| corrupt("event", "inversion succeeded without a trajectory"))?;
+                    let key = inversion_key
+                        .clone()
+                        .ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    let trajectory = trajectory_key.clone().ok_or_else(|| {
+                        corrupt("event", "inversion succeeded without a trajectory")
+                    })?;
                     sqlx::query("UPDATE inversions SET state = 'ready', trajectory_key = $2, error = NULL, updated_at = now() WHERE cache_key = $1")
                         .bind(&key)
                         .bind(&trajectory)
@@ -713,8 +799,14 @@ impl MetadataStore for PgStore {
                     .bind(&key)
                     .fetch_all(&mut *tx)
                     .await?;
-                    let ids: Vec<Uuid> = released.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
-                    let attempts: Vec<i32> = released.iter().map(|r| r.try_get("attempt")).collect::<Result<_, _>>()?;
+                    let ids: Vec<Uuid> = released
+                        .iter()
+                        .map(|r| r.try_get("id"))
+                        .collect::<Result<_, _>>()?;
+                    let attempts: Vec<i32> = released
+                        .iter()
+                        .map(|r| r.try_get("attempt"))
+                        .collect::<Result<_, _>>()?;
                     for r in &released {
                         affected.push(JobId(r.try_get("job_id")?));
                     }
@@ -734,12 +826,18 @@ impl MetadataStore for PgStore {
                         .await?;
                     }
                     // A frame the worker did not report cannot be trusted as done.
-                    fail_frames(&mut tx, &task_ids, "worker reported success without this frame").await?;
+                    fail_frames(
+                        &mut tx,
+                        &task_ids,
+                        "worker reported success without this frame",
+                    )
+                    .await?;
                 }
             }
             TaskEventKind::Failed { reason, retryable } => {
                 if *retryable && attempt < max_attempts {
-                    let delay = chrono::Duration::from_std(retry.delay(attempt)).unwrap_or(chrono::Duration::seconds(60));
+                    let delay = chrono::Duration::from_std(retry.delay(attempt))
+                        .unwrap_or(chrono::Duration::seconds(60));
                     sqlx::query(
                         "UPDATE tasks SET state = 'retry_wait', not_before = now() + $2, error = $3, updated_at = now() WHERE id = $1",
                     )
@@ -764,7 +862,9 @@ impl MetadataStore for PgStore {
                         .execute(&mut *tx)
                         .await?;
                     if kind == "invert" {
-                        let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                        let key = inversion_key
+                            .clone()
+                            .ok_or_else(|| corrupt("task", "inversion task without key"))?;
                         sqlx::query("UPDATE inversions SET state = 'failed', error = $2, updated_at = now() WHERE cache_key = $1")
                             .bind(&key)
                             .bind(&reason)
@@ -794,14 +894,19 @@ impl MetadataStore for PgStore {
             settle_job(&mut tx, *job).await?;
         }
         tx.commit().await?;
-        Ok(EventOutcome::Applied { job_id, affected_jobs: affected })
+        Ok(EventOutcome::Applied {
+            job_id,
+            affected_jobs: affected,
+        })
     }
 
     async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT trajectory_key FROM inversions WHERE cache_key = $1 AND state = 'ready'")
-            .bind(cache_key)
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten())
+        Ok(sqlx::query_scalar(
+            "SELECT trajectory_key FROM inversions WHERE cache_key = $1 AND state = 'ready'",
+        )
+        .bind(cache_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
     }
 }

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use storyfarm_core::{JobId, ProjectId, ReferenceId, StoryboardId, TaskId};
@@ -50,11 +51,14 @@ impl SqliteStore {
     /// Opens the database file, creating it (and its directory) if missing, in WAL mode with
     /// foreign keys enforced, and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self> {
-        let open_error = |message: String| StoreError::Open { path: path.to_path_buf(), message };
+        let open_error = |message: String| StoreError::Open {
+            path: path.to_path_buf(),
+            message,
+        };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| open_error(format!("cannot create directory {}: {e}", parent.display())))?;
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                open_error(format!("cannot create directory {}: {e}", parent.display()))
+            })?;
         }
         // Several processes may open a brand-new file at once (two boards started together):
         // switching the new file to WAL needs it alone (SQLite answers busy at once, without
@@ -65,12 +69,18 @@ impl SqliteStore {
         // the second still holds the old one.)
         let lock_path = path.with_file_name(format!(
             "{}-open.lock",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
         let lock = tokio::task::spawn_blocking({
             let lock_path = lock_path.clone();
             move || -> std::io::Result<std::fs::File> {
-                let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)?;
                 file.lock()?;
                 Ok(file)
             }
@@ -94,7 +104,10 @@ impl SqliteStore {
         let migrated = SQLITE_MIGRATOR.run(&pool).await;
         drop(lock);
         migrated.map_err(|e| open_error(format!("migration failed: {e}")))?;
-        Ok(Self { pool, writer: Arc::new(Mutex::new(())) })
+        Ok(Self {
+            pool,
+            writer: Arc::new(Mutex::new(())),
+        })
     }
 
     /// Starts a write transaction; the caller holds the writer turn.
@@ -104,7 +117,10 @@ impl SqliteStore {
 }
 
 fn corrupt(what: &'static str, message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { what, message: message.into() }
+    StoreError::Corrupt {
+        what,
+        message: message.into(),
+    }
 }
 
 fn now_micros() -> i64 {
@@ -112,7 +128,8 @@ fn now_micros() -> i64 {
 }
 
 fn time(what: &'static str, micros: i64) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros).ok_or_else(|| corrupt(what, format!("timestamp {micros} out of range")))
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| corrupt(what, format!("timestamp {micros} out of range")))
 }
 
 fn time_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<DateTime<Utc>> {
@@ -120,7 +137,9 @@ fn time_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<DateTime
 }
 
 fn opt_time_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Option<DateTime<Utc>>> {
-    row.try_get::<Option<i64>, _>(column)?.map(|m| time(what, m)).transpose()
+    row.try_get::<Option<i64>, _>(column)?
+        .map(|m| time(what, m))
+        .transpose()
 }
 
 fn parse_uuid(what: &'static str, text: &str) -> Result<Uuid> {
@@ -132,7 +151,9 @@ fn uuid_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Uuid> {
 }
 
 fn opt_uuid_at(row: &SqliteRow, what: &'static str, column: &str) -> Result<Option<Uuid>> {
-    row.try_get::<Option<String>, _>(column)?.map(|s| parse_uuid(what, &s)).transpose()
+    row.try_get::<Option<String>, _>(column)?
+        .map(|s| parse_uuid(what, &s))
+        .transpose()
 }
 
 fn text(id: Uuid) -> String {
@@ -174,7 +195,8 @@ fn frame_from(row: &SqliteRow) -> Result<Frame> {
         prompt: row.try_get("prompt")?,
         negative_prompt: row.try_get("negative_prompt")?,
         seed: row.try_get::<i64, _>("seed")? as u64,
-        state: FrameState::parse(&state).ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
+        state: FrameState::parse(&state)
+            .ok_or_else(|| corrupt("frame", format!("state {state:?}")))?,
         task_id: opt_uuid_at(row, "frame", "task_id")?.map(TaskId),
         png_key: row.try_get("png_key")?,
         latents_key: row.try_get("latents_key")?,
@@ -252,8 +274,11 @@ async fn insert_tasks(
 /// Inserts the job's frames, each pointing at the render task that renders it (tasks are written
 /// first, so the foreign key holds without a second pass over the frames).
 async fn insert_frames(conn: &mut SqliteConnection, job: &NewJob) -> Result<()> {
-    let task_of: std::collections::HashMap<u32, Uuid> =
-        job.render_tasks.iter().flat_map(|t| t.frames.iter().map(move |&f| (f, t.id.0))).collect();
+    let task_of: std::collections::HashMap<u32, Uuid> = job
+        .render_tasks
+        .iter()
+        .flat_map(|t| t.frames.iter().map(move |&f| (f, t.id.0)))
+        .collect();
     for chunk in job.frames.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO frames (job_id, frame_index, prompt, negative_prompt, seed, state, task_id) ",
@@ -275,9 +300,12 @@ async fn insert_frames(conn: &mut SqliteConnection, job: &NewJob) -> Result<()> 
 /// Outbox rows for `(task, attempt)` pairs, in order.
 async fn enqueue(conn: &mut SqliteConnection, messages: &[(Uuid, i64)], now: i64) -> Result<()> {
     for chunk in messages.chunks(ROWS_PER_INSERT) {
-        let mut insert = QueryBuilder::<Sqlite>::new("INSERT INTO outbox (task_id, attempt, created_at) ");
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("INSERT INTO outbox (task_id, attempt, created_at) ");
         insert.push_values(chunk, |mut row, (task, attempt)| {
-            row.push_bind(text(*task)).push_bind(*attempt).push_bind(now);
+            row.push_bind(text(*task))
+                .push_bind(*attempt)
+                .push_bind(now);
         });
         insert.build().execute(&mut *conn).await?;
     }
@@ -285,7 +313,9 @@ async fn enqueue(conn: &mut SqliteConnection, messages: &[(Uuid, i64)], now: i64
 }
 
 fn task_attempts(rows: &[SqliteRow]) -> Result<Vec<(Uuid, i64)>> {
-    rows.iter().map(|r| Ok((uuid_at(r, "task", "id")?, r.try_get::<i64, _>("attempt")?))).collect()
+    rows.iter()
+        .map(|r| Ok((uuid_at(r, "task", "id")?, r.try_get::<i64, _>("attempt")?)))
+        .collect()
 }
 
 /// Marks the job finished when none of its frames can change any more.
@@ -312,7 +342,11 @@ async fn settle_job(conn: &mut SqliteConnection, job_id: JobId, now: i64) -> Res
     )
     .bind(text(job_id.0))
     .bind(state)
-    .bind(if failed > 0 { error.map(|e| format!("{failed} frame(s) failed; first: {e}")) } else { None })
+    .bind(if failed > 0 {
+        error.map(|e| format!("{failed} frame(s) failed; first: {e}"))
+    } else {
+        None
+    })
     .bind(now)
     .execute(&mut *conn)
     .await?;
@@ -320,7 +354,12 @@ async fn settle_job(conn: &mut SqliteConnection, job_id: JobId, now: i64) -> Res
 }
 
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
-async fn fail_frames(conn: &mut SqliteConnection, task_ids: &[Uuid], reason: &str, now: i64) -> Result<Vec<JobId>> {
+async fn fail_frames(
+    conn: &mut SqliteConnection,
+    task_ids: &[Uuid],
+    reason: &str,
+    now: i64,
+) -> Result<Vec<JobId>> {
     let rows = sqlx::query(
         "UPDATE frames SET state = 'failed', error = ?2, finished_at = ?3
          WHERE task_id IN (SELECT value FROM json_each(?1)) AND state IN ('pending', 'rendering')
@@ -331,7 +370,10 @@ async fn fail_frames(conn: &mut SqliteConnection, task_ids: &[Uuid], reason: &st
     .bind(now)
     .fetch_all(&mut *conn)
     .await?;
-    let mut jobs: Vec<JobId> = rows.iter().map(|r| uuid_at(r, "frame", "job_id").map(JobId)).collect::<Result<_>>()?;
+    let mut jobs: Vec<JobId> = rows
+        .iter()
+        .map(|r| uuid_at(r, "frame", "job_id").map(JobId))
+        .collect::<Result<_>>()?;
     jobs.sort();
     jobs.dedup();
     Ok(jobs)
@@ -397,8 +439,14 @@ impl MetadataStore for SqliteStore {
         reference_from(&row)
     }
 
-    async fn create_storyboard(&self, project_id: ProjectId, name: &str, stored: &StoredStoryboard) -> Result<Storyboard> {
-        let spec = serde_json::to_string(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
+    async fn create_storyboard(
+        &self,
+        project_id: ProjectId,
+        name: &str,
+        stored: &StoredStoryboard,
+    ) -> Result<Storyboard> {
+        let spec =
+            serde_json::to_string(stored).map_err(|e| corrupt("storyboard", e.to_string()))?;
         let id = StoryboardId::new();
         let now = now_micros();
         let _turn = self.writer.lock().await;
@@ -427,17 +475,20 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard> {
-        let row = sqlx::query("SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = ?1")
-            .bind(text(id.0))
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::not_found("storyboard", id))?;
+        let row = sqlx::query(
+            "SELECT id, project_id, name, spec, created_at FROM storyboards WHERE id = ?1",
+        )
+        .bind(text(id.0))
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::not_found("storyboard", id))?;
         let spec: String = row.try_get("spec")?;
         Ok(Storyboard {
             id,
             project_id: ProjectId(uuid_at(&row, "storyboard", "project_id")?),
             name: row.try_get("name")?,
-            stored: serde_json::from_str(&spec).map_err(|e| corrupt("storyboard", e.to_string()))?,
+            stored: serde_json::from_str(&spec)
+                .map_err(|e| corrupt("storyboard", e.to_string()))?,
             created_at: time_at(&row, "storyboard", "created_at")?,
         })
     }
@@ -496,7 +547,15 @@ impl MetadataStore for SqliteStore {
                 render_state = "waiting";
             }
             if must_invert {
-                insert_tasks(&mut tx, job.id, &[&inv.task], "queued", Some(&inv.cache_key), now).await?;
+                insert_tasks(
+                    &mut tx,
+                    job.id,
+                    &[&inv.task],
+                    "queued",
+                    Some(&inv.cache_key),
+                    now,
+                )
+                .await?;
                 runnable.push((inv.task.id.0, 1));
             }
         }
@@ -546,7 +605,10 @@ impl MetadataStore for SqliteStore {
             Some(row) => frame_from(&row),
             None => {
                 self.get_job(job_id).await?;
-                Err(StoreError::not_found("frame", format!("{index} of job {job_id}")))
+                Err(StoreError::not_found(
+                    "frame",
+                    format!("{index} of job {job_id}"),
+                ))
             }
         }
     }
@@ -599,7 +661,10 @@ impl MetadataStore for SqliteStore {
                     .await?;
             }
         }
-        let ids: Vec<Uuid> = cancelled.iter().map(|r| uuid_at(r, "task", "id")).collect::<Result<_>>()?;
+        let ids: Vec<Uuid> = cancelled
+            .iter()
+            .map(|r| uuid_at(r, "task", "id"))
+            .collect::<Result<_>>()?;
         sqlx::query("DELETE FROM outbox WHERE task_id IN (SELECT value FROM json_each(?1)) AND published_at IS NULL")
             .bind(json_ids(&ids))
             .execute(&mut *tx)
@@ -622,11 +687,14 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>> {
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at")
-                .fetch_all(&self.pool)
-                .await?;
-        ids.iter().map(|id| parse_uuid("job", id).map(JobId)).collect()
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE state IN ('queued', 'running') ORDER BY created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter()
+            .map(|id| parse_uuid("job", id).map(JobId))
+            .collect()
     }
 
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
@@ -652,11 +720,13 @@ impl MetadataStore for SqliteStore {
 
     async fn mark_published(&self, ids: &[i64]) -> Result<()> {
         let _turn = self.writer.lock().await;
-        sqlx::query("UPDATE outbox SET published_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))")
-            .bind(serde_json::Value::from(ids).to_string())
-            .bind(now_micros())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE outbox SET published_at = ?2 WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -721,7 +791,11 @@ impl MetadataStore for SqliteStore {
         Ok(messages.len() as u32)
     }
 
-    async fn record_event(&self, event: &TaskEventRecord, retry: &RetryPolicy) -> Result<EventOutcome> {
+    async fn record_event(
+        &self,
+        event: &TaskEventRecord,
+        retry: &RetryPolicy,
+    ) -> Result<EventOutcome> {
         let _turn = self.writer.lock().await;
         let mut tx = self.begin_write().await?;
         let now = now_micros();
@@ -755,9 +829,14 @@ impl MetadataStore for SqliteStore {
         let attempt = task.try_get::<i64, _>("attempt")? as u32;
         let max_attempts = task.try_get::<i64, _>("max_attempts")? as u32;
         let inversion_key: Option<String> = task.try_get("inversion_key")?;
-        if event.attempt != attempt || matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+        if event.attempt != attempt
+            || matches!(state.as_str(), "succeeded" | "failed" | "cancelled")
+        {
             tx.commit().await?;
-            return Ok(EventOutcome::Stale { job_id, cancelled: state == "cancelled" });
+            return Ok(EventOutcome::Stale {
+                job_id,
+                cancelled: state == "cancelled",
+            });
         }
         let task_ids = [event.task_id.0];
         let mut affected = vec![job_id];
@@ -779,13 +858,18 @@ impl MetadataStore for SqliteStore {
                     .bind(&task_id)
                     .execute(&mut *tx)
                     .await?;
-                    sqlx::query("UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued'")
-                        .bind(text(job_id.0))
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'running' WHERE id = ?1 AND state = 'queued'",
+                    )
+                    .bind(text(job_id.0))
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
-            TaskEventKind::Succeeded { frames, trajectory_key } => {
+            TaskEventKind::Succeeded {
+                frames,
+                trajectory_key,
+            } => {
                 sqlx::query("UPDATE tasks SET state = 'succeeded', heartbeat_at = ?2, updated_at = ?2 WHERE id = ?1")
                     .bind(&task_id)
                     .bind(now)
@@ -796,9 +880,12 @@ impl MetadataStore for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 if kind == "invert" {
-                    let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
-                    let trajectory =
-                        trajectory_key.clone().ok_or_else(|| corrupt("event", "inversion succeeded without a trajectory"))?;
+                    let key = inversion_key
+                        .clone()
+                        .ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    let trajectory = trajectory_key.clone().ok_or_else(|| {
+                        corrupt("event", "inversion succeeded without a trajectory")
+                    })?;
                     sqlx::query(
                         "UPDATE inversions SET state = 'ready', trajectory_key = ?2, error = NULL, updated_at = ?3 WHERE cache_key = ?1",
                     )
@@ -835,12 +922,19 @@ impl MetadataStore for SqliteStore {
                         .await?;
                     }
                     // A frame the worker did not report cannot be trusted as done.
-                    fail_frames(&mut tx, &task_ids, "worker reported success without this frame", now).await?;
+                    fail_frames(
+                        &mut tx,
+                        &task_ids,
+                        "worker reported success without this frame",
+                        now,
+                    )
+                    .await?;
                 }
             }
             TaskEventKind::Failed { reason, retryable } => {
                 if *retryable && attempt < max_attempts {
-                    let delay = i64::try_from(retry.delay(attempt).as_micros()).unwrap_or(60_000_000);
+                    let delay =
+                        i64::try_from(retry.delay(attempt).as_micros()).unwrap_or(60_000_000);
                     sqlx::query(
                         "UPDATE tasks SET state = 'retry_wait', not_before = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
                     )
@@ -867,7 +961,9 @@ impl MetadataStore for SqliteStore {
                         .execute(&mut *tx)
                         .await?;
                     if kind == "invert" {
-                        let key = inversion_key.clone().ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                        let key = inversion_key
+                            .clone()
+                            .ok_or_else(|| corrupt("task", "inversion task without key"))?;
                         sqlx::query("UPDATE inversions SET state = 'failed', error = ?2, updated_at = ?3 WHERE cache_key = ?1")
                             .bind(&key)
                             .bind(&reason)
@@ -883,8 +979,10 @@ impl MetadataStore for SqliteStore {
                         .bind(now)
                         .fetch_all(&mut *tx)
                         .await?;
-                        let dependents: Vec<Uuid> =
-                            dependents.iter().map(|r| uuid_at(r, "task", "id")).collect::<Result<_>>()?;
+                        let dependents: Vec<Uuid> = dependents
+                            .iter()
+                            .map(|r| uuid_at(r, "task", "id"))
+                            .collect::<Result<_>>()?;
                         let message = format!("style reference inversion failed: {reason}");
                         affected.extend(fail_frames(&mut tx, &dependents, &message, now).await?);
                     } else {
@@ -899,14 +997,19 @@ impl MetadataStore for SqliteStore {
             settle_job(&mut tx, *job, now).await?;
         }
         tx.commit().await?;
-        Ok(EventOutcome::Applied { job_id, affected_jobs: affected })
+        Ok(EventOutcome::Applied {
+            job_id,
+            affected_jobs: affected,
+        })
     }
 
     async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT trajectory_key FROM inversions WHERE cache_key = ?1 AND state = 'ready'")
-            .bind(cache_key)
-            .fetch_optional(&self.pool)
-            .await?
-            .flatten())
+        Ok(sqlx::query_scalar(
+            "SELECT trajectory_key FROM inversions WHERE cache_key = ?1 AND state = 'ready'",
+        )
+        .bind(cache_key)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten())
     }
 }

@@ -213,8 +213,14 @@ pub enum TaskEventKind {
     Started,
     Heartbeat,
     Progress,
-    Succeeded { frames: Vec<FrameArtifacts>, trajectory_key: Option<String> },
-    Failed { reason: String, retryable: bool },
+    Succeeded {
+        frames: Vec<FrameArtifacts>,
+        trajectory_key: Option<String>,
+    },
+    Failed {
+        reason: String,
+        retryable: bool,
+    },
 }
 
 impl TaskEventKind {
@@ -249,7 +255,10 @@ pub enum EventOutcome {
     /// (`cancelled`: the worker should stop).
     Stale { job_id: JobId, cancelled: bool },
     /// Applied; `affected_jobs` are the jobs whose frames or state may have changed.
-    Applied { job_id: JobId, affected_jobs: Vec<JobId> },
+    Applied {
+        job_id: JobId,
+        affected_jobs: Vec<JobId>,
+    },
 }
 
 /// Retry policy of failed attempts: `base * 2^(attempt-1)`, capped.
@@ -261,13 +270,18 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { base: std::time::Duration::from_secs(2), max: std::time::Duration::from_secs(60) }
+        Self {
+            base: std::time::Duration::from_secs(2),
+            max: std::time::Duration::from_secs(60),
+        }
     }
 }
 
 impl RetryPolicy {
     pub fn delay(&self, attempt: u32) -> std::time::Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.max)
     }
 }
@@ -280,7 +294,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let p = RetryPolicy { base: Duration::from_secs(2), max: Duration::from_secs(60) };
+        let p = RetryPolicy {
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+        };
         assert_eq!(p.delay(1), Duration::from_secs(2));
         assert_eq!(p.delay(3), Duration::from_secs(8));
         assert_eq!(p.delay(10), Duration::from_secs(60));

@@ -11,11 +11,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 use storyfarm_core::{JobId, StoryboardSpec, TaskId};
 use storyfarm_store::{
-    conformance, JobState, MetadataStore, NewJob, PlannedTask, SqliteStore, StoreError, StoredStoryboard, TaskKind,
+    conformance, JobState, MetadataStore, NewJob, PlannedTask, SqliteStore, StoreError,
+    StoredStoryboard, TaskKind,
 };
 
 async fn open(path: &Path) -> SqliteStore {
-    SqliteStore::open(path).await.unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+    SqliteStore::open(path)
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 macro_rules! on_sqlite {
@@ -51,13 +54,22 @@ async fn open_errors_name_the_path() {
     let file = directory.path().join("not-a-directory");
     std::fs::write(&file, b"x").unwrap();
     let path = file.join("metadata.sqlite");
-    let error = SqliteStore::open(&path).await.err().expect("a file cannot be a directory");
+    let error = SqliteStore::open(&path)
+        .await
+        .err()
+        .expect("a file cannot be a directory");
     assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
-    assert!(error.to_string().contains(&path.display().to_string()), "{error}");
+    assert!(
+        error.to_string().contains(&path.display().to_string()),
+        "{error}"
+    );
 
     let garbage = directory.path().join("garbage.sqlite");
     std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
-    let error = SqliteStore::open(&garbage).await.err().expect("not a database");
+    let error = SqliteStore::open(&garbage)
+        .await
+        .err()
+        .expect("not a database");
     assert!(error.to_string().contains("garbage.sqlite"), "{error}");
 }
 
@@ -82,7 +94,17 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
     let store = Arc::new(open(&path).await);
     let project = store.create_project("p").await.unwrap();
     let spec = StoryboardSpec::from_yaml("model: m\nframes:\n  - prompt: a\n").unwrap();
-    let board = store.create_storyboard(project.id, "b", &StoredStoryboard { spec: spec.clone(), reference_id: None }).await.unwrap();
+    let board = store
+        .create_storyboard(
+            project.id,
+            "b",
+            &StoredStoryboard {
+                spec: spec.clone(),
+                reference_id: None,
+            },
+        )
+        .await
+        .unwrap();
     let job = NewJob {
         id: JobId::new(),
         storyboard_id: board.id,
@@ -98,24 +120,41 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
         }],
     };
     store.submit_job(&job).await.unwrap();
-    let published: Vec<i64> = store.pending_outbox(10).await.unwrap().iter().map(|m| m.id).collect();
+    let published: Vec<i64> = store
+        .pending_outbox(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
     store.mark_published(&published).await.unwrap();
 
-    let mut other = SqliteConnectOptions::new().filename(&path).connect().await.unwrap();
+    let mut other = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
     // One at a time: each must be seen waiting, then succeed once the lock is released.
     let requeue = {
         let store = store.clone();
         async move { store.requeue_lost_deliveries(None).await }
     };
-    let requeued = while_locked(&mut other, requeue).await.expect("requeue after the lock is released");
+    let requeued = while_locked(&mut other, requeue)
+        .await
+        .expect("requeue after the lock is released");
     assert_eq!(requeued, 1);
     let cancel = {
         let store = store.clone();
         async move { store.cancel_job(job.id).await }
     };
-    let (cancelled, _) = while_locked(&mut other, cancel).await.expect("cancel after the lock is released");
+    let (cancelled, _) = while_locked(&mut other, cancel)
+        .await
+        .expect("cancel after the lock is released");
     assert_eq!(cancelled.state, JobState::Cancelled);
-    assert_eq!(store.get_project(project.id).await.unwrap().name, "renamed twice");
+    assert_eq!(
+        store.get_project(project.id).await.unwrap().name,
+        "renamed twice"
+    );
 }
 
 /// Takes `other`'s write lock (with a write of its own), starts `call`, checks that it waits, then
@@ -126,13 +165,18 @@ where
     F: Future<Output = T> + Send + 'static,
 {
     let mut holding = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
-    sqlx::query("UPDATE projects SET name = CASE name WHEN 'p' THEN 'renamed' ELSE 'renamed twice' END")
-        .execute(&mut *holding)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE projects SET name = CASE name WHEN 'p' THEN 'renamed' ELSE 'renamed twice' END",
+    )
+    .execute(&mut *holding)
+    .await
+    .unwrap();
     let call = tokio::spawn(call);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!call.is_finished(), "the store's write finished while another connection held the write lock");
+    assert!(
+        !call.is_finished(),
+        "the store's write finished while another connection held the write lock"
+    );
     holding.commit().await.unwrap();
     call.await.expect("the store call panicked")
 }
@@ -144,13 +188,27 @@ async fn busy_is_unavailable() {
     let path = directory.path().join("metadata.sqlite");
     let store = open(&path).await;
     store.create_project("p").await.unwrap();
-    let mut holder = SqliteConnectOptions::new().filename(&path).connect().await.unwrap();
+    let mut holder = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
     let holding = holder.begin_with("BEGIN IMMEDIATE").await.unwrap();
-    let mut impatient =
-        SqliteConnectOptions::new().filename(&path).busy_timeout(Duration::from_millis(50)).connect().await.unwrap();
-    let busy = sqlx::query("DELETE FROM projects").execute(&mut impatient).await.unwrap_err();
+    let mut impatient = SqliteConnectOptions::new()
+        .filename(&path)
+        .busy_timeout(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let busy = sqlx::query("DELETE FROM projects")
+        .execute(&mut impatient)
+        .await
+        .unwrap_err();
     let error = StoreError::from(busy);
-    assert!(matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(), "{error:?}");
+    assert!(
+        matches!(error, StoreError::Unavailable { .. }) && error.is_retryable(),
+        "{error:?}"
+    );
     drop(holding);
 }
 
@@ -169,8 +227,14 @@ async fn stores_opening_a_new_file_at_once_all_migrate_it() {
             })
             .collect();
         for open in opens {
-            let store = open.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
-            store.create_project("after a concurrent open").await.unwrap();
+            let store = open
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            store
+                .create_project("after a concurrent open")
+                .await
+                .unwrap();
         }
     }
 }

@@ -58,7 +58,10 @@ pub enum WorkerError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("cache directory {path}: {source}")]
-    Cache { path: PathBuf, source: std::io::Error },
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a task did not produce artifacts.
@@ -76,14 +79,20 @@ impl From<DiffusionError> for TaskFailure {
     fn from(e: DiffusionError) -> Self {
         match e {
             DiffusionError::Cancelled { .. } => Self::Stopped,
-            e => Self::Failed { retryable: e.is_retryable(), reason: e.to_string() },
+            e => Self::Failed {
+                retryable: e.is_retryable(),
+                reason: e.to_string(),
+            },
         }
     }
 }
 
 impl From<storyfarm_blob::BlobError> for TaskFailure {
     fn from(e: storyfarm_blob::BlobError) -> Self {
-        Self::Failed { retryable: e.is_retryable() || e.is_not_found(), reason: e.to_string() }
+        Self::Failed {
+            retryable: e.is_retryable() || e.is_not_found(),
+            reason: e.to_string(),
+        }
     }
 }
 
@@ -107,7 +116,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(config: WorkerConfig, queue: Arc<dyn TaskQueue>, blobs: Arc<dyn BlobStore>, models: Arc<ModelCache>) -> Self {
+    pub fn new(
+        config: WorkerConfig,
+        queue: Arc<dyn TaskQueue>,
+        blobs: Arc<dyn BlobStore>,
+        models: Arc<ModelCache>,
+    ) -> Self {
         Self {
             config,
             queue,
@@ -130,9 +144,14 @@ impl Worker {
     }
 
     /// Runs until `shutdown` fires; the task in progress is handed back at its next step.
-    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()> + Send) -> Result<(), WorkerError> {
-        std::fs::create_dir_all(&self.config.cache_dir)
-            .map_err(|source| WorkerError::Cache { path: self.config.cache_dir.clone(), source })?;
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), WorkerError> {
+        std::fs::create_dir_all(&self.config.cache_dir).map_err(|source| WorkerError::Cache {
+            path: self.config.cache_dir.clone(),
+            source,
+        })?;
         let families: Vec<&str> = self.config.families.iter().map(String::as_str).collect();
         self.queue.declare_topology(&families).await?;
         let listeners = self.clone().spawn_listeners().await?;
@@ -184,7 +203,9 @@ impl Worker {
         listeners.abort();
         if consumers_lost {
             // The broker connection is gone: exit with an error so a supervisor restarts us.
-            return Err(WorkerError::Queue(QueueError::Closed { operation: "consume tasks" }));
+            return Err(WorkerError::Queue(QueueError::Closed {
+                operation: "consume tasks",
+            }));
         }
         Ok(())
     }
@@ -241,7 +262,12 @@ impl Worker {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    async fn send_event(&self, task: &pb::Task, seq: u64, event: pb::task_event::Event) -> Result<(), QueueError> {
+    async fn send_event(
+        &self,
+        task: &pb::Task,
+        seq: u64,
+        event: pb::task_event::Event,
+    ) -> Result<(), QueueError> {
         let message = pb::TaskEvent {
             task_id: task.task_id.clone(),
             attempt: task.attempt,
@@ -250,12 +276,22 @@ impl Worker {
             event: Some(event),
             job_id: task.job_id.clone(),
         };
-        self.queue.publish_event(OutgoingMessage::new(message.encode_to_vec()).with_traceparent(task.traceparent.clone())).await
+        self.queue
+            .publish_event(
+                OutgoingMessage::new(message.encode_to_vec())
+                    .with_traceparent(task.traceparent.clone()),
+            )
+            .await
     }
 
     /// Sends a final event and waits until the coordinator says it is recorded (resending on
     /// timeout: ingestion is idempotent).
-    async fn send_final(&self, task: &pb::Task, event: pb::task_event::Event, recorded: &mut mpsc::UnboundedReceiver<u64>) {
+    async fn send_final(
+        &self,
+        task: &pb::Task,
+        event: pb::task_event::Event,
+        recorded: &mut mpsc::UnboundedReceiver<u64>,
+    ) {
         let seq = self.next_seq();
         loop {
             if let Err(e) = self.send_event(task, seq, event.clone()).await {
@@ -282,7 +318,9 @@ impl Worker {
     async fn handle(self: Arc<Self>, delivery: Delivery) {
         let span = match pb::Task::decode(delivery.payload.clone()) {
             Ok(task) => {
-                let trace_id = storyfarm_core::trace::trace_id(&task.traceparent).unwrap_or_default().to_string();
+                let trace_id = storyfarm_core::trace::trace_id(&task.traceparent)
+                    .unwrap_or_default()
+                    .to_string();
                 tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, trace_id = %trace_id, redelivered = delivery.redelivered)
             }
             Err(_) => tracing::info_span!("task"),
@@ -309,9 +347,18 @@ impl Worker {
             recorded: recorded_tx,
         });
         tracing::info!("task started");
-        let started = self.send_event(&task, self.next_seq(), pb::task_event::Event::Started(pb::TaskStarted {})).await;
+        let started = self
+            .send_event(
+                &task,
+                self.next_seq(),
+                pb::task_event::Event::Started(pb::TaskStarted {}),
+            )
+            .await;
         let outcome = match started {
-            Err(e) => Err(TaskFailure::Failed { reason: format!("cannot report start: {e}"), retryable: true }),
+            Err(e) => Err(TaskFailure::Failed {
+                reason: format!("cannot report start: {e}"),
+                retryable: true,
+            }),
             Ok(()) => {
                 let heartbeat = self.clone().spawn_heartbeat(task.clone());
                 let result = self.run_task(&task, stop.clone()).await;
@@ -321,18 +368,30 @@ impl Worker {
         };
         // A stop while shutting down is ours, not the coordinator's: the task goes back.
         let outcome = match outcome {
-            Err(TaskFailure::Stopped) if self.shutting_down.load(Ordering::SeqCst) => Err(TaskFailure::HandBack),
+            Err(TaskFailure::Stopped) if self.shutting_down.load(Ordering::SeqCst) => {
+                Err(TaskFailure::HandBack)
+            }
             other => other,
         };
         let settle = match outcome {
             Ok(done) => {
                 tracing::info!(frames = done.frames.len(), "task succeeded");
-                self.send_final(&task, pb::task_event::Event::Succeeded(done), &mut recorded_rx).await;
+                self.send_final(
+                    &task,
+                    pb::task_event::Event::Succeeded(done),
+                    &mut recorded_rx,
+                )
+                .await;
                 delivery.acker.ack().await
             }
             Err(TaskFailure::Failed { reason, retryable }) => {
                 tracing::warn!(%reason, retryable, "task failed");
-                self.send_final(&task, pb::task_event::Event::Failed(pb::TaskFailed { reason, retryable }), &mut recorded_rx).await;
+                self.send_final(
+                    &task,
+                    pb::task_event::Event::Failed(pb::TaskFailed { reason, retryable }),
+                    &mut recorded_rx,
+                )
+                .await;
                 delivery.acker.ack().await
             }
             Err(TaskFailure::HandBack) => {
@@ -354,7 +413,13 @@ impl Worker {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(self.config.heartbeat).await;
-                let _ = self.send_event(&task, self.next_seq(), pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {})).await;
+                let _ = self
+                    .send_event(
+                        &task,
+                        self.next_seq(),
+                        pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {}),
+                    )
+                    .await;
             }
         })
     }
@@ -375,8 +440,15 @@ impl Worker {
         Ok(bytes.to_vec())
     }
 
-    async fn run_task(self: &Arc<Self>, task: &pb::Task, stop: Arc<AtomicBool>) -> Result<pb::TaskSucceeded, TaskFailure> {
-        let settings = task.settings.clone().ok_or(TaskFailure::Failed { reason: "task without settings".into(), retryable: false })?;
+    async fn run_task(
+        self: &Arc<Self>,
+        task: &pb::Task,
+        stop: Arc<AtomicBool>,
+    ) -> Result<pb::TaskSucceeded, TaskFailure> {
+        let settings = task.settings.clone().ok_or(TaskFailure::Failed {
+            reason: "task without settings".into(),
+            retryable: false,
+        })?;
         let generation = GenerationSettings {
             height: settings.height as usize,
             width: settings.width as usize,
@@ -395,7 +467,11 @@ impl Worker {
             };
             tokio::spawn(async move {
                 while let Some((step, steps)) = progress_rx.recv().await {
-                    let event = pb::task_event::Event::Progress(pb::TaskProgress { frames: frames.clone(), step, steps });
+                    let event = pb::task_event::Event::Progress(pb::TaskProgress {
+                        frames: frames.clone(),
+                        step,
+                        steps,
+                    });
                     let _ = worker.send_event(&task, worker.next_seq(), event).await;
                 }
             })
@@ -403,7 +479,9 @@ impl Worker {
         let every = self.config.progress_every.max(1);
         let progress = move |p: Progress| -> storyfarm_diffusion::Result<()> {
             let (step, steps) = match p {
-                Progress::Denoise { step, steps } | Progress::Invert { step, steps } => (step, steps),
+                Progress::Denoise { step, steps } | Progress::Invert { step, steps } => {
+                    (step, steps)
+                }
             };
             if stop.load(Ordering::SeqCst) {
                 return Err(DiffusionError::Cancelled { step });
@@ -420,24 +498,51 @@ impl Worker {
                 tracing::info!("inverting the style reference");
                 let trajectory = tokio::task::spawn_blocking(move || {
                     let _span = tracing::info_span!("invert").entered();
-                    invert_image(&model, &image, &work.image_key, &work.prompt, &generation, work.guidance_scale, &mut progress)
+                    invert_image(
+                        &model,
+                        &image,
+                        &work.image_key,
+                        &work.prompt,
+                        &generation,
+                        work.guidance_scale,
+                        &mut progress,
+                    )
                 })
                 .await
-                .map_err(|e| TaskFailure::Failed { reason: format!("inversion panicked: {e}"), retryable: false })??;
+                .map_err(|e| TaskFailure::Failed {
+                    reason: format!("inversion panicked: {e}"),
+                    retryable: false,
+                })??;
                 let key = BlobKey::new(work.trajectory_key.clone())?;
                 self.blobs.put(&key, Bytes::from(trajectory)).await?;
-                Ok(pb::TaskSucceeded { frames: Vec::new(), trajectory_key: work.trajectory_key })
+                Ok(pb::TaskSucceeded {
+                    frames: Vec::new(),
+                    trajectory_key: work.trajectory_key,
+                })
             }
             Some(pb::task::Work::Render(work)) => {
-                let trajectory = if work.trajectory_key.is_empty() { None } else { Some(self.cached_blob(&work.trajectory_key).await?) };
+                let trajectory = if work.trajectory_key.is_empty() {
+                    None
+                } else {
+                    Some(self.cached_blob(&work.trajectory_key).await?)
+                };
                 let frames: Vec<FrameRequest> = work
                     .frames
                     .iter()
-                    .map(|f| FrameRequest { index: f.index, prompt: f.prompt.clone(), negative_prompt: f.negative_prompt.clone(), seed: f.seed })
+                    .map(|f| FrameRequest {
+                        index: f.index,
+                        prompt: f.prompt.clone(),
+                        negative_prompt: f.negative_prompt.clone(),
+                        seed: f.seed,
+                    })
                     .collect();
                 let options = work.options.map(|o| style_aligned_options(o.into()));
                 let mut progress = progress;
-                tracing::info!(frames = frames.len(), styled = trajectory.is_some(), "rendering");
+                tracing::info!(
+                    frames = frames.len(),
+                    styled = trajectory.is_some(),
+                    "rendering"
+                );
                 let rendered = tokio::task::spawn_blocking(move || {
                     let _span = tracing::info_span!("render", frames = frames.len()).entered();
                     let style = trajectory.as_deref().map(|t| StyleRequest {
@@ -449,16 +554,35 @@ impl Worker {
                     render_frames(&model, &generation, style.as_ref(), &frames, &mut progress)
                 })
                 .await
-                .map_err(|e| TaskFailure::Failed { reason: format!("render panicked: {e}"), retryable: false })??;
+                .map_err(|e| TaskFailure::Failed {
+                    reason: format!("render panicked: {e}"),
+                    retryable: false,
+                })??;
                 let mut artifacts = Vec::with_capacity(rendered.len());
                 for frame in rendered {
-                    let png = self.blobs.put_content("png", Bytes::from(frame.png)).await?;
-                    let latents = self.blobs.put_content("safetensors", Bytes::from(frame.latents)).await?;
-                    artifacts.push(pb::FrameArtifacts { index: frame.index, png_key: png.as_str().into(), latents_key: latents.as_str().into() });
+                    let png = self
+                        .blobs
+                        .put_content("png", Bytes::from(frame.png))
+                        .await?;
+                    let latents = self
+                        .blobs
+                        .put_content("safetensors", Bytes::from(frame.latents))
+                        .await?;
+                    artifacts.push(pb::FrameArtifacts {
+                        index: frame.index,
+                        png_key: png.as_str().into(),
+                        latents_key: latents.as_str().into(),
+                    });
                 }
-                Ok(pb::TaskSucceeded { frames: artifacts, trajectory_key: String::new() })
+                Ok(pb::TaskSucceeded {
+                    frames: artifacts,
+                    trajectory_key: String::new(),
+                })
             }
-            None => Err(TaskFailure::Failed { reason: "task without work".into(), retryable: false }),
+            None => Err(TaskFailure::Failed {
+                reason: "task without work".into(),
+                retryable: false,
+            }),
         };
         reporter.abort();
         result

@@ -21,7 +21,10 @@ pub struct ModelLoader {
 impl ModelLoader {
     fn load(&self, model: &str) -> Result<StableDiffusion, DiffusionError> {
         let device = self.device.device()?;
-        let dtype = self.precision.unwrap_or_else(|| default_precision(&device)).to_dtype();
+        let dtype = self
+            .precision
+            .unwrap_or_else(|| default_precision(&device))
+            .to_dtype();
         let folder = ModelFolder::open_for_dtype(model, &self.hub, dtype)?;
         StableDiffusion::load(&folder, dtype, &device)
     }
@@ -36,7 +39,11 @@ pub struct ModelCache {
 
 impl ModelCache {
     pub fn new(loader: ModelLoader, capacity: usize) -> Self {
-        Self { loader, capacity: capacity.max(1), loaded: Mutex::new(Vec::new()) }
+        Self {
+            loader,
+            capacity: capacity.max(1),
+            loaded: Mutex::new(Vec::new()),
+        }
     }
 
     /// The model, loaded on first use (on a blocking thread).
@@ -55,8 +62,15 @@ impl ModelCache {
         let started = std::time::Instant::now();
         let sd = tokio::task::spawn_blocking(move || loader.load(&id))
             .await
-            .map_err(|e| TaskFailure::Failed { reason: format!("model loading panicked: {e}"), retryable: false })??;
-        tracing::info!(model, seconds = started.elapsed().as_secs_f32(), "model loaded");
+            .map_err(|e| TaskFailure::Failed {
+                reason: format!("model loading panicked: {e}"),
+                retryable: false,
+            })??;
+        tracing::info!(
+            model,
+            seconds = started.elapsed().as_secs_f32(),
+            "model loaded"
+        );
         let sd = Arc::new(sd);
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         loaded.push((model.to_string(), sd.clone()));

@@ -18,13 +18,19 @@ use crate::progress::{job_state_name, JobProgress};
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
     /// The coordinator's gRPC address.
-    #[arg(long, env = "STORYFARM_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        env = "STORYFARM_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
     coordinator: String,
 }
 
 impl Endpoint {
     pub fn new(coordinator: impl Into<String>) -> Self {
-        Self { coordinator: coordinator.into() }
+        Self {
+            coordinator: coordinator.into(),
+        }
     }
 
     pub async fn channel(&self) -> Result<Channel> {
@@ -69,20 +75,32 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
 }
 
 /// Uploads a reference image in chunks.
-async fn upload_reference(channel: Channel, project_id: &str, image: &Path, prompt: &str) -> Result<pb::Reference> {
+async fn upload_reference(
+    channel: Channel,
+    project_id: &str,
+    image: &Path,
+    prompt: &str,
+) -> Result<pb::Reference> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let mut messages = vec![pb::UploadReferenceRequest {
-        part: Some(pb::upload_reference_request::Part::Header(pb::ReferenceHeader {
-            project_id: project_id.to_string(),
-            kind: pb::ReferenceKind::Style as i32,
-            prompt: prompt.to_string(),
-            filename: image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        })),
+        part: Some(pb::upload_reference_request::Part::Header(
+            pb::ReferenceHeader {
+                project_id: project_id.to_string(),
+                kind: pb::ReferenceKind::Style as i32,
+                prompt: prompt.to_string(),
+                filename: image
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            },
+        )),
     }];
     messages.extend(
         bytes
             .chunks(256 * 1024)
-            .map(|c| pb::UploadReferenceRequest { part: Some(pb::upload_reference_request::Part::Chunk(c.to_vec())) }),
+            .map(|c| pb::UploadReferenceRequest {
+                part: Some(pb::upload_reference_request::Part::Chunk(c.to_vec())),
+            }),
     );
     let reference = ReferenceServiceClient::new(channel)
         .upload_reference(tokio_stream::iter(messages))
@@ -93,14 +111,23 @@ async fn upload_reference(channel: Channel, project_id: &str, image: &Path, prom
 }
 
 /// Submits a storyboard file; returns the job.
-pub async fn submit_board(board: &Path, project: Option<&str>, endpoint: &Endpoint) -> Result<pb::Job> {
+pub async fn submit_board(
+    board: &Path,
+    project: Option<&str>,
+    endpoint: &Endpoint,
+) -> Result<pb::Job> {
     let spec = StoryboardSpec::load(board)?;
     submit_spec(&spec, board, project, endpoint.channel().await?).await
 }
 
 /// Submits a loaded storyboard (`board` names it): a project unless given, the style reference,
 /// the storyboard and its job.
-pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&str>, channel: Channel) -> Result<pb::Job> {
+pub async fn submit_spec(
+    spec: &StoryboardSpec,
+    board: &Path,
+    project: Option<&str>,
+    channel: Channel,
+) -> Result<pb::Job> {
     // Refused rather than silently rendered without them, until the API carries characters.
     if let Some(character) = spec.characters.first() {
         anyhow::bail!(
@@ -112,7 +139,10 @@ pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&s
     let project_id = match project {
         Some(id) => id.to_string(),
         None => {
-            let name = board.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "storyboard".into());
+            let name = board
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "storyboard".into());
             ProjectServiceClient::new(channel.clone())
                 .create_project(pb::CreateProjectRequest { name })
                 .await
@@ -123,7 +153,8 @@ pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&s
     };
     let style = match &spec.style {
         Some(style) => {
-            let reference = upload_reference(channel.clone(), &project_id, &style.image, &style.prompt).await?;
+            let reference =
+                upload_reference(channel.clone(), &project_id, &style.image, &style.prompt).await?;
             Some(pb::StyleSettings {
                 reference_id: reference.id,
                 offset: style.offset,
@@ -136,7 +167,11 @@ pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&s
     let frames = spec
         .resolved_frames()
         .into_iter()
-        .map(|f| pb::FrameSpec { prompt: f.prompt, negative_prompt: Some(f.negative_prompt), seed: Some(f.seed) })
+        .map(|f| pb::FrameSpec {
+            prompt: f.prompt,
+            negative_prompt: Some(f.negative_prompt),
+            seed: Some(f.seed),
+        })
         .collect();
     let storyboard = StoryboardServiceClient::new(channel.clone())
         .create_storyboard(pb::CreateStoryboardRequest {
@@ -158,7 +193,9 @@ pub async fn submit_spec(spec: &StoryboardSpec, board: &Path, project: Option<&s
         .map_err(status_error)?
         .into_inner();
     let job = JobServiceClient::new(channel)
-        .submit_job(pb::SubmitJobRequest { storyboard_id: storyboard.id })
+        .submit_job(pb::SubmitJobRequest {
+            storyboard_id: storyboard.id,
+        })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -177,13 +214,20 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
 
 /// Follows a job's events with progress bars until the job ends. `on_frame` sees every frame as
 /// it reaches a final state and may return a line to show. Returns the job as last reported.
-pub async fn follow_job<F, Fut>(channel: Channel, job_id: &str, steps: u32, mut on_frame: F) -> Result<pb::Job>
+pub async fn follow_job<F, Fut>(
+    channel: Channel,
+    job_id: &str,
+    steps: u32,
+    mut on_frame: F,
+) -> Result<pb::Job>
 where
     F: FnMut(pb::Frame) -> Fut,
     Fut: std::future::Future<Output = Result<Option<String>>>,
 {
     let mut stream = JobServiceClient::new(channel)
-        .watch_job(pb::WatchJobRequest { id: job_id.to_string() })
+        .watch_job(pb::WatchJobRequest {
+            id: job_id.to_string(),
+        })
         .await
         .map_err(status_error)?
         .into_inner();
@@ -206,18 +250,25 @@ where
             return Err(e);
         }
     }
-    progress.job().cloned().ok_or_else(|| anyhow::anyhow!("the coordinator sent no job state"))
+    progress
+        .job()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the coordinator sent no job state"))
 }
 
 pub async fn watch(args: WatchArgs) -> Result<()> {
     let channel = args.endpoint.channel().await?;
     let job = JobServiceClient::new(channel.clone())
-        .get_job(pb::GetJobRequest { id: args.job.clone() })
+        .get_job(pb::GetJobRequest {
+            id: args.job.clone(),
+        })
         .await
         .map_err(status_error)?
         .into_inner();
     let steps = StoryboardServiceClient::new(channel.clone())
-        .get_storyboard(pb::GetStoryboardRequest { id: job.storyboard_id.clone() })
+        .get_storyboard(pb::GetStoryboardRequest {
+            id: job.storyboard_id.clone(),
+        })
         .await
         .map_err(status_error)?
         .into_inner()
@@ -227,7 +278,12 @@ pub async fn watch(args: WatchArgs) -> Result<()> {
     let job = follow_job(channel, &args.job, steps, |_| async { Ok(None) }).await?;
     println!("{} {}", job.id, job_state_name(job.state));
     if job.state != pb::JobState::Succeeded as i32 {
-        bail!("job {} ended {}: {}", job.id, job_state_name(job.state), job.error);
+        bail!(
+            "job {} ended {}: {}",
+            job.id,
+            job_state_name(job.state),
+            job.error
+        );
     }
     Ok(())
 }
@@ -236,16 +292,25 @@ pub async fn frames(args: FramesArgs) -> Result<()> {
     let channel = args.endpoint.channel().await?;
     let mut jobs = JobServiceClient::new(channel);
     let frames = jobs
-        .list_frames(pb::ListFramesRequest { job_id: args.job.clone() })
+        .list_frames(pb::ListFramesRequest {
+            job_id: args.job.clone(),
+        })
         .await
         .map_err(status_error)?
         .into_inner()
         .frames;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let mut written = 0;
-    for frame in frames.iter().filter(|f| f.state == pb::FrameState::Succeeded as i32) {
+    for frame in frames
+        .iter()
+        .filter(|f| f.state == pb::FrameState::Succeeded as i32)
+    {
         let mut stream = jobs
-            .download_frame(pb::DownloadFrameRequest { job_id: args.job.clone(), index: frame.index })
+            .download_frame(pb::DownloadFrameRequest {
+                job_id: args.job.clone(),
+                index: frame.index,
+            })
             .await
             .map_err(status_error)?
             .into_inner();
@@ -259,7 +324,11 @@ pub async fn frames(args: FramesArgs) -> Result<()> {
         written += 1;
     }
     if written < frames.len() {
-        eprintln!("{} of {} frames are not (yet) rendered", frames.len() - written, frames.len());
+        eprintln!(
+            "{} of {} frames are not (yet) rendered",
+            frames.len() - written,
+            frames.len()
+        );
     }
     Ok(())
 }

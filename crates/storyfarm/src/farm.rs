@@ -17,7 +17,11 @@ use storyfarm_worker::{ModelCache, ModelLoader, Worker, WorkerConfig};
 /// Where the farm's services are (shared by serve and worker).
 #[derive(Args, Debug, Clone)]
 pub struct QueueArgs {
-    #[arg(long, env = "STORYFARM_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "STORYFARM_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
     /// Prefix of every exchange and queue (several farms on one broker).
     #[arg(long, env = "STORYFARM_QUEUE_NAMESPACE", default_value = "storyfarm")]
@@ -30,7 +34,12 @@ pub struct QueueArgs {
     #[arg(long, env = "STORYFARM_BLOBS")]
     blobs: String,
     /// Model families served (queues): sd, sdxl.
-    #[arg(long, env = "STORYFARM_FAMILIES", value_delimiter = ',', default_value = "sd,sdxl")]
+    #[arg(
+        long,
+        env = "STORYFARM_FAMILIES",
+        value_delimiter = ',',
+        default_value = "sd,sdxl"
+    )]
     families: Vec<String>,
 }
 
@@ -43,7 +52,9 @@ impl QueueArgs {
             connection_name: name.to_string(),
             ..QueueConfig::default()
         };
-        let queue = RabbitQueue::connect(config).await.context("connecting to RabbitMQ")?;
+        let queue = RabbitQueue::connect(config)
+            .await
+            .context("connecting to RabbitMQ")?;
         Ok(Arc::new(queue))
     }
 }
@@ -98,10 +109,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -113,26 +125,37 @@ async fn shutdown_signal() {
 }
 
 pub async fn migrate(args: MigrateArgs) -> Result<()> {
-    let store = PgStore::connect(&args.database_url, 2).await.context("connecting to Postgres")?;
+    let store = PgStore::connect(&args.database_url, 2)
+        .await
+        .context("connecting to Postgres")?;
     store.migrate().await?;
     println!("migrations applied");
     Ok(())
 }
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
-    let store = PgStore::connect(&args.database_url, 16).await.context("connecting to Postgres")?;
+    let store = PgStore::connect(&args.database_url, 16)
+        .await
+        .context("connecting to Postgres")?;
     store.migrate().await?;
     let store: Arc<dyn MetadataStore> = Arc::new(store);
     let blobs = storyfarm_blob::open_blob_store(&args.queue.blobs).await?;
     let queue = args.queue.connect("storyfarm-coordinator").await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let coordinator = Coordinator {
         store,
         blobs,
         queue,
         families: args.queue.families.clone(),
-        policy: PlanPolicy { max_attempts: args.max_attempts },
-        retry: RetryPolicy { base: Duration::from_millis(args.retry_base_ms), max: Duration::from_secs(60) },
+        policy: PlanPolicy {
+            max_attempts: args.max_attempts,
+        },
+        retry: RetryPolicy {
+            base: Duration::from_millis(args.retry_base_ms),
+            max: Duration::from_secs(60),
+        },
         max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
     };
     println!("listening on {}", listener.local_addr()?);
@@ -142,7 +165,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let worker_id = args.worker_id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "worker".into());
         format!("{host}-{}", std::process::id())
     });
     let cache_dir = args
@@ -152,7 +177,11 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     let blobs = storyfarm_blob::open_blob_store(&args.queue.blobs).await?;
     let queue = args.queue.connect(&worker_id).await?;
     let models = Arc::new(ModelCache::new(
-        ModelLoader { device: args.device, precision: args.precision, hub: HubOptions::from_env()? },
+        ModelLoader {
+            device: args.device,
+            precision: args.precision,
+            hub: HubOptions::from_env()?,
+        },
         args.models,
     ));
     let config = WorkerConfig {

@@ -67,9 +67,11 @@ pub struct GenerateArgs {
 fn bar(len: u64, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} steps  {elapsed_precise} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>12} [{bar:40}] {pos}/{len} steps  {elapsed_precise} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_prefix(label.to_string());
     bar.enable_steady_tick(Duration::from_millis(250));
@@ -110,9 +112,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     loading.enable_steady_tick(Duration::from_millis(120));
     let folder = ModelFolder::open_for_dtype(&args.model, &HubOptions::from_env()?, dtype)?;
     let sd = StableDiffusion::load(&folder, dtype, &device)?;
-    loading.finish_with_message(format!("loaded {} ({:?}, {precision} on {})", folder.id(), sd.family, args.device));
+    loading.finish_with_message(format!(
+        "loaded {} ({:?}, {precision} on {})",
+        folder.id(),
+        sd.family,
+        args.device
+    ));
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let frames: Vec<FrameInput> = args
         .prompts
         .iter()
@@ -137,11 +145,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let reference_latents = match &style_image {
                 Some(image) => {
                     let b = bar(settings.steps as u64, "inverting");
-                    let inversion = sd.invert(image, style_prompt, settings.steps, args.inversion_guidance, &mut track(&b))?;
+                    let inversion = sd.invert(
+                        image,
+                        style_prompt,
+                        settings.steps,
+                        args.inversion_guidance,
+                        &mut track(&b),
+                    )?;
                     b.finish();
-                    ReferenceLatents::Replay { trajectory: inversion.zts, offset: args.style_offset }
+                    ReferenceLatents::Replay {
+                        trajectory: inversion.zts,
+                        offset: args.style_offset,
+                    }
                 }
-                None => ReferenceLatents::Generate(sd.seeded_latents(args.seed.wrapping_sub(1), &settings)?),
+                None => ReferenceLatents::Generate(
+                    sd.seeded_latents(args.seed.wrapping_sub(1), &settings)?,
+                ),
             };
             let reference = ReferenceInput {
                 prompt: style_prompt.clone(),

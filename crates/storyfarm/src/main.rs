@@ -14,7 +14,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "storyfarm", version, about = "Consistent picture stories: StyleAligned rendering on Stable Diffusion")]
+#[command(
+    name = "storyfarm",
+    version,
+    about = "Consistent picture stories: StyleAligned rendering on Stable Diffusion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

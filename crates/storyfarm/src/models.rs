@@ -121,7 +121,11 @@ pub fn prepare_model(spec: &str, hub: &HubOptions, precision: Precision) -> Resu
 
 /// Fetches a hub pipeline with the download bar; returns the folder, the summary line and
 /// whether anything was downloaded.
-fn fetch_with_bar(repo_id: &str, hub: &HubOptions, precision: Precision) -> Result<(ModelFolder, String, bool)> {
+fn fetch_with_bar(
+    repo_id: &str,
+    hub: &HubOptions,
+    precision: Precision,
+) -> Result<(ModelFolder, String, bool)> {
     let mut bar = DownloadBar::new();
     let folder = ModelFolder::fetch(repo_id, hub, precision.to_dtype(), &mut bar)?;
     bar.bar.finish_and_clear();

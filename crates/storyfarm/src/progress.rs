@@ -9,7 +9,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use storyfarm_proto::v1 as pb;
 
 fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> ")
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// The name of a job state without the enum prefix (`running`).
@@ -49,7 +51,9 @@ impl JobProgress {
         let bars = MultiProgress::new();
         // Length 1 until the job's size is known: an empty bar of length 0 draws as full.
         let overall = bars.add(ProgressBar::new(1));
-        overall.set_style(style("{prefix:>9} [{bar:40}] {msg}  {elapsed_precise} (eta {eta})"));
+        overall.set_style(style(
+            "{prefix:>9} [{bar:40}] {msg}  {elapsed_precise} (eta {eta})",
+        ));
         overall.set_prefix("job");
         Self {
             bars,
@@ -83,7 +87,8 @@ impl JobProgress {
         let Some(job) = &self.last else { return };
         let done = self.finished.len() as u64 * self.steps;
         let partial: u64 = self.in_flight.values().sum();
-        self.overall.set_length(job.frames_total as u64 * self.steps);
+        self.overall
+            .set_length(job.frames_total as u64 * self.steps);
         self.overall.set_position(done + partial);
         self.overall.set_message(format!(
             "{}/{} frames {}",
@@ -136,7 +141,8 @@ impl JobProgress {
                     b
                 });
                 bar.set_position(p.step as u64);
-                self.in_flight.insert(p.index, (p.step as u64).min(self.steps));
+                self.in_flight
+                    .insert(p.index, (p.step as u64).min(self.steps));
                 self.redraw_overall();
                 None
             }

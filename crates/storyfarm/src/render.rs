@@ -15,8 +15,8 @@ use storyfarm_coordinator::planner::PlanPolicy;
 use storyfarm_coordinator::{Coordinator, DEFAULT_MAX_REFERENCE_BYTES};
 use storyfarm_core::keys::sha256_hex;
 use storyfarm_core::{JobId, StoryboardSpec};
-use storyfarm_diffusion::device::{DeviceSpec, Precision};
 use storyfarm_diffusion::device::default_precision;
+use storyfarm_diffusion::device::{DeviceSpec, Precision};
 use storyfarm_diffusion::model::HubOptions;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{InProcessQueue, QueueConfig, TaskQueue};
@@ -64,7 +64,11 @@ pub struct Interrupted {
 }
 
 fn default_data_dir() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     var("XDG_DATA_HOME")
         .or_else(|| var("HOME").map(|h| h.join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("."))
@@ -82,11 +86,19 @@ struct RunRecord {
 /// bytes (not its path), the board's name and location excluded.
 fn board_key(spec: &StoryboardSpec, style_image: Option<&[u8]>) -> Result<String> {
     let mut value = serde_json::to_value(spec)?;
-    if let (Some(style), Some(bytes)) = (value.get_mut("style").and_then(|s| s.as_object_mut()), style_image) {
+    if let (Some(style), Some(bytes)) = (
+        value.get_mut("style").and_then(|s| s.as_object_mut()),
+        style_image,
+    ) {
         style.insert("image".into(), serde_json::Value::String(sha256_hex(bytes)));
     }
     if let Some(frames) = value.get_mut("frames") {
-        *frames = serde_json::to_value(spec.resolved_frames().iter().map(|f| (&f.prompt, &f.negative_prompt, f.seed)).collect::<Vec<_>>())?;
+        *frames = serde_json::to_value(
+            spec.resolved_frames()
+                .iter()
+                .map(|f| (&f.prompt, &f.negative_prompt, f.seed))
+                .collect::<Vec<_>>(),
+        )?;
     }
     Ok(sha256_hex(serde_json::to_string(&value)?.as_bytes()))
 }
@@ -97,20 +109,37 @@ fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<StyleImage>)>
     if let Some(model) = &args.model {
         let local = Path::new(model);
         spec.model = if local.is_dir() {
-            local.canonicalize().unwrap_or_else(|_| local.to_path_buf()).display().to_string()
+            local
+                .canonicalize()
+                .unwrap_or_else(|_| local.to_path_buf())
+                .display()
+                .to_string()
         } else {
             model.clone()
         };
-        spec.validate().map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+        spec.validate()
+            .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
     }
     let style_image = match &spec.style {
         Some(style) => {
-            let bytes = std::fs::read(&style.image)
-                .with_context(|| format!("{}: style.image: cannot read {}", args.board.display(), style.image.display()))?;
-            let picture = image::load_from_memory(&bytes).map_err(|e| {
-                anyhow::anyhow!("{}: style.image: {} is not a readable image: {e}", args.board.display(), style.image.display())
+            let bytes = std::fs::read(&style.image).with_context(|| {
+                format!(
+                    "{}: style.image: cannot read {}",
+                    args.board.display(),
+                    style.image.display()
+                )
             })?;
-            Some(StyleImage { thumbnail: thumbnail(&picture.to_rgb8()), bytes })
+            let picture = image::load_from_memory(&bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: style.image: {} is not a readable image: {e}",
+                    args.board.display(),
+                    style.image.display()
+                )
+            })?;
+            Some(StyleImage {
+                thumbnail: thumbnail(&picture.to_rgb8()),
+                bytes,
+            })
         }
         None => None,
     };
@@ -139,15 +168,25 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 impl LocalFarm {
     async fn start(data_dir: &Path, args: &RenderArgs) -> Result<Self> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let store = Arc::new(SqliteStore::open(&data_dir.join("storyfarm.db")).await.context("opening the local database")?);
-        let blobs: Arc<dyn BlobStore> = Arc::new(LocalDirStore::open(data_dir.join("artifacts")).await?);
-        let queue: Arc<dyn TaskQueue> =
-            Arc::new(InProcessQueue::new(QueueConfig { namespace: "local".into(), ..QueueConfig::default() }));
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let store = Arc::new(
+            SqliteStore::open(&data_dir.join("storyfarm.db"))
+                .await
+                .context("opening the local database")?,
+        );
+        let blobs: Arc<dyn BlobStore> =
+            Arc::new(LocalDirStore::open(data_dir.join("artifacts")).await?);
+        let queue: Arc<dyn TaskQueue> = Arc::new(InProcessQueue::new(QueueConfig {
+            namespace: "local".into(),
+            ..QueueConfig::default()
+        }));
         let families = vec!["sd".to_string(), "sdxl".to_string()];
         let (stop, stop_rx) = watch::channel(false);
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the local API port")?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the local API port")?;
         let endpoint = Endpoint::new(format!("http://{}", listener.local_addr()?));
         let coordinator = Coordinator {
             store: store.clone(),
@@ -155,7 +194,10 @@ impl LocalFarm {
             queue: queue.clone(),
             families: families.clone(),
             policy: PlanPolicy { max_attempts: 3 },
-            retry: RetryPolicy { base: Duration::from_millis(500), max: Duration::from_secs(10) },
+            retry: RetryPolicy {
+                base: Duration::from_millis(500),
+                max: Duration::from_secs(10),
+            },
             max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
         };
         let shutdown = stopped(stop_rx.clone());
@@ -165,12 +207,25 @@ impl LocalFarm {
             }
         });
 
-        let devices = if args.device.is_empty() { vec![DeviceSpec::Cpu] } else { args.device.clone() };
+        let devices = if args.device.is_empty() {
+            vec![DeviceSpec::Cpu]
+        } else {
+            args.device.clone()
+        };
         let count = args.workers.unwrap_or(devices.len()).max(1);
         let hub = HubOptions::from_env()?;
         let caches: Vec<Arc<ModelCache>> = devices
             .iter()
-            .map(|&device| Arc::new(ModelCache::new(ModelLoader { device, precision: args.precision, hub: hub.clone() }, 1)))
+            .map(|&device| {
+                Arc::new(ModelCache::new(
+                    ModelLoader {
+                        device,
+                        precision: args.precision,
+                        hub: hub.clone(),
+                    },
+                    1,
+                ))
+            })
             .collect();
         let mut workers = Vec::new();
         for i in 0..count {
@@ -182,7 +237,12 @@ impl LocalFarm {
                 progress_every: 1,
                 recorded_timeout: Duration::from_secs(30),
             };
-            let worker = Arc::new(Worker::new(config, queue.clone(), blobs.clone(), caches[i % caches.len()].clone()));
+            let worker = Arc::new(Worker::new(
+                config,
+                queue.clone(),
+                blobs.clone(),
+                caches[i % caches.len()].clone(),
+            ));
             let shutdown = stopped(stop_rx.clone());
             workers.push(tokio::spawn(async move {
                 if let Err(e) = worker.run(shutdown).await {
@@ -190,7 +250,14 @@ impl LocalFarm {
                 }
             }));
         }
-        Ok(Self { store, blobs, endpoint, stop, coordinator, workers })
+        Ok(Self {
+            store,
+            blobs,
+            endpoint,
+            stop,
+            coordinator,
+            workers,
+        })
     }
 
     /// Workers hand their task back at the next step; then the coordinator stops.
@@ -205,11 +272,24 @@ impl LocalFarm {
 
 /// The job an earlier run of this board left, when it can still be finished or reused.
 async fn earlier_job(store: &SqliteStore, runs: &Path, key: &str) -> Result<Option<JobId>> {
-    let Ok(text) = std::fs::read_to_string(runs.join(format!("{key}.json"))) else { return Ok(None) };
-    let Ok(record) = serde_json::from_str::<RunRecord>(&text) else { return Ok(None) };
-    let Ok(id) = record.job_id.parse::<JobId>() else { return Ok(None) };
+    let Ok(text) = std::fs::read_to_string(runs.join(format!("{key}.json"))) else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_str::<RunRecord>(&text) else {
+        return Ok(None);
+    };
+    let Ok(id) = record.job_id.parse::<JobId>() else {
+        return Ok(None);
+    };
     match store.get_job(id).await {
-        Ok(job) if matches!(job.state, JobState::Queued | JobState::Running | JobState::Succeeded) => Ok(Some(id)),
+        Ok(job)
+            if matches!(
+                job.state,
+                JobState::Queued | JobState::Running | JobState::Succeeded
+            ) =>
+        {
+            Ok(Some(id))
+        }
         Ok(_) => Ok(None),
         Err(storyfarm_store::StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
@@ -222,13 +302,22 @@ fn frame_file(index: u32) -> String {
 
 /// Writes a frame's PNG unless the file already holds exactly these bytes (a resumed run leaves
 /// finished frames untouched).
-async fn write_frame(blobs: &dyn BlobStore, out: &Path, index: u32, png_key: &str) -> Result<(PathBuf, Vec<u8>)> {
+async fn write_frame(
+    blobs: &dyn BlobStore,
+    out: &Path,
+    index: u32,
+    png_key: &str,
+) -> Result<(PathBuf, Vec<u8>)> {
     let key = BlobKey::new(png_key.to_string())?;
-    let bytes = blobs.get(&key).await.with_context(|| format!("reading frame {} from the artifact store", index + 1))?;
+    let bytes = blobs
+        .get(&key)
+        .await
+        .with_context(|| format!("reading frame {} from the artifact store", index + 1))?;
     let path = out.join(frame_file(index));
     if std::fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
         let partial = path.with_extension("png.partial");
-        std::fs::write(&partial, &bytes).with_context(|| format!("writing {}", partial.display()))?;
+        std::fs::write(&partial, &bytes)
+            .with_context(|| format!("writing {}", partial.display()))?;
         std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok((path, bytes.to_vec()))
@@ -268,8 +357,15 @@ struct Manifest {
 pub async fn run(args: RenderArgs) -> Result<()> {
     let (spec, style_image) = load_board(&args)?;
     let key = board_key(&spec, style_image.as_ref().map(|s| s.bytes.as_slice()))?;
-    let stem = args.board.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "storyboard".into());
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("renders").join(&stem));
+    let stem = args
+        .board
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "storyboard".into());
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("renders").join(&stem));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let runs = data_dir.join("runs");
@@ -291,7 +387,8 @@ pub async fn run(args: RenderArgs) -> Result<()> {
     // one's tasks as lost and render them twice. The OS drops the lock when the process ends,
     // however it ends.
     let lock_path = runs.join(format!("{key}.lock"));
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => bail!(
@@ -319,7 +416,11 @@ async fn render_board(
 ) -> Result<()> {
     let store = farm.store.as_ref();
     let channel = farm.endpoint.channel().await?;
-    let earlier = if args.fresh { None } else { earlier_job(store, runs, key).await? };
+    let earlier = if args.fresh {
+        None
+    } else {
+        earlier_job(store, runs, key).await?
+    };
     // Frames finished by an earlier run are written quietly: this run did not render them.
     let mut already = std::collections::HashSet::new();
     let job_id = match earlier {
@@ -327,10 +428,18 @@ async fn render_board(
             // The in-process queue died with the last process: its deliveries are gone.
             let requeued = store.requeue_lost_deliveries(Some(id)).await?;
             let frames = store.list_frames(id).await?;
-            already.extend(frames.iter().filter(|f| f.state == FrameState::Succeeded).map(|f| f.index));
+            already.extend(
+                frames
+                    .iter()
+                    .filter(|f| f.state == FrameState::Succeeded)
+                    .map(|f| f.index),
+            );
             let done = already.len();
             if done == frames.len() {
-                eprintln!("all {} frames were rendered by an earlier run (--fresh renders them again)", frames.len());
+                eprintln!(
+                    "all {} frames were rendered by an earlier run (--fresh renders them again)",
+                    frames.len()
+                );
             } else {
                 eprintln!("resuming job {id}: {done} of {} frames already rendered, {requeued} task(s) requeued", frames.len());
             }
@@ -338,8 +447,14 @@ async fn render_board(
         }
         None => {
             let job = submit_spec(spec, &args.board, None, channel.clone()).await?;
-            let record = RunRecord { job_id: job.id.clone(), board: args.board.display().to_string() };
-            std::fs::write(runs.join(format!("{key}.json")), serde_json::to_vec_pretty(&record)?)?;
+            let record = RunRecord {
+                job_id: job.id.clone(),
+                board: args.board.display().to_string(),
+            };
+            std::fs::write(
+                runs.join(format!("{key}.json")),
+                serde_json::to_vec_pretty(&record)?,
+            )?;
             eprintln!(
                 "rendering {} frames of {} ({} inversion task(s), {} render task(s))",
                 job.frames_total,
@@ -362,11 +477,18 @@ async fn render_board(
         }
         // Written as they finish, so an interrupted run leaves every finished frame on disk.
         let (path, _) = write_frame(farm.blobs.as_ref(), out, frame.index, &frame.png_key).await?;
-        written_ref.lock().unwrap_or_else(|p| p.into_inner()).insert(frame.index);
+        written_ref
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(frame.index);
         if already.contains(&frame.index) {
             return Ok(None);
         }
-        Ok(Some(format!("frame {} done: {}", frame.index + 1, path.display())))
+        Ok(Some(format!(
+            "frame {} done: {}",
+            frame.index + 1,
+            path.display()
+        )))
     };
     let job_name = job_id.to_string();
     let follow = follow_job(channel, &job_name, spec.steps, write_finished);
@@ -382,14 +504,22 @@ async fn render_board(
     // Every frame again from the store: those of an earlier run were not in this run's events.
     let frames = store.list_frames(job_id).await?;
     let written = written.into_inner().unwrap_or_else(|p| p.into_inner());
-    let board_name = args.board.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let board_name = args
+        .board
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let sheets = sheet_names(frames.len());
     let mut manifest_frames = Vec::new();
     for (page, (chunk, sheet_name)) in frames.chunks(FRAMES_PER_SHEET).zip(&sheets).enumerate() {
         // One page of thumbnails in memory at a time, however long the storyboard.
         let mut cells = Vec::new();
         if let (Some(style), Some(image)) = (&spec.style, style_image) {
-            cells.push(Cell { label: "style".into(), caption: style.prompt.clone(), image: Some(image.thumbnail.clone()) });
+            cells.push(Cell {
+                label: "style".into(),
+                caption: style.prompt.clone(),
+                image: Some(image.thumbnail.clone()),
+            });
         }
         for f in chunk {
             let mut entry = ManifestFrame {
@@ -408,14 +538,21 @@ async fn render_board(
             if let (FrameState::Succeeded, Some(png)) = (f.state, &f.png_key) {
                 let path = out.join(frame_file(f.index));
                 let bytes = match written.contains(&f.index) {
-                    true => std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                    true => std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
                     false => write_frame(farm.blobs.as_ref(), out, f.index, png).await?.1,
                 };
                 entry.png_sha256 = Some(sha256_hex(&bytes));
                 entry.file = Some(frame_file(f.index));
-                picture = image::load_from_memory(&bytes).ok().map(|i| thumbnail(&i.to_rgb8()));
+                picture = image::load_from_memory(&bytes)
+                    .ok()
+                    .map(|i| thumbnail(&i.to_rgb8()));
             }
-            cells.push(Cell { label: format!("#{}", f.index + 1), caption: f.prompt.clone(), image: picture });
+            cells.push(Cell {
+                label: format!("#{}", f.index + 1),
+                caption: f.prompt.clone(),
+                image: picture,
+            });
             manifest_frames.push(entry);
         }
         let title = match sheets.len() {
@@ -451,14 +588,28 @@ async fn render_board(
         contact_sheets: sheets,
         frames: manifest_frames,
     };
-    std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&manifest)?)?;
+    std::fs::write(
+        out.join("manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+    )?;
 
-    let failed = frames.iter().filter(|f| f.state != FrameState::Succeeded).count();
+    let failed = frames
+        .iter()
+        .filter(|f| f.state != FrameState::Succeeded)
+        .count();
     if job.state != pb::JobState::Succeeded as i32 || failed > 0 {
-        bail!("{failed} of {} frames were not rendered: {}", frames.len(), job.error);
+        bail!(
+            "{failed} of {} frames were not rendered: {}",
+            frames.len(),
+            job.error
+        );
     }
     println!("{}", out.display());
-    eprintln!("{} frames, contact sheet and manifest in {}", frames.len(), out.display());
+    eprintln!(
+        "{} frames, contact sheet and manifest in {}",
+        frames.len(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -473,7 +624,9 @@ mod tests {
         let key = board_key(&a, None).unwrap();
         assert_eq!(key, board_key(&a.clone(), None).unwrap());
         // An explicit seed equal to the default one renders the same pixels: same key.
-        let explicit = StoryboardSpec::from_yaml(&yaml.replace("prompt: b", "prompt: b\n    seed: 1")).unwrap();
+        let explicit =
+            StoryboardSpec::from_yaml(&yaml.replace("prompt: b", "prompt: b\n    seed: 1"))
+                .unwrap();
         assert_eq!(explicit.frame_seed(1), a.frame_seed(1));
         assert_eq!(board_key(&explicit, None).unwrap(), key);
         let changed = StoryboardSpec::from_yaml(&yaml.replace("prompt: b", "prompt: c")).unwrap();

@@ -34,13 +34,19 @@ pub fn sheet_names(frames: usize) -> Vec<String> {
         return vec!["contact-sheet.png".into()];
     }
     let digits = pages.to_string().len().max(2);
-    (1..=pages).map(|p| format!("contact-sheet-{p:0digits$}.png")).collect()
+    (1..=pages)
+        .map(|p| format!("contact-sheet-{p:0digits$}.png"))
+        .collect()
 }
 
 /// A picture at the size the sheet shows it, so a sheet's cells are held as thumbnails only.
 pub fn thumbnail(img: &RgbImage) -> RgbImage {
     let (tw, th) = thumb_size(img.width(), img.height());
-    let filter = if img.width() < tw { FilterType::Nearest } else { FilterType::Triangle };
+    let filter = if img.width() < tw {
+        FilterType::Nearest
+    } else {
+        FilterType::Triangle
+    };
     image::imageops::resize(img, tw, th, filter)
 }
 
@@ -90,7 +96,11 @@ fn wrap(text: &str, width: usize, lines: usize) -> Vec<String> {
     let mut words = text.split_whitespace().peekable();
     while let Some(word) = words.next() {
         let word: String = word.chars().take(width).collect();
-        let needed = if current.is_empty() { word.len() } else { current.len() + 1 + word.len() };
+        let needed = if current.is_empty() {
+            word.len()
+        } else {
+            current.len() + 1 + word.len()
+        };
         if needed <= width {
             if !current.is_empty() {
                 current.push(' ');
@@ -143,9 +153,20 @@ pub fn contact_sheet(title: &str, cells: &[Cell]) -> RgbImage {
     let mut sheet = RgbImage::from_pixel(width, height, BACKGROUND);
     // Big title when it fits, else small, else cut.
     let room = (width - 2 * MARGIN) as usize;
-    let scale = if title.chars().count() * 16 <= room { 2 } else { 1 };
+    let scale = if title.chars().count() * 16 <= room {
+        2
+    } else {
+        1
+    };
     let title: String = title.chars().take(room / (8 * scale as usize)).collect();
-    draw_text(&mut sheet, MARGIN, MARGIN + (2 - scale) * 4, &title, scale, TEXT);
+    draw_text(
+        &mut sheet,
+        MARGIN,
+        MARGIN + (2 - scale) * 4,
+        &title,
+        scale,
+        TEXT,
+    );
 
     for (i, cell) in cells.iter().enumerate() {
         let (col, row) = (i as u32 % columns, i as u32 / columns);
@@ -156,7 +177,11 @@ pub fn contact_sheet(title: &str, cells: &[Cell]) -> RgbImage {
                 image::imageops::replace(&mut sheet, img, x as i64, y as i64);
             }
             Some(img) => {
-                let filter = if img.width() < tw { FilterType::Nearest } else { FilterType::Triangle };
+                let filter = if img.width() < tw {
+                    FilterType::Nearest
+                } else {
+                    FilterType::Triangle
+                };
                 let thumb = image::imageops::resize(img, tw, th, filter);
                 image::imageops::replace(&mut sheet, &thumb, x as i64, y as i64);
             }
@@ -169,8 +194,18 @@ pub fn contact_sheet(title: &str, cells: &[Cell]) -> RgbImage {
         let ly = y + th + 6;
         draw_text(&mut sheet, x, ly, &cell.label, 2, TEXT);
         let per_line = (tw / 8) as usize;
-        for (n, line) in wrap(&cell.caption, per_line, CAPTION_LINES).iter().enumerate() {
-            draw_text(&mut sheet, x, ly + label_h + 4 + n as u32 * 10, line, 1, DIM);
+        for (n, line) in wrap(&cell.caption, per_line, CAPTION_LINES)
+            .iter()
+            .enumerate()
+        {
+            draw_text(
+                &mut sheet,
+                x,
+                ly + label_h + 4 + n as u32 * 10,
+                line,
+                1,
+                DIM,
+            );
         }
     }
     sheet
@@ -182,7 +217,10 @@ mod tests {
 
     #[test]
     fn wrap_breaks_on_words_and_marks_what_is_cut() {
-        assert_eq!(wrap("a lighthouse on a cliff", 12, 3), vec!["a lighthouse", "on a cliff"]);
+        assert_eq!(
+            wrap("a lighthouse on a cliff", 12, 3),
+            vec!["a lighthouse", "on a cliff"]
+        );
         let long = wrap("one two three four five six seven eight nine ten", 9, 2);
         assert_eq!(long.len(), 2);
         assert!(long[1].ends_with("..."), "{long:?}");
@@ -194,10 +232,16 @@ mod tests {
     fn large_storyboards_get_numbered_pages() {
         assert_eq!(sheet_names(1), vec!["contact-sheet.png"]);
         assert_eq!(sheet_names(FRAMES_PER_SHEET), vec!["contact-sheet.png"]);
-        assert_eq!(sheet_names(FRAMES_PER_SHEET + 1), vec!["contact-sheet-01.png", "contact-sheet-02.png"]);
+        assert_eq!(
+            sheet_names(FRAMES_PER_SHEET + 1),
+            vec!["contact-sheet-01.png", "contact-sheet-02.png"]
+        );
         let many = sheet_names(10_000);
         assert_eq!(many.len(), 209);
-        assert_eq!((many[0].as_str(), many[208].as_str()), ("contact-sheet-001.png", "contact-sheet-209.png"));
+        assert_eq!(
+            (many[0].as_str(), many[208].as_str()),
+            ("contact-sheet-001.png", "contact-sheet-209.png")
+        );
         // A thumbnail is what the sheet draws, at the sheet's cell size.
         let t = thumbnail(&RgbImage::new(512, 256));
         assert_eq!((t.width(), t.height()), (256, 128));
@@ -208,9 +252,21 @@ mod tests {
         let red = RgbImage::from_pixel(64, 64, Rgb([200, 0, 0]));
         let blue = RgbImage::from_pixel(64, 64, Rgb([0, 0, 200]));
         let cells = vec![
-            Cell { label: "style".into(), caption: "reference".into(), image: Some(red) },
-            Cell { label: "#1".into(), caption: "a fox".into(), image: Some(blue) },
-            Cell { label: "#2".into(), caption: "failed".into(), image: None },
+            Cell {
+                label: "style".into(),
+                caption: "reference".into(),
+                image: Some(red),
+            },
+            Cell {
+                label: "#1".into(),
+                caption: "a fox".into(),
+                image: Some(blue),
+            },
+            Cell {
+                label: "#2".into(),
+                caption: "failed".into(),
+                image: None,
+            },
         ];
         let sheet = contact_sheet("tiny board", &cells);
         // Three columns of 128 px thumbnails (64 px frames grow to 128).

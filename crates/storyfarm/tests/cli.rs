@@ -30,14 +30,35 @@ fn generate_with_style_image_writes_frames() {
         let status = storyfarm()
             .args(["generate", "--model"])
             .arg(fixtures().join("models").join(model))
-            .args(["--prompt", "a red barn", "--prompt", "a lighthouse", "--steps", "4", "--width", "96", "--height", "64"])
+            .args([
+                "--prompt",
+                "a red barn",
+                "--prompt",
+                "a lighthouse",
+                "--steps",
+                "4",
+                "--width",
+                "96",
+                "--height",
+                "64",
+            ])
             .arg("--style-image")
             .arg(fixtures().join("sd15/inversion_image.png"))
-            .args(["--style-prompt", "a colorful geometric pattern", "--seed", "3", "--out"])
+            .args([
+                "--style-prompt",
+                "a colorful geometric pattern",
+                "--seed",
+                "3",
+                "--out",
+            ])
             .arg(&dir)
             .output()
             .unwrap();
-        assert!(status.status.success(), "{model}: {}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         for name in ["frame-001.png", "frame-002.png", "reference.png"] {
             assert_eq!(png_size(&dir.join(name)), (96, 64), "{model}/{name}");
         }
@@ -54,7 +75,10 @@ fn same_seed_same_frame() {
         let s = storyfarm()
             .args(["generate", "--model"])
             .arg(fixtures().join("models/tiny-sd15"))
-            .args(["--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64", "--seed", "11", "--out"])
+            .args([
+                "--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64", "--seed",
+                "11", "--out",
+            ])
             .arg(&dir)
             .status()
             .unwrap();
@@ -68,15 +92,48 @@ fn same_seed_same_frame() {
 fn bad_input_is_one_clear_error() {
     let model = fixtures().join("models/tiny-sd15");
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--height".into(), "60".into()], "`height`: must be a positive multiple of 8, got 60"),
-        (vec!["--height".into(), "64".into(), "--style-image".into(), "/nonexistent/style.png".into(), "--style-prompt".into(), "x".into()], "/nonexistent/style.png"),
-        (vec!["--height".into(), "64".into(), "--style-image".into(), fixtures().join("sd15/inversion_image.png").display().to_string()], "--style-prompt"),
+        (
+            vec!["--height".into(), "60".into()],
+            "`height`: must be a positive multiple of 8, got 60",
+        ),
+        (
+            vec![
+                "--height".into(),
+                "64".into(),
+                "--style-image".into(),
+                "/nonexistent/style.png".into(),
+                "--style-prompt".into(),
+                "x".into(),
+            ],
+            "/nonexistent/style.png",
+        ),
+        (
+            vec![
+                "--height".into(),
+                "64".into(),
+                "--style-image".into(),
+                fixtures()
+                    .join("sd15/inversion_image.png")
+                    .display()
+                    .to_string(),
+            ],
+            "--style-prompt",
+        ),
     ];
     for (extra, needle) in cases {
         let out = storyfarm()
             .args(["generate", "--model"])
             .arg(&model)
-            .args(["--prompt", "x", "--steps", "2", "--width", "64", "--out", "/tmp/storyfarm-never-written"])
+            .args([
+                "--prompt",
+                "x",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--out",
+                "/tmp/storyfarm-never-written",
+            ])
             .args(&extra)
             .output()
             .unwrap();
@@ -86,10 +143,19 @@ fn bad_input_is_one_clear_error() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     let out = storyfarm()
-        .args(["generate", "--model", "no-such-org/no-such-model", "--prompt", "x"])
+        .args([
+            "generate",
+            "--model",
+            "no-such-org/no-such-model",
+            "--prompt",
+            "x",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no-such-org/no-such-model") && stderr.contains("--model"), "{stderr}");
+    assert!(
+        stderr.contains("no-such-org/no-such-model") && stderr.contains("--model"),
+        "{stderr}"
+    );
 }

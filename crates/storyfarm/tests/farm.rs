@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use storyfarm_blob::{BlobKey, BlobStore, S3Config, S3Store};
-use storyfarm_diffusion::frames::{compare_latents, invert_image, render_frames, FrameRequest, StyleRequest};
+use storyfarm_diffusion::frames::{
+    compare_latents, invert_image, render_frames, FrameRequest, StyleRequest,
+};
 use storyfarm_diffusion::model::{HubOptions, ModelFolder};
 use storyfarm_diffusion::pipeline::{GenerationSettings, StableDiffusion};
 use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
@@ -24,7 +26,10 @@ use tonic::transport::Channel;
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn require(var: &str) -> String {
@@ -32,8 +37,15 @@ fn require(var: &str) -> String {
 }
 
 fn psql(database_url: &str, sql: &str) -> String {
-    let out = Command::new("psql").args([database_url, "-tAc", sql]).output().expect("psql runs");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("psql")
+        .args([database_url, "-tAc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -56,14 +68,25 @@ impl Farm {
     async fn new() -> Farm {
         let admin_url = require("DATABASE_URL");
         require("STORYFARM_S3_ENDPOINT");
-        let name = format!("sf_e2e_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "sf_e2e_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         psql(&admin_url, &format!("CREATE DATABASE {name}"));
         let database_url = match admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("DATABASE_URL without a database name: {admin_url}"),
         };
         let bucket = name.replace('_', "-");
-        let config = S3Config::from_vars(|v| if v == "STORYFARM_S3_BUCKET" { Some(bucket.clone()) } else { std::env::var(v).ok() }).unwrap();
+        let config = S3Config::from_vars(|v| {
+            if v == "STORYFARM_S3_BUCKET" {
+                Some(bucket.clone())
+            } else {
+                std::env::var(v).ok()
+            }
+        })
+        .unwrap();
         let s3 = S3Store::new(config).await.unwrap();
         s3.ensure_bucket().await.unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -108,15 +131,26 @@ impl Farm {
 
     fn start_coordinator(&mut self) {
         let mut command = self.command("serve", "coordinator.log");
-        command.args(["--listen", &format!("127.0.0.1:{}", self.port), "--retry-base-ms", "200"]);
+        command.args([
+            "--listen",
+            &format!("127.0.0.1:{}", self.port),
+            "--retry-base-ms",
+            "200",
+        ]);
         self.start_coordinator_with(command);
     }
 
     fn start_coordinator_with(&mut self, mut command: Command) {
         let mut child = command.spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.starts_with("listening on"), "coordinator did not start: {line:?}, see {}", self.logs.display());
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("listening on"),
+            "coordinator did not start: {line:?}, see {}",
+            self.logs.display()
+        );
         self.coordinator = Some(child);
     }
 
@@ -127,9 +161,16 @@ impl Farm {
 
     fn worker_command(&self, id: &str) -> Command {
         let mut c = self.command("worker", &format!("{id}.log"));
-        c.args(["--worker-id", id, "--recorded-timeout-seconds", "2", "--heartbeat-seconds", "1"])
-            .arg("--cache-dir")
-            .arg(self.logs.join(format!("{id}-cache")));
+        c.args([
+            "--worker-id",
+            id,
+            "--recorded-timeout-seconds",
+            "2",
+            "--heartbeat-seconds",
+            "1",
+        ])
+        .arg("--cache-dir")
+        .arg(self.logs.join(format!("{id}-cache")));
         c
     }
 
@@ -147,7 +188,11 @@ impl Farm {
             .arg(board)
             .output()
             .unwrap();
-        assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -155,7 +200,11 @@ impl Farm {
         let started = Instant::now();
         let mut jobs = self.jobs().await;
         loop {
-            let j = jobs.get_job(pb::GetJobRequest { id: job.into() }).await.unwrap().into_inner();
+            let j = jobs
+                .get_job(pb::GetJobRequest { id: job.into() })
+                .await
+                .unwrap()
+                .into_inner();
             if j.state >= pb::JobState::Succeeded as i32 {
                 return j;
             }
@@ -181,21 +230,33 @@ impl Drop for Farm {
             let _ = child.wait();
         }
         let _ = Command::new("psql")
-            .args([&self.admin_url, "-tAc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
+            .args([
+                &self.admin_url,
+                "-tAc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
             .output();
-        let _ = Command::new("rabbitmqctl").args(["list_queues", "-q"]).output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["list_queues", "-q"])
+            .output();
     }
 }
 
 /// A storyboard file of `frames` frames in the style of the fixture image.
 fn write_board(dir: &Path, frames: usize, steps: u32, per_task: u32) -> PathBuf {
-    std::fs::copy(repo().join("tests/fixtures/sd15/inversion_image.png"), dir.join("style.png")).unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/sd15/inversion_image.png"),
+        dir.join("style.png"),
+    )
+    .unwrap();
     let mut board = format!(
         "model: {}\nwidth: 64\nheight: 64\nsteps: {steps}\nguidance: 7.5\nseed: 500\nframes_per_task: {per_task}\nstyle:\n  image: style.png\n  prompt: a colorful geometric pattern\n  offset: 1\n  inversion_guidance: 2.0\nframes:\n",
         repo().join("tests/fixtures/models/tiny-sd15").display()
     );
     for i in 0..frames {
-        board.push_str(&format!("  - prompt: frame {i} of a story, flat illustration\n"));
+        board.push_str(&format!(
+            "  - prompt: frame {i} of a story, flat illustration\n"
+        ));
     }
     let path = dir.join(format!("board-{frames}-{steps}.yaml"));
     std::fs::write(&path, board).unwrap();
@@ -206,12 +267,22 @@ fn write_board(dir: &Path, frames: usize, steps: u32, per_task: u32) -> PathBuf 
 fn with_model(board: PathBuf, model: &str) -> PathBuf {
     let text = std::fs::read_to_string(&board).unwrap();
     let model_line = text.lines().next().unwrap().to_string();
-    std::fs::write(&board, text.replace(&model_line, &format!("model: {model}"))).unwrap();
+    std::fs::write(
+        &board,
+        text.replace(&model_line, &format!("model: {model}")),
+    )
+    .unwrap();
     board
 }
 
 async fn frames_of(farm: &Farm, job: &str) -> Vec<pb::Frame> {
-    farm.jobs().await.list_frames(pb::ListFramesRequest { job_id: job.into() }).await.unwrap().into_inner().frames
+    farm.jobs()
+        .await
+        .list_frames(pb::ListFramesRequest { job_id: job.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .frames
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,21 +296,59 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
     let job_id = farm.submit(&board);
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
-    assert_eq!((job.frames_total, job.frames_succeeded, job.inversion_tasks, job.render_tasks), (12, 12, 1, 6));
+    assert_eq!(
+        (
+            job.frames_total,
+            job.frames_succeeded,
+            job.inversion_tasks,
+            job.render_tasks
+        ),
+        (12, 12, 1, 6)
+    );
     let frames = frames_of(&farm, &job_id).await;
     // Both workers took tasks.
     for w in ["worker-a.log", "worker-b.log"] {
-        assert!(farm.log(w).contains("task succeeded"), "{w} rendered nothing:\n{}", tail(&farm.log(w)));
+        assert!(
+            farm.log(w).contains("task succeeded"),
+            "{w} rendered nothing:\n{}",
+            tail(&farm.log(w))
+        );
     }
 
     // Every frame equals the same frame rendered alone in this process.
     let model = repo().join("tests/fixtures/models/tiny-sd15");
     let folder = ModelFolder::open(model.to_str().unwrap(), &HubOptions::default()).unwrap();
-    let sd = StableDiffusion::load(&folder, storyfarm_diffusion::device::Precision::F32.to_dtype(), &storyfarm_diffusion::device::DeviceSpec::Cpu.device().unwrap()).unwrap();
-    let settings = GenerationSettings { height: 64, width: 64, steps: 5, guidance_scale: 7.5 };
+    let sd = StableDiffusion::load(
+        &folder,
+        storyfarm_diffusion::device::Precision::F32.to_dtype(),
+        &storyfarm_diffusion::device::DeviceSpec::Cpu
+            .device()
+            .unwrap(),
+    )
+    .unwrap();
+    let settings = GenerationSettings {
+        height: 64,
+        width: 64,
+        steps: 5,
+        guidance_scale: 7.5,
+    };
     let image = std::fs::read(dir.path().join("style.png")).unwrap();
-    let trajectory = invert_image(&sd, &image, "style.png", "a colorful geometric pattern", &settings, 2.0, &mut |_| Ok(())).unwrap();
-    let style = StyleRequest { trajectory: &trajectory, reference_prompt: "a colorful geometric pattern", offset: 1, options: StyleAlignedOptions::default() };
+    let trajectory = invert_image(
+        &sd,
+        &image,
+        "style.png",
+        "a colorful geometric pattern",
+        &settings,
+        2.0,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    let style = StyleRequest {
+        trajectory: &trajectory,
+        reference_prompt: "a colorful geometric pattern",
+        offset: 1,
+        options: StyleAlignedOptions::default(),
+    };
     let mut jobs = farm.jobs().await;
     for f in &frames {
         assert_eq!(f.state, pb::FrameState::Succeeded as i32, "{f:?}");
@@ -247,16 +356,32 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
             &sd,
             &settings,
             Some(&style),
-            &[FrameRequest { index: f.index, prompt: f.prompt.clone(), negative_prompt: String::new(), seed: f.seed }],
+            &[FrameRequest {
+                index: f.index,
+                prompt: f.prompt.clone(),
+                negative_prompt: String::new(),
+                seed: f.seed,
+            }],
             &mut |_| Ok(()),
         )
         .unwrap();
-        let farm_latents = farm.blobs.get(&BlobKey::new(f.latents_key.clone()).unwrap()).await.unwrap();
+        let farm_latents = farm
+            .blobs
+            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
+            .await
+            .unwrap();
         let (diff, scale) = compare_latents(&farm_latents, &alone[0].latents).unwrap();
-        assert!(diff <= 1e-4 * scale, "frame {}: max-abs {diff} > 1e-4 x {scale}", f.index);
+        assert!(
+            diff <= 1e-4 * scale,
+            "frame {}: max-abs {diff} > 1e-4 x {scale}",
+            f.index
+        );
         // The PNG comes through the API.
         let mut stream = jobs
-            .download_frame(pb::DownloadFrameRequest { job_id: job_id.clone(), index: f.index })
+            .download_frame(pb::DownloadFrameRequest {
+                job_id: job_id.clone(),
+                index: f.index,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -267,41 +392,83 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
         let decoded = image::load_from_memory(&png).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (64, 64));
     }
-    assert_eq!(frames.iter().map(|f| f.seed).collect::<Vec<_>>(), (500..512).collect::<Vec<u64>>());
+    assert_eq!(
+        frames.iter().map(|f| f.seed).collect::<Vec<_>>(),
+        (500..512).collect::<Vec<u64>>()
+    );
     // A frame the job does not have is named.
-    let missing = jobs.download_frame(pb::DownloadFrameRequest { job_id: job_id.clone(), index: 12 }).await;
-    assert_status(missing.map(|_| ()), tonic::Code::NotFound, "frame 12 of job");
+    let missing = jobs
+        .download_frame(pb::DownloadFrameRequest {
+            job_id: job_id.clone(),
+            index: 12,
+        })
+        .await;
+    assert_status(
+        missing.map(|_| ()),
+        tonic::Code::NotFound,
+        "frame 12 of job",
+    );
 
     // `storyfarm frames` downloads them all.
     let out = dir.path().join("frames");
     let listed = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
-        .args(["frames", &job_id, "--coordinator", &farm.endpoint(), "--out"])
+        .args([
+            "frames",
+            &job_id,
+            "--coordinator",
+            &farm.endpoint(),
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     for i in 1..=12 {
         let png = std::fs::read(out.join(format!("frame-{i:03}.png"))).unwrap();
         assert_eq!(image::load_from_memory(&png).unwrap().width(), 64);
     }
     // gRPC health says the coordinator serves.
-    let channel = Channel::from_shared(farm.endpoint()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(farm.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "storyfarm.v1.JobService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "storyfarm.v1.JobService".into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // A second storyboard with the same reference reuses the inversion.
     let second = farm.submit(&write_board(dir.path(), 3, 5, 2));
     let job2 = farm.wait_for(&second, Duration::from_secs(120)).await;
-    assert_eq!((job2.state, job2.inversion_tasks), (pb::JobState::Succeeded as i32, 0), "{job2:?}");
+    assert_eq!(
+        (job2.state, job2.inversion_tasks),
+        (pb::JobState::Succeeded as i32, 0),
+        "{job2:?}"
+    );
     // The watch command follows a finished job to its end and reports success.
-    let watch = Command::new(env!("CARGO_BIN_EXE_storyfarm")).args(["watch", &second, "--coordinator", &farm.endpoint()]).output().unwrap();
-    assert!(watch.status.success(), "{}", String::from_utf8_lossy(&watch.stderr));
+    let watch = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .args(["watch", &second, "--coordinator", &farm.endpoint()])
+        .output()
+        .unwrap();
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
     assert!(String::from_utf8_lossy(&watch.stdout).contains("succeeded"));
 }
 
@@ -309,7 +476,11 @@ async fn twelve_frames_on_two_workers_equal_frames_rendered_alone() {
 async fn wait_for_log(farm: &Farm, log: &str, needle: &str, timeout: Duration) {
     let started = Instant::now();
     while !farm.log(log).contains(needle) {
-        assert!(started.elapsed() < timeout, "{log} never said {needle:?}:\n{}", tail(&farm.log(log)));
+        assert!(
+            started.elapsed() < timeout,
+            "{log} never said {needle:?}:\n{}",
+            tail(&farm.log(log))
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -326,7 +497,10 @@ async fn a_killed_worker_task_is_redelivered_and_every_frame_lands_once() {
     // Past the inversion, into a render task: then SIGKILL.
     wait_for_log(&farm, "doomed.log", "rendering", Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!farm.log("doomed.log").contains("task succeeded frames=2"), "the render finished before the kill; make it longer");
+    assert!(
+        !farm.log("doomed.log").contains("task succeeded frames=2"),
+        "the render finished before the kill; make it longer"
+    );
     farm.workers[0].kill().unwrap(); // SIGKILL
     farm.workers[0].wait().unwrap();
     farm.start_worker("rescuer");
@@ -334,14 +508,29 @@ async fn a_killed_worker_task_is_redelivered_and_every_frame_lands_once() {
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
     let frames = frames_of(&farm, &job_id).await;
     assert_eq!(frames.len(), 4);
-    assert!(frames.iter().all(|f| f.state == pb::FrameState::Succeeded as i32 && !f.png_key.is_empty()), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.state == pb::FrameState::Succeeded as i32 && !f.png_key.is_empty()),
+        "{frames:?}"
+    );
     // The killed worker's task came back to the rescuer as a redelivery.
-    assert!(farm.log("rescuer.log").contains("redelivered=true"), "{}", tail(&farm.log("rescuer.log")));
+    assert!(
+        farm.log("rescuer.log").contains("redelivered=true"),
+        "{}",
+        tail(&farm.log("rescuer.log"))
+    );
     // Exactly once: one success recorded per task, whatever was delivered twice.
-    let successes = psql(&farm.database_url, "SELECT count(*) FROM task_events WHERE kind = 'succeeded'");
+    let successes = psql(
+        &farm.database_url,
+        "SELECT count(*) FROM task_events WHERE kind = 'succeeded'",
+    );
     let tasks = psql(&farm.database_url, "SELECT count(*) FROM tasks");
     assert_eq!(successes, tasks);
-    let succeeded_frames = psql(&farm.database_url, "SELECT count(DISTINCT (job_id, frame_index)) FROM frames WHERE state = 'succeeded'");
+    let succeeded_frames = psql(
+        &farm.database_url,
+        "SELECT count(DISTINCT (job_id, frame_index)) FROM frames WHERE state = 'succeeded'",
+    );
     assert_eq!(succeeded_frames, "4");
 }
 
@@ -359,7 +548,11 @@ async fn a_task_that_kills_its_workers_is_dead_lettered_and_fails_its_frames() {
         let log = format!("{worker}.log");
         wait_for_log(&farm, &log, "rendering", Duration::from_secs(120)).await;
         if n == 1 {
-            assert!(farm.log(&log).contains("redelivered=true"), "{}", tail(&farm.log(&log)));
+            assert!(
+                farm.log(&log).contains("redelivered=true"),
+                "{}",
+                tail(&farm.log(&log))
+            );
         }
         farm.workers[n].kill().unwrap(); // SIGKILL, as a crash on this task would
         farm.workers[n].wait().unwrap();
@@ -369,12 +562,17 @@ async fn a_task_that_kills_its_workers_is_dead_lettered_and_fails_its_frames() {
     assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
     let frames = frames_of(&farm, &job_id).await;
     assert!(
-        frames.iter().all(|f| f.state == pb::FrameState::Failed as i32
-            && f.error.contains("task never finished")
-            && f.error.contains("DeliveryLimit")),
+        frames
+            .iter()
+            .all(|f| f.state == pb::FrameState::Failed as i32
+                && f.error.contains("task never finished")
+                && f.error.contains("DeliveryLimit")),
         "{frames:?}"
     );
-    let dead = psql(&farm.database_url, "SELECT count(*) FROM task_events WHERE worker_id = 'dead-letter-queue'");
+    let dead = psql(
+        &farm.database_url,
+        "SELECT count(*) FROM task_events WHERE worker_id = 'dead-letter-queue'",
+    );
     assert_eq!(dead, "1");
 }
 
@@ -386,7 +584,13 @@ async fn the_coordinator_restarted_mid_job_finishes_the_job() {
     farm.start_worker("steady");
     let board = write_board(dir.path(), 6, 20, 2);
     let job_id = farm.submit(&board);
-    wait_for_log(&farm, "steady.log", "task succeeded", Duration::from_secs(120)).await;
+    wait_for_log(
+        &farm,
+        "steady.log",
+        "task succeeded",
+        Duration::from_secs(120),
+    )
+    .await;
     let mut coordinator = farm.coordinator.take().unwrap();
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
@@ -398,23 +602,39 @@ async fn the_coordinator_restarted_mid_job_finishes_the_job() {
     assert_eq!(job.frames_succeeded, 6);
 }
 
-fn upload_messages(project_id: &str, prompt: &str, bytes: &[u8]) -> Vec<pb::UploadReferenceRequest> {
+fn upload_messages(
+    project_id: &str,
+    prompt: &str,
+    bytes: &[u8],
+) -> Vec<pb::UploadReferenceRequest> {
     let mut m = vec![pb::UploadReferenceRequest {
-        part: Some(pb::upload_reference_request::Part::Header(pb::ReferenceHeader {
-            project_id: project_id.into(),
-            kind: pb::ReferenceKind::Style as i32,
-            prompt: prompt.into(),
-            filename: "style.png".into(),
-        })),
+        part: Some(pb::upload_reference_request::Part::Header(
+            pb::ReferenceHeader {
+                project_id: project_id.into(),
+                kind: pb::ReferenceKind::Style as i32,
+                prompt: prompt.into(),
+                filename: "style.png".into(),
+            },
+        )),
     }];
-    m.extend(bytes.chunks(700).map(|c| pb::UploadReferenceRequest { part: Some(pb::upload_reference_request::Part::Chunk(c.to_vec())) }));
+    m.extend(bytes.chunks(700).map(|c| pb::UploadReferenceRequest {
+        part: Some(pb::upload_reference_request::Part::Chunk(c.to_vec())),
+    }));
     m
 }
 
-fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, needle: &str) {
+fn assert_status(
+    result: Result<impl std::fmt::Debug, tonic::Status>,
+    code: tonic::Code,
+    needle: &str,
+) {
     let status = result.expect_err("the call should fail");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(status.message().contains(needle), "{needle:?} not in {:?}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "{needle:?} not in {:?}",
+        status.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +646,11 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
 
     let mut farm = Farm::new().await;
     farm.start_coordinator();
-    let channel = Channel::from_shared(farm.endpoint()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(farm.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut projects = ProjectServiceClient::new(channel.clone());
     let mut references = ReferenceServiceClient::new(channel.clone());
     let mut storyboards = StoryboardServiceClient::new(channel.clone());
@@ -434,39 +658,88 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
     let nobody = "01a214a0-0000-7000-8000-000000000000";
 
     // Unknown ids.
-    assert_status(projects.get_project(pb::GetProjectRequest { id: nobody.into() }).await, Code::NotFound, "project");
-    assert_status(jobs.get_job(pb::GetJobRequest { id: nobody.into() }).await, Code::NotFound, "job");
-    assert_status(jobs.submit_job(pb::SubmitJobRequest { storyboard_id: nobody.into() }).await, Code::NotFound, "storyboard");
-    assert_status(jobs.get_job(pb::GetJobRequest { id: "not-an-id".into() }).await, Code::InvalidArgument, "id");
+    assert_status(
+        projects
+            .get_project(pb::GetProjectRequest { id: nobody.into() })
+            .await,
+        Code::NotFound,
+        "project",
+    );
+    assert_status(
+        jobs.get_job(pb::GetJobRequest { id: nobody.into() }).await,
+        Code::NotFound,
+        "job",
+    );
+    assert_status(
+        jobs.submit_job(pb::SubmitJobRequest {
+            storyboard_id: nobody.into(),
+        })
+        .await,
+        Code::NotFound,
+        "storyboard",
+    );
+    assert_status(
+        jobs.get_job(pb::GetJobRequest {
+            id: "not-an-id".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "id",
+    );
     let png = std::fs::read(repo().join("tests/fixtures/sd15/inversion_image.png")).unwrap();
     assert_status(
-        references.upload_reference(tokio_stream::iter(upload_messages(nobody, "style", &png))).await,
+        references
+            .upload_reference(tokio_stream::iter(upload_messages(nobody, "style", &png)))
+            .await,
         Code::NotFound,
         "project",
     );
 
-    let project = projects.create_project(pb::CreateProjectRequest { name: "bad inputs".into() }).await.unwrap().into_inner();
+    let project = projects
+        .create_project(pb::CreateProjectRequest {
+            name: "bad inputs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     // Malformed image bytes, an empty prompt, an oversized upload.
     assert_status(
-        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", b"definitely not a png"))).await,
+        references
+            .upload_reference(tokio_stream::iter(upload_messages(
+                &project.id,
+                "style",
+                b"definitely not a png",
+            )))
+            .await,
         Code::InvalidArgument,
         "style.png is not a readable PNG or JPEG image",
     );
     assert_status(
-        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, " ", &png))).await,
+        references
+            .upload_reference(tokio_stream::iter(upload_messages(&project.id, " ", &png)))
+            .await,
         Code::InvalidArgument,
         "header.prompt",
     );
     let huge = vec![0u8; 21 * 1024 * 1024];
     assert_status(
-        references.upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", &huge))).await,
+        references
+            .upload_reference(tokio_stream::iter(upload_messages(
+                &project.id,
+                "style",
+                &huge,
+            )))
+            .await,
         Code::InvalidArgument,
         "exceeds the limit",
     );
 
     // Storyboards: sizes, frames, references.
     let settings = |width, height| pb::StoryboardSettings {
-        model: repo().join("tests/fixtures/models/tiny-sd15").display().to_string(),
+        model: repo()
+            .join("tests/fixtures/models/tiny-sd15")
+            .display()
+            .to_string(),
         width,
         height,
         steps: 4,
@@ -475,31 +748,84 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
         style: None,
         frames_per_task: 2,
     };
-    let frame = |p: &str| pb::FrameSpec { prompt: p.into(), negative_prompt: None, seed: None };
-    let board = |settings: pb::StoryboardSettings, frames: Vec<pb::FrameSpec>| pb::CreateStoryboardRequest {
-        project_id: project.id.clone(),
-        name: "b".into(),
-        settings: Some(settings),
-        frames,
+    let frame = |p: &str| pb::FrameSpec {
+        prompt: p.into(),
+        negative_prompt: None,
+        seed: None,
+    };
+    let board = |settings: pb::StoryboardSettings, frames: Vec<pb::FrameSpec>| {
+        pb::CreateStoryboardRequest {
+            project_id: project.id.clone(),
+            name: "b".into(),
+            settings: Some(settings),
+            frames,
+        }
     };
     for (request, field) in [
         (board(settings(0, 64), vec![frame("a")]), "settings.width"),
-        (board(settings(4096, 64), vec![frame("a")]), "settings.width"),
-        (board(settings(64, 100), vec![frame("a")]), "settings.height: must be divisible by 8"),
-        (board(settings(64, 64), vec![]), "frames: a storyboard needs at least one frame"),
-        (board(settings(64, 64), vec![frame("a"), frame("")]), "frames[1].prompt"),
-        (pb::CreateStoryboardRequest { settings: None, ..board(settings(64, 64), vec![frame("a")]) }, "settings"),
+        (
+            board(settings(4096, 64), vec![frame("a")]),
+            "settings.width",
+        ),
+        (
+            board(settings(64, 100), vec![frame("a")]),
+            "settings.height: must be divisible by 8",
+        ),
+        (
+            board(settings(64, 64), vec![]),
+            "frames: a storyboard needs at least one frame",
+        ),
+        (
+            board(settings(64, 64), vec![frame("a"), frame("")]),
+            "frames[1].prompt",
+        ),
+        (
+            pb::CreateStoryboardRequest {
+                settings: None,
+                ..board(settings(64, 64), vec![frame("a")])
+            },
+            "settings",
+        ),
     ] {
-        assert_status(storyboards.create_storyboard(request).await, Code::InvalidArgument, field);
+        assert_status(
+            storyboards.create_storyboard(request).await,
+            Code::InvalidArgument,
+            field,
+        );
     }
     let mut styled = settings(64, 64);
-    styled.style = Some(pb::StyleSettings { reference_id: nobody.into(), offset: 0, inversion_guidance: 2.0, options: None });
-    assert_status(storyboards.create_storyboard(board(styled.clone(), vec![frame("a")])).await, Code::NotFound, "reference");
-    styled.style = Some(pb::StyleSettings { reference_id: nobody.into(), offset: 9, inversion_guidance: 2.0, options: None });
-    assert_status(storyboards.create_storyboard(board(styled, vec![frame("a")])).await, Code::InvalidArgument, "settings.style.offset");
+    styled.style = Some(pb::StyleSettings {
+        reference_id: nobody.into(),
+        offset: 0,
+        inversion_guidance: 2.0,
+        options: None,
+    });
     assert_status(
         storyboards
-            .create_storyboard(pb::CreateStoryboardRequest { project_id: nobody.into(), ..board(settings(64, 64), vec![frame("a")]) })
+            .create_storyboard(board(styled.clone(), vec![frame("a")]))
+            .await,
+        Code::NotFound,
+        "reference",
+    );
+    styled.style = Some(pb::StyleSettings {
+        reference_id: nobody.into(),
+        offset: 9,
+        inversion_guidance: 2.0,
+        options: None,
+    });
+    assert_status(
+        storyboards
+            .create_storyboard(board(styled, vec![frame("a")]))
+            .await,
+        Code::InvalidArgument,
+        "settings.style.offset",
+    );
+    assert_status(
+        storyboards
+            .create_storyboard(pb::CreateStoryboardRequest {
+                project_id: nobody.into(),
+                ..board(settings(64, 64), vec![frame("a")])
+            })
             .await,
         Code::NotFound,
         "project",
@@ -507,11 +833,22 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
 
     // Nothing half-made: no reference, storyboard or job rows, no object in the bucket.
     for table in ["style_references", "storyboards", "jobs", "tasks"] {
-        assert_eq!(psql(&farm.database_url, &format!("SELECT count(*) FROM {table}")), "0", "{table}");
+        assert_eq!(
+            psql(&farm.database_url, &format!("SELECT count(*) FROM {table}")),
+            "0",
+            "{table}"
+        );
     }
-    assert!(farm.blobs.list("").await.unwrap().is_empty(), "objects left in the bucket");
+    assert!(
+        farm.blobs.list("").await.unwrap().is_empty(),
+        "objects left in the bucket"
+    );
     // And a good request still works.
-    let sb = storyboards.create_storyboard(board(settings(64, 64), vec![frame("a")])).await.unwrap().into_inner();
+    let sb = storyboards
+        .create_storyboard(board(settings(64, 64), vec![frame("a")]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(sb.frames.len(), 1);
 }
 
@@ -523,32 +860,63 @@ async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at
     farm.start_worker("first");
 
     // A model no worker can load fails its frames at once, with the reason.
-    let bad = with_model(write_board(dir.path(), 2, 5, 2), "no-such-org/no-such-model");
-    let failed = farm.wait_for(&farm.submit(&bad), Duration::from_secs(120)).await;
+    let bad = with_model(
+        write_board(dir.path(), 2, 5, 2),
+        "no-such-org/no-such-model",
+    );
+    let failed = farm
+        .wait_for(&farm.submit(&bad), Duration::from_secs(120))
+        .await;
     assert_eq!(failed.state, pb::JobState::Failed as i32, "{failed:?}");
-    assert!(failed.error.contains("no-such-org/no-such-model"), "{}", failed.error);
+    assert!(
+        failed.error.contains("no-such-org/no-such-model"),
+        "{}",
+        failed.error
+    );
 
     // Cancel while a render runs: the worker stops between steps and the job ends cancelled.
     let long = write_board(dir.path(), 2, 400, 2);
     let job_id = farm.submit(&long);
     wait_for_log(&farm, "first.log", "rendering", Duration::from_secs(120)).await;
     let mut jobs = farm.jobs().await;
-    let cancelled = jobs.cancel_job(pb::CancelJobRequest { id: job_id.clone() }).await.unwrap().into_inner();
+    let cancelled = jobs
+        .cancel_job(pb::CancelJobRequest { id: job_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
-    wait_for_log(&farm, "first.log", "task stopped at the coordinator's request", Duration::from_secs(60)).await;
+    wait_for_log(
+        &farm,
+        "first.log",
+        "task stopped at the coordinator's request",
+        Duration::from_secs(60),
+    )
+    .await;
     let frames = frames_of(&farm, &job_id).await;
-    assert!(frames.iter().all(|f| f.state == pb::FrameState::Cancelled as i32), "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.state == pb::FrameState::Cancelled as i32),
+        "{frames:?}"
+    );
 
     // SIGTERM mid-task: the worker hands the task back and exits; another finishes it.
     let job_id = farm.submit(&write_board(dir.path(), 2, 300, 2));
     let before = farm.log("first.log").matches("rendering").count();
     let started = Instant::now();
     while farm.log("first.log").matches("rendering").count() == before {
-        assert!(started.elapsed() < Duration::from_secs(120), "no render started");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no render started"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = farm.workers[0].id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let exited = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Some(status) = farm.workers[0].try_wait().unwrap() {
@@ -560,10 +928,18 @@ async fn cancel_stops_the_running_task_sigterm_hands_back_and_bad_models_fail_at
     .await
     .expect("the worker exits promptly on SIGTERM");
     assert!(exited.success(), "{exited:?}");
-    assert!(farm.log("first.log").contains("task handed back"), "{}", tail(&farm.log("first.log")));
+    assert!(
+        farm.log("first.log").contains("task handed back"),
+        "{}",
+        tail(&farm.log("first.log"))
+    );
     farm.start_worker("second");
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
-    assert_eq!((job.state, job.frames_succeeded), (pb::JobState::Succeeded as i32, 2), "{job:?}");
+    assert_eq!(
+        (job.state, job.frames_succeeded),
+        (pb::JobState::Succeeded as i32, 2),
+        "{job:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -571,7 +947,14 @@ async fn a_retryable_failure_is_retried_with_backoff_until_the_attempts_run_out(
     let dir = tempfile::tempdir().unwrap();
     let mut farm = Farm::new().await;
     let mut coordinator = farm.command("serve", "coordinator.log");
-    coordinator.args(["--listen", &format!("127.0.0.1:{}", farm.port), "--retry-base-ms", "300", "--max-attempts", "3"]);
+    coordinator.args([
+        "--listen",
+        &format!("127.0.0.1:{}", farm.port),
+        "--retry-base-ms",
+        "300",
+        "--max-attempts",
+        "3",
+    ]);
     farm.start_coordinator_with(coordinator);
     // A hub that cannot be reached (and an empty cache) is a retryable failure: the network
     // may come back, unlike a repo the hub says does not exist.
@@ -579,22 +962,36 @@ async fn a_retryable_failure_is_retried_with_backoff_until_the_attempts_run_out(
     let hub = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let mut worker = farm.worker_command("first");
-    worker.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", &hub).env("HF_HUB_CACHE", dir.path().join("hub"));
+    worker
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", &hub)
+        .env("HF_HUB_CACHE", dir.path().join("hub"));
     farm.workers.push(worker.spawn().unwrap());
 
-    let board = with_model(write_board(dir.path(), 2, 5, 2), "some-org/unreachable-model");
+    let board = with_model(
+        write_board(dir.path(), 2, 5, 2),
+        "some-org/unreachable-model",
+    );
     let submitted = Instant::now();
-    let job = farm.wait_for(&farm.submit(&board), Duration::from_secs(120)).await;
+    let job = farm
+        .wait_for(&farm.submit(&board), Duration::from_secs(120))
+        .await;
     let elapsed = submitted.elapsed();
     assert_eq!(job.state, pb::JobState::Failed as i32, "{job:?}");
-    assert!(job.error.contains("could not fetch") && job.error.contains("gave up after 3 attempts"), "{}", job.error);
+    assert!(
+        job.error.contains("could not fetch") && job.error.contains("gave up after 3 attempts"),
+        "{}",
+        job.error
+    );
     // The style reference's inversion is the task that failed; the frames' own tasks waited
     // on it and never ran.
     let frames = frames_of(&farm, &job.id).await;
     assert!(
-        frames.iter().all(|f| f.state == pb::FrameState::Failed as i32
-            && f.attempts == 0
-            && f.error.starts_with("style reference inversion failed")),
+        frames
+            .iter()
+            .all(|f| f.state == pb::FrameState::Failed as i32
+                && f.attempts == 0
+                && f.error.starts_with("style reference inversion failed")),
         "{frames:?}"
     );
     // Three attempts of one task, the second 300 ms and the third 600 ms after the one before
@@ -605,7 +1002,10 @@ async fn a_retryable_failure_is_retried_with_backoff_until_the_attempts_run_out(
     for (line, attempt) in started.iter().zip(1..) {
         assert!(line.contains(&format!("attempt={attempt} ")), "{line}");
     }
-    assert!(elapsed >= Duration::from_millis(900), "retries waited for their backoff: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "retries waited for their backoff: {elapsed:?}"
+    );
 }
 
 /// `storyfarm render` (one process: SQLite, in-process queue, local artifacts) and the farm
@@ -632,16 +1032,33 @@ async fn render_on_one_machine_equals_the_farm() {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
-    assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     let local_frames = manifest["frames"].as_array().unwrap();
     let farm_frames = frames_of(&farm, &job_id).await;
     assert_eq!(local_frames.len(), farm_frames.len());
     for (l, f) in local_frames.iter().zip(&farm_frames) {
         assert_eq!(l["seed"].as_u64(), Some(f.seed));
-        let local_latents = std::fs::read(data.join("artifacts").join(l["latents_key"].as_str().unwrap())).unwrap();
-        let farm_latents = farm.blobs.get(&BlobKey::new(f.latents_key.clone()).unwrap()).await.unwrap();
+        let local_latents = std::fs::read(
+            data.join("artifacts")
+                .join(l["latents_key"].as_str().unwrap()),
+        )
+        .unwrap();
+        let farm_latents = farm
+            .blobs
+            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
+            .await
+            .unwrap();
         let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
-        assert!(diff <= 1e-4 * scale, "frame {}: max-abs {diff} > 1e-4 x {scale}", f.index);
+        assert!(
+            diff <= 1e-4 * scale,
+            "frame {}: max-abs {diff} > 1e-4 x {scale}",
+            f.index
+        );
     }
 }

@@ -156,11 +156,21 @@ impl<'a> ConsistoryHook<'a> {
                     // An image that shares with nobody renders as it would alone: no blending.
                     let per_item = |shared: f32, alone: f32| -> Result<Tensor> {
                         let w: Vec<f32> = (0..ctx.layout.batch_size())
-                            .map(|item| if self.mapping.has_sources(ctx.layout.image_of(item)) { shared } else { alone })
+                            .map(|item| {
+                                if self.mapping.has_sources(ctx.layout.image_of(item)) {
+                                    shared
+                                } else {
+                                    alone
+                                }
+                            })
                             .collect();
-                        Ok(Tensor::from_vec(w, (ctx.layout.batch_size(), 1, 1), q.device())?.to_dtype(q.dtype())?)
+                        Ok(
+                            Tensor::from_vec(w, (ctx.layout.batch_size(), 1, 1), q.device())?
+                                .to_dtype(q.dtype())?,
+                        )
                     };
-                    (vanilla.broadcast_mul(&per_item(w_vanilla, 0.0)?)? + q.broadcast_mul(&per_item(w_own, 1.0)?)?)?
+                    (vanilla.broadcast_mul(&per_item(w_vanilla, 0.0)?)?
+                        + q.broadcast_mul(&per_item(w_own, 1.0)?)?)?
                 }
             }
             _ => q,
@@ -194,7 +204,11 @@ impl<'a> ConsistoryHook<'a> {
     }
 
     fn inject(&self, ctx: &StepContext, out: Tensor) -> Result<Tensor> {
-        let Some(plan) = self.inputs.injection.filter(|p| p.targets.iter().any(Option::is_some)) else {
+        let Some(plan) = self
+            .inputs
+            .injection
+            .filter(|p| p.targets.iter().any(Option::is_some))
+        else {
             return Ok(out);
         };
         let images = ctx.layout.images;

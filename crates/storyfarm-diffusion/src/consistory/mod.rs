@@ -58,7 +58,12 @@ impl Default for ConsistoryOptions {
             injection_alpha: 0.8,
             dift_timestep: 261,
             mask_window: 20,
-            freeu: Some(FreeU { s1: 0.6, s2: 0.4, b1: 1.1, b2: 1.2 }),
+            freeu: Some(FreeU {
+                s1: 0.6,
+                s2: 0.4,
+                b1: 1.1,
+                b2: 1.2,
+            }),
         }
     }
 }
@@ -78,7 +83,10 @@ impl ConsistoryOptions {
             ));
         }
         if self.mask_window == 0 {
-            return Err(DiffusionError::invalid_argument("mask_window", "must be at least 1"));
+            return Err(DiffusionError::invalid_argument(
+                "mask_window",
+                "must be at least 1",
+            ));
         }
         if let Some((first, last)) = self.injection_steps {
             if first > last {

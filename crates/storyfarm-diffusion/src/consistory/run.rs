@@ -12,13 +12,16 @@ use super::hook::{CallKind, CallRecord, ConsistoryHook, StepInputs};
 use super::maths::{self, DropoutSource};
 use super::maths::{InjectionPlan, NnMaps};
 use super::{AnchorMapping, ConsistoryLevels, ConsistoryOptions};
-use crate::attention::{AttentionHook, BatchLayout, ChainedHooks, ForwardContext, Hooks, NormHook, StepContext};
+use crate::attention::{
+    AttentionHook, BatchLayout, ChainedHooks, ForwardContext, Hooks, NormHook, StepContext,
+};
 use crate::error::{DiffusionError, Result};
 use crate::pipeline::{
-    FrameInput, GenerationSettings, Progress, ProgressFn, ReferenceInput, ReferenceLatents, StableDiffusion,
+    FrameInput, GenerationSettings, Progress, ProgressFn, ReferenceInput, ReferenceLatents,
+    StableDiffusion,
 };
-use crate::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 use crate::scheduler::DdimScheduler;
+use crate::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 
 /// Where mask-dropout draws come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,7 +299,12 @@ impl StableDiffusion {
 }
 
 impl StableDiffusion {
-    fn style_state(&self, settings: &GenerationSettings, style: &SetStyle, latents: &Tensor) -> Result<StyleState> {
+    fn style_state(
+        &self,
+        settings: &GenerationSettings,
+        style: &SetStyle,
+        latents: &Tensor,
+    ) -> Result<StyleState> {
         let features = ReferenceFeatures::new();
         let base = StyleAligned::new(style.options.clone(), &self.unet)?;
         let reference = style.reference;
@@ -307,16 +315,26 @@ impl StableDiffusion {
                 if trajectory.dims() != [settings.steps + 1, c, h, w] || *offset >= settings.steps {
                     return Err(DiffusionError::invalid_argument(
                         "style.reference",
-                        format!("trajectory {:?} with offset {offset} for {} steps of [{c}, {h}, {w}]", trajectory.dims(), settings.steps),
+                        format!(
+                            "trajectory {:?} with offset {offset} for {} steps of [{c}, {h}, {w}]",
+                            trajectory.dims(),
+                            settings.steps
+                        ),
                     ));
                 }
-                (trajectory.get(*offset)?.unsqueeze(0)?, Some((trajectory.clone(), *offset)))
+                (
+                    trajectory.get(*offset)?.unsqueeze(0)?,
+                    Some((trajectory.clone(), *offset)),
+                )
             }
         };
         let start = self.stack_latents(std::iter::once(&start), settings)?;
-        let (cond, uncond) =
-            self.encode_frames(std::iter::once((reference.prompt.as_str(), reference.negative_prompt.as_deref())))?;
-        let conditioning = self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
+        let (cond, uncond) = self.encode_frames(std::iter::once((
+            reference.prompt.as_str(),
+            reference.negative_prompt.as_deref(),
+        )))?;
+        let conditioning =
+            self.batch_conditioning(&cond, &uncond, settings, settings.uses_guidance())?;
         Ok(StyleState {
             capture: base.with_role(StyleRole::CaptureReference(features.clone())),
             apply: base.with_role(StyleRole::Targets(features)),
@@ -384,11 +402,28 @@ impl PassRunner<'_> {
                 layout,
             };
             if let (Some(style), Some(ref_latents)) = (&self.style, reference.as_mut()) {
-                let hooks = Hooks { attention: Some(&style.capture), norm: Some(&style.capture), ..Hooks::none() };
-                let ctx = ForwardContext { step: StepContext { layout: BatchLayout { images: 1, ..layout }, ..step_ctx }, hooks };
-                let (ref_eps, _) = self.sd.guided_eps_raw(ref_latents, t, &style.conditioning, settings, ctx)?;
+                let hooks = Hooks {
+                    attention: Some(&style.capture),
+                    norm: Some(&style.capture),
+                    ..Hooks::none()
+                };
+                let ctx = ForwardContext {
+                    step: StepContext {
+                        layout: BatchLayout {
+                            images: 1,
+                            ..layout
+                        },
+                        ..step_ctx
+                    },
+                    hooks,
+                };
+                let (ref_eps, _) =
+                    self.sd
+                        .guided_eps_raw(ref_latents, t, &style.conditioning, settings, ctx)?;
                 *ref_latents = match &style.replay {
-                    Some((trajectory, offset)) => trajectory.get((offset + 1).max(step + 1))?.unsqueeze(0)?,
+                    Some((trajectory, offset)) => {
+                        trajectory.get((offset + 1).max(step + 1))?.unsqueeze(0)?
+                    }
                     None => scheduler.step(&ref_eps, t, ref_latents)?,
                 };
             }
@@ -404,7 +439,10 @@ impl PassRunner<'_> {
                     CallKind::VanillaQueries,
                     StepInputs::default(),
                 );
-                let chained = style_attention.map(|first| ChainedHooks { first, second: &hook });
+                let chained = style_attention.map(|first| ChainedHooks {
+                    first,
+                    second: &hook,
+                });
                 let hooks = Hooks {
                     attention: Some(chained.as_ref().map_or(&hook as &dyn AttentionHook, |c| c)),
                     norm: style_norm,
@@ -439,7 +477,10 @@ impl PassRunner<'_> {
                     read_dift: plan.read_dift && Some(step) == dift_step,
                 },
             );
-            let chained = style_attention.map(|first| ChainedHooks { first, second: &hook });
+            let chained = style_attention.map(|first| ChainedHooks {
+                first,
+                second: &hook,
+            });
             let hooks = Hooks {
                 attention: Some(chained.as_ref().map_or(&hook as &dyn AttentionHook, |c| c)),
                 norm: style_norm,

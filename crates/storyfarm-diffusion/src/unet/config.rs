@@ -242,11 +242,10 @@ impl UNetConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| DiffusionError::ConfigFile {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| DiffusionError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Self::from_json(&value)
     }
 
@@ -275,9 +274,8 @@ impl UNetConfig {
                 return Err(DiffusionError::unsupported(COMPONENT, field.as_str(), v));
             }
         }
-        let raw: RawUNetConfig = serde_json::from_value(value.clone()).map_err(|e| {
-            DiffusionError::invalid_config(COMPONENT, "<root>", e.to_string())
-        })?;
+        let raw: RawUNetConfig = serde_json::from_value(value.clone())
+            .map_err(|e| DiffusionError::invalid_config(COMPONENT, "<root>", e.to_string()))?;
         Self::resolve(raw)
     }
 
@@ -302,7 +300,11 @@ impl UNetConfig {
             ));
         }
         if !matches!(raw.freq_shift, 0.0 | 1.0) {
-            return Err(DiffusionError::unsupported(COMPONENT, "freq_shift", raw.freq_shift));
+            return Err(DiffusionError::unsupported(
+                COMPONENT,
+                "freq_shift",
+                raw.freq_shift,
+            ));
         }
         let layers = raw.layers_per_block.resolve("layers_per_block", n)?;
         // diffusers' historical naming: `attention_head_dim` holds the number of heads unless
@@ -327,7 +329,10 @@ impl UNetConfig {
                 return Err(DiffusionError::invalid_config(
                     COMPONENT,
                     "norm_num_groups",
-                    format!("block {i}: {c} channels do not split into {} groups", raw.norm_num_groups),
+                    format!(
+                        "block {i}: {c} channels do not split into {} groups",
+                        raw.norm_num_groups
+                    ),
                 ));
             }
         }
@@ -472,7 +477,11 @@ mod tests {
     use serde_json::json;
 
     fn real(name: &str) -> UNetConfig {
-        let path = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/real-configs")).join(name);
+        let path = std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/real-configs"
+        ))
+        .join(name);
         UNetConfig::from_file(&path).unwrap()
     }
 
@@ -491,8 +500,20 @@ mod tests {
     #[test]
     fn real_sdxl_resolves_like_diffusers() {
         let c = real("sdxl_unet.json");
-        assert_eq!(c.down_blocks.iter().map(|b| b.num_heads).collect::<Vec<_>>(), [5, 10, 20]);
-        assert_eq!(c.up_blocks.iter().map(|b| b.transformer_layers).collect::<Vec<_>>(), [10, 2, 1]);
+        assert_eq!(
+            c.down_blocks
+                .iter()
+                .map(|b| b.num_heads)
+                .collect::<Vec<_>>(),
+            [5, 10, 20]
+        );
+        assert_eq!(
+            c.up_blocks
+                .iter()
+                .map(|b| b.transformer_layers)
+                .collect::<Vec<_>>(),
+            [10, 2, 1]
+        );
         assert_eq!(c.mid_block.transformer_layers, 10);
         let tt = c.text_time.unwrap();
         assert_eq!((tt.time_embed_dim, tt.projection_input_dim), (256, 2816));
@@ -500,14 +521,27 @@ mod tests {
 
     #[test]
     fn unsupported_values_name_field_and_value() {
-        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/real-configs/sd15_unet.json")).unwrap()).unwrap();
+        let mut v: Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../tests/fixtures/real-configs/sd15_unet.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
         v["resnet_time_scale_shift"] = json!("scale_shift");
         let e = UNetConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("resnet_time_scale_shift") && e.contains("scale_shift"), "{e}");
+        assert!(
+            e.contains("resnet_time_scale_shift") && e.contains("scale_shift"),
+            "{e}"
+        );
         v["resnet_time_scale_shift"] = json!("default");
         v["down_block_types"][0] = json!("SimpleCrossAttnDownBlock2D");
         let e = UNetConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("down_block_types[0]") && e.contains("SimpleCrossAttnDownBlock2D"), "{e}");
+        assert!(
+            e.contains("down_block_types[0]") && e.contains("SimpleCrossAttnDownBlock2D"),
+            "{e}"
+        );
         v["down_block_types"][0] = json!("CrossAttnDownBlock2D");
         v["some_new_feature"] = json!(3);
         let e = UNetConfig::from_json(&v).unwrap_err().to_string();
@@ -515,6 +549,9 @@ mod tests {
         v["some_new_feature"] = json!(null);
         v["addition_embed_type"] = json!("image");
         let e = UNetConfig::from_json(&v).unwrap_err().to_string();
-        assert!(e.contains("addition_embed_type") && e.contains("image"), "{e}");
+        assert!(
+            e.contains("addition_embed_type") && e.contains("image"),
+            "{e}"
+        );
     }
 }

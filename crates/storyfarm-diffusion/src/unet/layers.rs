@@ -7,8 +7,8 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use crate::attention::{
-    self, AttentionId, AttentionKind, AttentionSite, ForwardContext,
-    NormId, NormLayer, Qkv, UNetBlock,
+    self, AttentionId, AttentionKind, AttentionSite, ForwardContext, NormId, NormLayer, Qkv,
+    UNetBlock,
 };
 use crate::error::Result;
 use crate::layers::{layer_norm, linear, linear_no_bias, merge_heads, split_heads};
@@ -104,7 +104,15 @@ impl Conv2d {
         let (b, s, p) = (self.bias.as_ref(), self.stride, self.padding);
         match &self.weight {
             LayerWeight::Packed(pw) if kernels::supported(&[x]) => {
-                return Ok(kernels::conv2d_packed(x, pw, b, s, p, channel_add, residual)?);
+                return Ok(kernels::conv2d_packed(
+                    x,
+                    pw,
+                    b,
+                    s,
+                    p,
+                    channel_add,
+                    residual,
+                )?);
             }
             LayerWeight::Tensor(t) if kernels::supported(&[x, t]) => {
                 return Ok(kernels::conv2d(x, t, b, s, p, channel_add, residual)?);
@@ -170,14 +178,21 @@ impl PackedLinear {
     /// `hidden * gelu_erf(gate)` of `x W^T + b`, gated per product tile on the CPU (f32).
     fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
-            LayerWeight::Packed(p) if kernels::supported(&[x]) => Ok(kernels::linear_geglu(x, p, self.bias.as_ref())?),
+            LayerWeight::Packed(p) if kernels::supported(&[x]) => {
+                Ok(kernels::linear_geglu(x, p, self.bias.as_ref())?)
+            }
             _ => {
-                let h = linear_add(&Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()), x, None)?;
+                let h = linear_add(
+                    &Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()),
+                    x,
+                    None,
+                )?;
                 if kernels::supported(&[&h]) {
                     return Ok(kernels::geglu(&h)?);
                 }
                 let half = h.dim(D::Minus1)? / 2;
-                Ok((h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
+                Ok((h.narrow(D::Minus1, 0, half)?
+                    * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?)
             }
         }
     }
@@ -188,7 +203,11 @@ impl PackedLinear {
             LayerWeight::Packed(p) if kernels::supported(&[x]) => {
                 Ok(kernels::linear_packed(x, p, self.bias.as_ref(), residual)?)
             }
-            _ => linear_add(&Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()), x, residual),
+            _ => linear_add(
+                &Linear::new(self.weight.tensor()?.into_owned(), self.bias.clone()),
+                x,
+                residual,
+            ),
         }
     }
 }
@@ -241,7 +260,14 @@ impl GroupNorm {
             var = pv.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         }
         Ok(kernels::group_norm_apply(
-            x, self.groups, &mean, &var, self.eps, &self.weight, &self.bias, silu,
+            x,
+            self.groups,
+            &mean,
+            &var,
+            self.eps,
+            &self.weight,
+            &self.bias,
+            silu,
         )?)
     }
 
@@ -250,10 +276,7 @@ impl GroupNorm {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
-        let hook = ctx
-            .hooks
-            .norm
-            .filter(|h| h.applies_to(&self.id, &ctx.step));
+        let hook = ctx.hooks.norm.filter(|h| h.applies_to(&self.id, &ctx.step));
         let mut shape = vec![1, c];
         shape.extend(std::iter::repeat_n(1, dims.len() - 2));
         if hook.is_none() && x.device().is_cuda() {
@@ -264,10 +287,12 @@ impl GroupNorm {
             let row = grouped.dim(2)?;
             let ones = Tensor::ones(row, dtype, x.device())?;
             let zeros = Tensor::zeros(row, dtype, x.device())?;
-            return Ok(candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?
-                .reshape(dims.as_slice())?
-                .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
-                .broadcast_add(&self.bias.reshape(shape.as_slice())?)?);
+            return Ok(
+                candle_nn::ops::layer_norm(&grouped, &ones, &zeros, self.eps as f32)?
+                    .reshape(dims.as_slice())?
+                    .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
+                    .broadcast_add(&self.bias.reshape(shape.as_slice())?)?,
+            );
         }
         let grouped = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
         let mean = grouped.mean_keepdim(D::Minus1)?;
@@ -321,11 +346,17 @@ pub(crate) struct ResnetSpec {
 
 impl ResnetBlock {
     pub fn new(w: &Weights, s: &ResnetSpec) -> Result<Self> {
-        let id = |layer| NormId { layer, level: s.level };
+        let id = |layer| NormId {
+            layer,
+            level: s.level,
+        };
         Ok(Self {
             norm1: GroupNorm::new(
                 &w.pp("norm1"),
-                id(NormLayer::ResnetNorm1 { block: s.block, resnet: s.index }),
+                id(NormLayer::ResnetNorm1 {
+                    block: s.block,
+                    resnet: s.index,
+                }),
                 s.groups,
                 s.in_channels,
                 s.eps,
@@ -334,14 +365,24 @@ impl ResnetBlock {
             time_emb_proj: linear(&w.pp("time_emb_proj"), s.temb_channels, s.out_channels)?,
             norm2: GroupNorm::new(
                 &w.pp("norm2"),
-                id(NormLayer::ResnetNorm2 { block: s.block, resnet: s.index }),
+                id(NormLayer::ResnetNorm2 {
+                    block: s.block,
+                    resnet: s.index,
+                }),
                 s.groups,
                 s.out_channels,
                 s.eps,
             )?,
             conv2: Conv2d::new(&w.pp("conv2"), s.out_channels, s.out_channels, 3, 1, 1)?,
             conv_shortcut: if s.in_channels != s.out_channels {
-                Some(Conv2d::new(&w.pp("conv_shortcut"), s.in_channels, s.out_channels, 1, 0, 1)?)
+                Some(Conv2d::new(
+                    &w.pp("conv_shortcut"),
+                    s.in_channels,
+                    s.out_channels,
+                    1,
+                    0,
+                    1,
+                )?)
             } else {
                 None
             },
@@ -352,12 +393,18 @@ impl ResnetBlock {
         // The time embedding is a per-(item, channel) addend of conv1's output, and the
         // shortcut the residual of conv2's: both ride along with the convolutions.
         let t = self.time_emb_proj.forward(&temb.silu()?)?;
-        let h = self.conv1.forward_add(&self.norm1.forward_act(x, true, ctx)?, Some(&t), None)?;
+        let h = self
+            .conv1
+            .forward_add(&self.norm1.forward_act(x, true, ctx)?, Some(&t), None)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        self.conv2.forward_add(&self.norm2.forward_act(&h, true, ctx)?, None, Some(&shortcut))
+        self.conv2.forward_add(
+            &self.norm2.forward_act(&h, true, ctx)?,
+            None,
+            Some(&shortcut),
+        )
     }
 }
 
@@ -411,7 +458,11 @@ impl Attention {
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let source = context.unwrap_or(x);
-        let site = AttentionSite { id: self.id, height, width };
+        let site = AttentionSite {
+            id: self.id,
+            height,
+            width,
+        };
         let hook = ctx
             .hooks
             .attention
@@ -443,10 +494,26 @@ impl Attention {
             return linear_add(&self.to_out, &merge_heads(&out)?, residual);
         };
         if hook.wants_probabilities(&site, &ctx.step) {
-            let p = attention::attention_probabilities(&self.split_heads(&q)?, &self.split_heads(&k)?, self.scale)?;
+            let p = attention::attention_probabilities(
+                &self.split_heads(&q)?,
+                &self.split_heads(&k)?,
+                self.scale,
+            )?;
             hook.observe_probabilities(&site, &ctx.step, &p)?;
         }
-        let out = attention::attend(hook.prepare(&site, &ctx.step, Qkv { q, k, v, heads: self.heads })?, self.scale)?;
+        let out = attention::attend(
+            hook.prepare(
+                &site,
+                &ctx.step,
+                Qkv {
+                    q,
+                    k,
+                    v,
+                    heads: self.heads,
+                },
+            )?,
+            self.scale,
+        )?;
         let out = hook.finish(&site, &ctx.step, out)?;
         linear_add(&self.to_out, &out, residual)
     }
@@ -492,9 +559,17 @@ impl BasicTransformerBlock {
         width: usize,
         ctx: &ForwardContext,
     ) -> Result<Tensor> {
-        let x = self.attn1.forward(&self.norm1.forward(x)?, None, height, width, ctx, Some(x))?;
-        let x =
-            self.attn2.forward(&self.norm2.forward(&x)?, Some(context), height, width, ctx, Some(&x))?;
+        let x = self
+            .attn1
+            .forward(&self.norm1.forward(x)?, None, height, width, ctx, Some(x))?;
+        let x = self.attn2.forward(
+            &self.norm2.forward(&x)?,
+            Some(context),
+            height,
+            width,
+            ctx,
+            Some(&x),
+        )?;
         self.ff.forward(&self.norm3.forward(&x)?, &x)
     }
 }
@@ -556,7 +631,13 @@ impl Transformer2D {
             };
             blocks.push(BasicTransformerBlock {
                 norm1: layer_norm(&bw.pp("norm1"), c, 1e-5)?,
-                attn1: Attention::new(&bw.pp("attn1"), id(AttentionKind::SelfAttention), c, c, s.heads)?,
+                attn1: Attention::new(
+                    &bw.pp("attn1"),
+                    id(AttentionKind::SelfAttention),
+                    c,
+                    c,
+                    s.heads,
+                )?,
                 norm2: layer_norm(&bw.pp("norm2"), c, 1e-5)?,
                 attn2: Attention::new(
                     &bw.pp("attn2"),
@@ -573,7 +654,10 @@ impl Transformer2D {
             norm: GroupNorm::new(
                 &w.pp("norm"),
                 NormId {
-                    layer: NormLayer::TransformerInput { block: s.block, attention: s.attention },
+                    layer: NormLayer::TransformerInput {
+                        block: s.block,
+                        attention: s.attention,
+                    },
                     level: s.level,
                 },
                 s.groups,
@@ -594,7 +678,9 @@ impl Transformer2D {
     }
 
     pub fn attention_ids(&self) -> impl Iterator<Item = AttentionId> + '_ {
-        self.blocks.iter().flat_map(|b| [b.attn1.id(), b.attn2.id()])
+        self.blocks
+            .iter()
+            .flat_map(|b| [b.attn1.id(), b.attn2.id()])
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
@@ -609,11 +695,17 @@ impl Transformer2D {
                 tokens = block.forward(&tokens, context, h, w, ctx)?;
             }
             let (pw, pb) = self.proj_out.weight_bias()?;
-            return Ok(kernels::linear_to_channels(&tokens, &pw, pb, Some(x), h, w)?);
+            return Ok(kernels::linear_to_channels(
+                &tokens,
+                &pw,
+                pb,
+                Some(x),
+                h,
+                w,
+            )?);
         }
-        let to_tokens = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)
-        };
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
@@ -622,7 +714,9 @@ impl Transformer2D {
             tokens = block.forward(&tokens, context, h, w, ctx)?;
         }
         let to_map = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?)
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
         };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
@@ -648,9 +742,15 @@ pub(crate) fn timestep_features(
     for &t in values {
         let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
         let (first, second): (Vec<f32>, Vec<f32>) = if flip_sin_to_cos {
-            (args.iter().map(|a| a.cos()).collect(), args.iter().map(|a| a.sin()).collect())
+            (
+                args.iter().map(|a| a.cos()).collect(),
+                args.iter().map(|a| a.sin()).collect(),
+            )
         } else {
-            (args.iter().map(|a| a.sin()).collect(), args.iter().map(|a| a.cos()).collect())
+            (
+                args.iter().map(|a| a.sin()).collect(),
+                args.iter().map(|a| a.cos()).collect(),
+            )
         };
         data.extend(first);
         data.extend(second);

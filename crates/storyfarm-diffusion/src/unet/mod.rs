@@ -112,8 +112,19 @@ impl UNet {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..b.layers {
-                let in_c = if j == 0 { b.in_channels } else { b.out_channels };
-                resnets.push(resnet(&bw.pp(format!("resnets.{j}")), block, j, i, in_c, b.out_channels)?);
+                let in_c = if j == 0 {
+                    b.in_channels
+                } else {
+                    b.out_channels
+                };
+                resnets.push(resnet(
+                    &bw.pp(format!("resnets.{j}")),
+                    block,
+                    j,
+                    i,
+                    in_c,
+                    b.out_channels,
+                )?);
                 if b.kind == DownBlockType::CrossAttnDown {
                     attentions.push(transformer(
                         &bw.pp(format!("attentions.{j}")),
@@ -139,7 +150,11 @@ impl UNet {
             } else {
                 None
             };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
         }
 
         let m = &config.mid_block;
@@ -147,8 +162,22 @@ impl UNet {
         let mid_level = n - 1;
         let mid_block = MidBlock {
             resnets: vec![
-                resnet(&mw.pp("resnets.0"), UNetBlock::Mid, 0, mid_level, m.channels, m.channels)?,
-                resnet(&mw.pp("resnets.1"), UNetBlock::Mid, 1, mid_level, m.channels, m.channels)?,
+                resnet(
+                    &mw.pp("resnets.0"),
+                    UNetBlock::Mid,
+                    0,
+                    mid_level,
+                    m.channels,
+                    m.channels,
+                )?,
+                resnet(
+                    &mw.pp("resnets.1"),
+                    UNetBlock::Mid,
+                    1,
+                    mid_level,
+                    m.channels,
+                    m.channels,
+                )?,
             ],
             attentions: vec![transformer(
                 &mw.pp("attentions.0"),
@@ -170,8 +199,16 @@ impl UNet {
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for j in 0..b.layers {
-                let skip = if j + 1 == b.layers { b.skip_in_channels } else { b.out_channels };
-                let in_c = if j == 0 { b.prev_out_channels } else { b.out_channels };
+                let skip = if j + 1 == b.layers {
+                    b.skip_in_channels
+                } else {
+                    b.out_channels
+                };
+                let in_c = if j == 0 {
+                    b.prev_out_channels
+                } else {
+                    b.out_channels
+                };
                 resnets.push(resnet(
                     &bw.pp(format!("resnets.{j}")),
                     block,
@@ -194,11 +231,22 @@ impl UNet {
                 }
             }
             let upsampler = if b.upsample {
-                Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), b.out_channels, b.out_channels, 3, 1, 1)?)
+                Some(Conv2d::new(
+                    &bw.pp("upsamplers.0.conv"),
+                    b.out_channels,
+                    b.out_channels,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
         }
 
         Ok(Self {
@@ -210,7 +258,10 @@ impl UNet {
             up_blocks,
             conv_norm_out: GroupNorm::new(
                 &w.pp("conv_norm_out"),
-                NormId { layer: NormLayer::Output, level: 0 },
+                NormId {
+                    layer: NormLayer::Output,
+                    level: 0,
+                },
                 groups,
                 c0,
                 eps,
@@ -241,7 +292,10 @@ impl UNet {
         let down = self.down_blocks.iter().flat_map(|b| b.attentions.iter());
         let up = self.up_blocks.iter().flat_map(|b| b.attentions.iter());
         let mid = self.mid_block.attentions.iter();
-        down.chain(up).chain(mid).flat_map(|t| t.attention_ids()).collect()
+        down.chain(up)
+            .chain(mid)
+            .flat_map(|t| t.attention_ids())
+            .collect()
     }
 
     /// Runs one attention layer on its input `x` `[B, N, C]` (the output of the norm before it),
@@ -264,7 +318,9 @@ impl UNet {
         let layer = transformers
             .filter_map(|t| t.attention(id))
             .next()
-            .ok_or_else(|| DiffusionError::invalid_argument("attention", format!("no layer {id}")))?;
+            .ok_or_else(|| {
+                DiffusionError::invalid_argument("attention", format!("no layer {id}"))
+            })?;
         layer.forward(&x.to_dtype(self.dtype)?, context, height, width, ctx, None)
     }
 
@@ -334,7 +390,10 @@ impl UNet {
         if cond.context.dim(0)? != batch {
             return Err(DiffusionError::invalid_argument(
                 "context",
-                format!("batch {} for a sample batch of {batch}", cond.context.dim(0)?),
+                format!(
+                    "batch {} for a sample batch of {batch}",
+                    cond.context.dim(0)?
+                ),
             ));
         }
         let context = cond.context.to_dtype(self.dtype)?;
@@ -362,7 +421,12 @@ impl UNet {
         }
 
         x = self.mid_block.resnets[0].forward(&x, &temb, ctx)?;
-        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+        for (attn, resnet) in self
+            .mid_block
+            .attentions
+            .iter()
+            .zip(&self.mid_block.resnets[1..])
+        {
             x = attn.forward(&x, &context, ctx)?;
             x = resnet.forward(&x, &temb, ctx)?;
         }
@@ -395,11 +459,17 @@ impl UNet {
                 // 2x3) must come back to their exact size, as diffusers' `upsample_size` does.
                 let (_, _, h, w) = skips
                     .last()
-                    .ok_or_else(|| DiffusionError::invalid_argument("sample", "no skip to upsample to"))?
+                    .ok_or_else(|| {
+                        DiffusionError::invalid_argument("sample", "no skip to upsample to")
+                    })?
                     .dims4()?;
                 x = up.forward(&x.upsample_nearest2d(h, w)?)?;
             }
-            if let Some(hook) = ctx.hooks.blocks.filter(|b| b.wants_up_block(index, &ctx.step)) {
+            if let Some(hook) = ctx
+                .hooks
+                .blocks
+                .filter(|b| b.wants_up_block(index, &ctx.step))
+            {
                 hook.observe_up_block(index, &ctx.step, &x)?;
             }
         }
