@@ -28,6 +28,9 @@ use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
 
 const ANCHORS: usize = 2;
+
+/// Latents, text context and SDXL's added conditioning of one UNet batch.
+type UNetInputs = (Tensor, Tensor, Option<(Tensor, Tensor)>);
 const STEPS: usize = 50;
 
 fn cpu_seconds() -> f64 {
@@ -90,7 +93,7 @@ fn main() -> Result<()> {
     let mapping = AnchorMapping::anchors_then_frames(ANCHORS, frames);
     let tokens = vec![vec![Some(5usize); images]];
 
-    let inputs = |n: usize| -> Result<(Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+    let inputs = |n: usize| -> Result<UNetInputs> {
         let batch = 2 * n;
         let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), &device)?.to_dtype(dtype)?;
         let context = Tensor::randn(0f32, 1.0, (batch, 77, config.context_dim()), &device)?
