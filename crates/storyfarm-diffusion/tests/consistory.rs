@@ -84,7 +84,7 @@ fn check_anchor_invariance(model: &str, size: usize) {
             frames: &all,
             subject_words: &words,
             mapping: AnchorMapping::anchors_then_frames(anchors.len(), frames.len()),
-            dropout: DropoutDraws::Seeded { seed: 77 },
+            dropout: DropoutDraws::Seeded { seeds: vec![77] },
             replays: &[],
             style: None,
         };
@@ -199,7 +199,7 @@ fn an_inverted_image_is_an_anchor() {
             frames: &all,
             subject_words: &words,
             mapping: AnchorMapping::anchors_then_frames(2, frames.len()),
-            dropout: DropoutDraws::Seeded { seed: 5 },
+            dropout: DropoutDraws::Seeded { seeds: vec![5] },
             replays: &replays,
             style: None,
         };
@@ -289,7 +289,7 @@ fn style_and_characters_compose() {
         frames: &frames,
         subject_words: &words,
         mapping: AnchorMapping::anchors_then_frames(0, frames.len()),
-        dropout: DropoutDraws::Seeded { seed: 3 },
+        dropout: DropoutDraws::Seeded { seeds: vec![] },
         replays: &[],
         style,
     };
@@ -319,7 +319,7 @@ fn style_and_characters_compose() {
             frames: &all,
             subject_words: &words,
             mapping: AnchorMapping::anchors_then_frames(2, extra.len()),
-            dropout: DropoutDraws::Seeded { seed: 3 },
+            dropout: DropoutDraws::Seeded { seeds: vec![3] },
             replays: &[],
             style,
         };
@@ -356,4 +356,83 @@ fn style_and_characters_compose() {
             &expected.get(2).unwrap()
         ) > 100.0 * tol
     );
+}
+
+/// Several characters: each has its own anchors and subject words, and a frame may show several.
+/// A frame rendered with only its own characters' anchors equals the same frame in a task that
+/// also carries another character and other frames (each character draws its own dropout).
+#[test]
+fn frames_with_several_characters_are_independent() {
+    let sd = load("tiny-sdxl");
+    let settings = GenerationSettings {
+        height: 128,
+        width: 128,
+        steps: 12,
+        guidance_scale: 5.0,
+    };
+    let words = vec!["dog".to_string(), "sailor".to_string()];
+    let dogs = [
+        frame(&sd, "a photo of a cute dog on the beach", 1, &settings),
+        frame(&sd, "a photo of a cute dog in the snow", 2, &settings),
+    ];
+    let sailors = [
+        frame(&sd, "a photo of an old sailor on a boat", 3, &settings),
+        frame(&sd, "a photo of an old sailor in a harbour", 4, &settings),
+    ];
+    let both = frame(
+        &sd,
+        "a photo of a dog and a sailor on the pier",
+        5,
+        &settings,
+    );
+    let dog_only = frame(&sd, "a photo of a dog in the park", 6, &settings);
+    let run = |anchor_sets: &[&[FrameInput]],
+               seeds: Vec<u64>,
+               frames: &[(FrameInput, Vec<usize>)]| {
+        let mut all: Vec<FrameInput> = anchor_sets.iter().flat_map(|a| a.iter().cloned()).collect();
+        all.extend(frames.iter().map(|(f, _)| f.clone()));
+        let counts: Vec<usize> = anchor_sets.iter().map(|a| a.len()).collect();
+        let shows: Vec<Vec<usize>> = frames.iter().map(|(_, c)| c.clone()).collect();
+        let set = ConsistorySet {
+            frames: &all,
+            subject_words: &words,
+            mapping: AnchorMapping::characters(&counts, &shows),
+            dropout: DropoutDraws::Seeded { seeds },
+            replays: &[],
+            style: None,
+        };
+        sd.consistory(
+            &settings,
+            &ConsistoryOptions::default(),
+            &set,
+            &mut no_progress,
+        )
+        .unwrap()
+    };
+    let together = run(
+        &[&dogs, &sailors],
+        vec![10, 20],
+        &[(both.clone(), vec![0, 1]), (dog_only.clone(), vec![0])],
+    );
+    let alone = run(&[&dogs], vec![10], &[(dog_only, vec![0])]);
+    let tol = 1e-4 * absmax(&together.final_latents);
+    let err = max_abs(
+        &alone.final_latents.get(2).unwrap(),
+        &together.final_latents.get(5).unwrap(),
+    );
+    assert!(
+        err <= tol,
+        "the dog-only frame depends on the sailor's presence: {err} > {tol}"
+    );
+    let err = max_abs(
+        &alone.final_latents.narrow(0, 0, 2).unwrap(),
+        &together.final_latents.narrow(0, 0, 2).unwrap(),
+    );
+    assert!(
+        err <= tol,
+        "the dog's anchors depend on the sailor's: {err} > {tol}"
+    );
+    // The frame with both characters shares with all four anchors.
+    let mapping = AnchorMapping::characters(&[2, 2], &[vec![0, 1], vec![0]]);
+    assert!((0..4).all(|j| mapping.sees(4, j)) && !mapping.sees(5, 2) && !mapping.sees(0, 2));
 }

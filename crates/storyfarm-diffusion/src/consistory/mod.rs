@@ -205,9 +205,11 @@ impl ConsistoryLevels {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AnchorMapping {
     rows: Vec<Vec<bool>>,
-    /// Images whose dropout is drawn each step, `0..dropout_images` (official: every image of a
-    /// batch run; in anchor mode only the anchors, so that extra frames never move the draws).
-    pub dropout_images: usize,
+    /// Images whose mask dropout is drawn, as groups of consecutive images each with its own draws
+    /// (official batch mode: one group of every image; anchor mode: one group per character's
+    /// anchors, so a character's anchors draw the same whatever else shares the task). Images in
+    /// no group are never anyone's source, so their dropout would change nothing.
+    pub dropout_groups: Vec<std::ops::Range<usize>>,
 }
 
 impl AnchorMapping {
@@ -219,20 +221,49 @@ impl AnchorMapping {
             .collect();
         Self {
             rows,
-            dropout_images: images,
+            dropout_groups: vec![0..images],
         }
     }
 
     /// Anchor mode: `anchors` images see each other (the official `ones(A, A)`), and each of the
     /// `frames` after them sees the anchors and itself only, so a frame never depends on the others.
     pub fn anchors_then_frames(anchors: usize, frames: usize) -> Self {
-        let n = anchors + frames;
-        let rows = (0..n)
-            .map(|i| (0..n).map(|j| i == j || j < anchors).collect())
-            .collect();
+        Self::characters(&[anchors], &vec![vec![0]; frames])
+    }
+
+    /// Several characters in one set: the anchors of character 0, then of character 1, ..., then
+    /// the frames. A character's anchors see each other only; frame `f` sees the anchors of the
+    /// characters `frame_characters[f]` names and itself.
+    pub fn characters(anchors: &[usize], frame_characters: &[Vec<usize>]) -> Self {
+        let mut groups = Vec::with_capacity(anchors.len());
+        let mut start = 0;
+        for &n in anchors {
+            groups.push(start..start + n);
+            start += n;
+        }
+        let total = start + frame_characters.len();
+        let mut rows = vec![vec![false; total]; total];
+        for group in &groups {
+            for i in group.clone() {
+                for j in group.clone() {
+                    rows[i][j] = true;
+                }
+            }
+        }
+        for (f, shows) in frame_characters.iter().enumerate() {
+            let i = start + f;
+            rows[i][i] = true;
+            for &c in shows {
+                if let Some(group) = groups.get(c) {
+                    for j in group.clone() {
+                        rows[i][j] = true;
+                    }
+                }
+            }
+        }
         Self {
             rows,
-            dropout_images: anchors,
+            dropout_groups: groups.into_iter().filter(|g| !g.is_empty()).collect(),
         }
     }
 

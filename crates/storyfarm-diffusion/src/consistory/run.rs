@@ -24,20 +24,29 @@ use crate::scheduler::DdimScheduler;
 use crate::style_aligned::{ReferenceFeatures, StyleAligned, StyleAlignedOptions, StyleRole};
 
 /// Where mask-dropout draws come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DropoutDraws {
     /// `torch.rand` on the CPU after `torch.manual_seed(seed)` at the start of every pass: the
-    /// official run's draws (MT19937, METHOD.md §2), for parity.
+    /// official run's draws (MT19937, METHOD.md §2), for parity. One stream for every group.
     TorchCpu { seed: u64 },
-    /// The project's seeded generator, restarted at every pass so both passes draw the same.
-    Seeded { seed: u64 },
+    /// The project's seeded generator, one stream per dropout group (a character's anchors), each
+    /// restarted at every pass so both passes draw the same.
+    Seeded { seeds: Vec<u64> },
 }
 
 impl DropoutDraws {
-    fn source(&self) -> Box<dyn DropoutSource> {
-        match *self {
-            Self::TorchCpu { seed } => Box::new(maths::TorchCpuRand::new(seed)),
-            Self::Seeded { seed } => Box::new(maths::SeededUniform::new(seed)),
+    /// One source per dropout group (the same source for all under torch's single stream).
+    fn sources(&self, groups: usize) -> Result<Vec<Box<dyn DropoutSource>>> {
+        match self {
+            Self::TorchCpu { seed } => Ok(vec![Box::new(maths::TorchCpuRand::new(*seed))]),
+            Self::Seeded { seeds } if seeds.len() == groups => Ok(seeds
+                .iter()
+                .map(|&s| Box::new(maths::SeededUniform::new(s)) as Box<dyn DropoutSource>)
+                .collect()),
+            Self::Seeded { seeds } => Err(DiffusionError::invalid_argument(
+                "dropout",
+                format!("{} seeds for {groups} dropout groups", seeds.len()),
+            )),
         }
     }
 }
@@ -382,7 +391,10 @@ impl PassRunner<'_> {
             .min_by_key(|(_, &t)| t.abs_diff(options.dift_timestep))
             .map(|(i, _)| i);
         let (lh, lw) = settings.latent_hw();
-        let mut dropout = self.set.dropout.source();
+        let mut dropout = self
+            .set
+            .dropout
+            .sources(self.set.mapping.dropout_groups.len())?;
         let mut window: VecDeque<(Vec<Vec<Vec<f64>>>, usize)> =
             VecDeque::with_capacity(options.mask_window);
         let mut keep: Option<HashMap<usize, Tensor>> = None;
@@ -522,7 +534,7 @@ impl PassRunner<'_> {
             window.push_back(maps);
             let averaged = average_maps(&window);
             let (masks, kept) =
-                self.masks_of_step(&averaged, (lh, lw), dropout.as_mut(), init.device())?;
+                self.masks_of_step(&averaged, (lh, lw), &mut dropout, init.device())?;
             trace.token_maps.push(averaged);
             trace.masks.push(masks);
             keep = Some(kept);
@@ -535,12 +547,12 @@ impl PassRunner<'_> {
     }
 
     /// Otsu masks at both mask levels (union over the image's present concepts), then dropout:
-    /// per level, coarse first, one uniform per patch of each of the first `dropout_images`.
+    /// per level, coarse first, one uniform per patch of each image of each dropout group.
     fn masks_of_step(
         &self,
         maps: &[Vec<Vec<f32>>],
         (lh, lw): (usize, usize),
-        dropout: &mut dyn DropoutSource,
+        dropout: &mut [Box<dyn DropoutSource>],
         device: &candle_core::Device,
     ) -> Result<(HashMap<usize, LevelMasks>, HashMap<usize, Tensor>)> {
         let images = self.set.mapping.images();
@@ -579,14 +591,23 @@ impl PassRunner<'_> {
                 level_masks.subject.push(union);
                 level_masks.thresholds.push(thresholds);
             }
-            let drawn = self.set.mapping.dropout_images;
-            let uniforms = dropout.draw(drawn * h * w);
+            // Per level, each group draws one uniform per patch of its images, in order.
+            let mut dropped = vec![false; images * h * w];
+            for (g, group) in self.set.mapping.dropout_groups.iter().enumerate() {
+                let source = &mut dropout[g.min(dropout.len() - 1)];
+                let uniforms = source.draw(group.len() * h * w);
+                for (k, u) in uniforms.iter().enumerate() {
+                    dropped[group.start * h * w + k] = *u < self.options.mask_dropout;
+                }
+            }
             let mut flat = Vec::with_capacity(images * h * w);
             for (image, subject) in level_masks.subject.iter().enumerate() {
                 for (p, &s) in subject.iter().enumerate() {
-                    let dropped =
-                        image < drawn && uniforms[image * h * w + p] < self.options.mask_dropout;
-                    flat.push(if s && !dropped { 1f32 } else { 0f32 });
+                    flat.push(if s && !dropped[image * h * w + p] {
+                        1f32
+                    } else {
+                        0f32
+                    });
                 }
             }
             let dtype = self.sd.dtype();
