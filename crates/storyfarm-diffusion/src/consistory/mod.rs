@@ -221,7 +221,7 @@ impl AnchorMapping {
             .collect();
         Self {
             rows,
-            dropout_groups: vec![0..images],
+            dropout_groups: std::iter::once(0..images).collect(),
         }
     }
 
