@@ -319,13 +319,21 @@ impl BlockHook for ConsistoryHook<'_> {
         self.call == CallKind::Main && self.inputs.read_dift && index == self.levels.dift_up_block
     }
 
-    fn observe_up_block(&self, _index: usize, ctx: &StepContext, output: &Tensor) -> Result<()> {
+    fn observe_up_block(&self, index: usize, ctx: &StepContext, output: &Tensor) -> Result<()> {
         let start = ctx.layout.item(GuidanceHalf::Conditional, 0);
-        self.lock().dift = Some(
-            output
-                .narrow(0, start, ctx.layout.images)?
-                .to_dtype(DType::F32)?,
-        );
+        let mut dift = output
+            .narrow(0, start, ctx.layout.images)?
+            .to_dtype(DType::F32)?;
+        // Official quirk: the UNet stores this tensor by reference, and diffusers' FreeU then
+        // scales the first half of its channels in place as the next up block's first input. So
+        // the official features are read after that scaling (b2 when the next block is block 1).
+        if let (Some(freeu), true) = (self.options.freeu, index + 1 == 1) {
+            let channels = dift.dim(1)?;
+            let half = channels / 2;
+            let scaled = (dift.narrow(1, 0, half)? * freeu.b2)?;
+            dift = Tensor::cat(&[&scaled, &dift.narrow(1, half, channels - half)?], 1)?;
+        }
+        self.lock().dift = Some(dift);
         Ok(())
     }
 }

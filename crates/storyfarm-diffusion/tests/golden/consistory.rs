@@ -55,9 +55,9 @@ fn options_of(case: &Case) -> Result<ConsistoryOptions> {
         injection_steps: Some((fi_steps[0], fi_steps[1])),
         injection_alpha: serde_json::from_value(fi["alpha"].clone())
             .context("settings.feature_injection.alpha")?,
+        mask_window: case.setting("attention_window_steps")?,
         dift_timestep: serde_json::from_value(case.settings["dift"]["timestep"].clone())
             .context("settings.dift.timestep")?,
-        mask_window: case.setting("attention_window_steps")?,
         freeu,
     })
 }
