@@ -217,7 +217,6 @@ impl<'a> ConsistoryHook<'a> {
         let dtype = out.dtype();
         let cond = out.narrow(0, start, images)?;
         let mut values = cond.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let _ = tokens;
         maths::apply_injection(plan, &mut values, channels, self.options.injection_alpha)?;
         let cond =
             Tensor::from_vec(values, (images, tokens, channels), out.device())?.to_dtype(dtype)?;
