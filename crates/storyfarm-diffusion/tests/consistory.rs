@@ -2,49 +2,13 @@
 //! rendered with the anchors alone equals the same frame rendered beside other frames, and the
 //! anchors come out the same whichever frames ride along. Also: which layers each model uses.
 
-use std::path::Path;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+use common::{absmax, load, max_abs, no_progress};
 use storyfarm_diffusion::consistory::run::{ConsistorySet, DropoutDraws};
 use storyfarm_diffusion::consistory::{AnchorMapping, ConsistoryLevels, ConsistoryOptions};
-use storyfarm_diffusion::model::{HubOptions, ModelFolder};
-use storyfarm_diffusion::pipeline::{FrameInput, GenerationSettings, Progress, StableDiffusion};
-
-fn load(model: &str) -> StableDiffusion {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(model);
-    let folder = ModelFolder::open(dir.to_str().unwrap(), &HubOptions::default()).unwrap();
-    StableDiffusion::load(&folder, DType::F32, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn absmax(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn no_progress(_: Progress) -> storyfarm_diffusion::Result<()> {
-    Ok(())
-}
+use storyfarm_diffusion::pipeline::{FrameInput, GenerationSettings, StableDiffusion};
 
 fn frame(
     sd: &StableDiffusion,

@@ -2,51 +2,17 @@
 //! reference trajectory equals the same frame rendered in a batch with other frames, and equals
 //! the official in-batch StyleAligned layout. Also: cancelling between steps stops a run.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use storyfarm_diffusion::model::{HubOptions, ModelFolder};
+use common::{absmax, load, max_abs, no_progress};
 use storyfarm_diffusion::pipeline::{
-    FrameInput, GenerationSettings, Progress, ReferenceInput, ReferenceLatents, StableDiffusion,
+    FrameInput, GenerationSettings, Progress, ReferenceInput, ReferenceLatents,
 };
 use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
 use storyfarm_diffusion::DiffusionError;
-
-fn load(model: &str) -> StableDiffusion {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(model);
-    let folder = ModelFolder::open(dir.to_str().unwrap(), &HubOptions::default()).unwrap();
-    StableDiffusion::load(&folder, DType::F32, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn absmax(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn no_progress(_: Progress) -> storyfarm_diffusion::Result<()> {
-    Ok(())
-}
 
 fn check_invariance(model: &str) {
     let sd = load(model);
