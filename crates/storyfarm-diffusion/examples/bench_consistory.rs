@@ -13,7 +13,11 @@
 //! third of each image with the official 0.5 dropout; injection moves the same share of patches.
 
 use std::collections::HashMap;
+mod common;
+
 use std::time::Instant;
+
+use common::cpu_seconds;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -32,23 +36,6 @@ const ANCHORS: usize = 2;
 /// Latents, text context and SDXL's added conditioning of one UNet batch.
 type UNetInputs = (Tensor, Tensor, Option<(Tensor, Tensor)>);
 const STEPS: usize = 50;
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

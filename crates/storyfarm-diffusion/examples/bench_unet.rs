@@ -12,7 +12,11 @@
 //! `STORYFARM_DEVICE` (`cpu`, `cuda`, `cuda:N`; default cpu) and `STORYFARM_PRECISION` (`f32`,
 //! `f16`, `bf16`; default f32 on the CPU, f16 on a GPU) pick where and in what it runs.
 
+mod common;
+
 use std::time::Instant;
+
+use common::{cpu_seconds, peak_rss_gib};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
@@ -23,34 +27,6 @@ use storyfarm_diffusion::style_aligned::{
 };
 use storyfarm_diffusion::unet::{UNet, UNetConditioning, UNetConfig};
 use storyfarm_diffusion::weights::Weights;
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn peak_rss_gib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(0.0)
-}
 
 /// Wall and CPU seconds of one forward, its output read back so no work is left pending (on a
 /// GPU the read waits for the queued kernels).
