@@ -28,9 +28,6 @@ pub const INJECTION_STEPS: std::ops::RangeInclusive<usize> = 5..=16;
 /// σ of the Gaussian that smooths the DIFT features.
 pub const DIFT_SIGMA: f64 = 1.0;
 /// `QueryStore(strength_start, strength_end)` over steps `0..=5`.
-pub const QUERY_BLEND_START: f64 = 0.9;
-pub const QUERY_BLEND_END: f64 = 0.81836735;
-pub const QUERY_BLEND_STEPS: usize = 6;
 /// f32 lanes of the torch CPU kernels the goldens were recorded with (`AVX512`; an `AVX2` build
 /// has 8). torch's channels-last bilinear kernel sums the full vectors in another order than the
 /// leftover channels, so the resize of many-channel features depends on it (in the last bit).
@@ -977,20 +974,6 @@ pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     out
 }
 
-/// The vanilla-query weights ν of steps 0..=5: `np.linspace(0.9, 0.81836735, 6)`.
-pub fn query_blend_strengths() -> [f64; QUERY_BLEND_STEPS] {
-    let v = linspace(QUERY_BLEND_START, QUERY_BLEND_END, QUERY_BLEND_STEPS);
-    std::array::from_fn(|i| v[i])
-}
-
-/// The float32 weights of `Q ← ν·Q_vanilla + (1 − ν)·Q` at `step` (`ν` and `1 − ν`, the latter
-/// computed in float64, each rounded to float32 as torch does with numpy scalars), or `None` after
-/// step 5. Step 0 has a weight too, but SDSA (and so blending) is off there.
-pub fn query_blend_weights(step: usize) -> Option<(f32, f32)> {
-    let nu = *query_blend_strengths().get(step)?;
-    Some((nu as f32, (1.0 - nu) as f32))
-}
-
 #[cfg(test)]
 mod tests {
     // Expected values come from the reference libraries and the official code, computed by the
@@ -1634,12 +1617,21 @@ mod tests {
             0x3feab5cff098aee3,
             0x3fea3010b98ba769,
         ];
-        assert_eq!(query_blend_strengths().map(f64::to_bits), bits);
+        let strengths = linspace(0.9, 0.81836735, 6);
         assert_eq!(
-            query_blend_weights(5),
-            Some((0.81836735f64 as f32, (1.0 - 0.81836735f64) as f32))
+            strengths.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            bits
         );
-        assert_eq!(query_blend_weights(6), None);
+        // The options blend from step 1 to n/10 with exactly these weights.
+        let options = crate::consistory::ConsistoryOptions::default();
+        for (step, &b) in bits.iter().enumerate().skip(1) {
+            assert_eq!(
+                options.query_blend_weight(step, 50).map(f64::to_bits),
+                Some(b)
+            );
+        }
+        assert_eq!(options.query_blend_weight(0, 50), None);
+        assert_eq!(options.query_blend_weight(6, 50), None);
         assert_eq!(linspace(1.0, 2.0, 1), [1.0]);
         assert!(linspace(1.0, 2.0, 0).is_empty());
     }
