@@ -694,34 +694,6 @@ pub fn nn_maps(
     Ok(maps)
 }
 
-/// `anchor_nn_map`: every target image against every anchor, keyed `(target, anchor)`, with the
-/// anchors' masks at `res`.
-pub fn anchor_nn_maps(
-    targets: &[Vec<f32>],
-    anchors: &[Vec<f32>],
-    anchor_masks: &[Vec<bool>],
-    channels: usize,
-    size: (usize, usize),
-    res: (usize, usize),
-) -> Result<NnMaps> {
-    check_len("anchor_masks", anchor_masks, anchors.len())?;
-    let anchor_patches = anchors
-        .iter()
-        .map(|f| normalized_patches(f, channels, size, res))
-        .collect::<Result<Vec<_>>>()?;
-    let mut maps = NnMaps::new();
-    for (i, target) in targets.iter().enumerate() {
-        let t = normalized_patches(target, channels, size, res)?;
-        for (a, s) in anchor_patches.iter().enumerate() {
-            maps.insert(
-                (i, a),
-                nearest_neighbours_normalized(&t, s, &anchor_masks[a], channels)?,
-            );
-        }
-    }
-    Ok(maps)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Feature injection
 // ---------------------------------------------------------------------------------------------
@@ -839,23 +811,6 @@ pub fn injection_plan(
     Ok(InjectionPlan { targets })
 }
 
-/// The anchor-mode plan (`FeatureInjector.inject_anchors`): every target image against all
-/// `anchors` (keys `(target, anchor)` of [`anchor_nn_maps`]), `masks[i]` the target's own mask.
-pub fn anchor_injection_plan(
-    nn: &NnMaps,
-    anchors: usize,
-    masks: &[Vec<bool>],
-) -> Result<InjectionPlan> {
-    check_nonzero("anchors", anchors)?;
-    let sources: Vec<usize> = (0..anchors).collect();
-    let targets = masks
-        .iter()
-        .enumerate()
-        .map(|(i, mask)| plan_target(nn, i, &sources, false, mask).map(Some))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(InjectionPlan { targets })
-}
-
 /// The float32 weights torch applies: `alpha` and `1 − alpha` (computed in float64) each rounded
 /// to float32.
 pub fn injection_weights(alpha: f64) -> (f32, f32) {
@@ -898,48 +853,6 @@ pub fn apply_injection(
             let (dst, src) = ((i * n + p) * channels, (j * n + q) * channels);
             for k in 0..channels {
                 out[dst + k] = a * out[src + k] + b * out[dst + k];
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Anchor-mode injection: like [`apply_injection`] with the sources read from the anchors' cached
-/// injected outputs `anchor_out` `[anchors, patches, channels]` of the same layer and step.
-pub fn apply_anchor_injection(
-    plan: &InjectionPlan,
-    out: &mut [f32],
-    anchor_out: &[f32],
-    channels: usize,
-    alpha: f64,
-) -> Result<()> {
-    let n = plan_patches(plan);
-    check_len("out", out, plan.targets.len() * n * channels)?;
-    if n == 0 || !anchor_out.len().is_multiple_of(n * channels) {
-        return Err(DiffusionError::invalid_argument(
-            "anchor_out",
-            format!(
-                "has {} values, not whole images of {n}×{channels}",
-                anchor_out.len()
-            ),
-        ));
-    }
-    let anchors = anchor_out.len() / (n * channels);
-    let (a, b) = injection_weights(alpha);
-    for (i, target) in plan.targets.iter().enumerate() {
-        let Some(t) = target else { continue };
-        check_len("plan", &t.inject, n)?;
-        for p in (0..n).filter(|&p| t.inject[p]) {
-            let (j, q) = (t.source_image[p] as usize, t.source_patch[p] as usize);
-            if j >= anchors || q >= n {
-                return Err(DiffusionError::invalid_argument(
-                    "plan",
-                    format!("target {i} patch {p} points at anchor {j} patch {q}"),
-                ));
-            }
-            let (dst, src) = ((i * n + p) * channels, (j * n + q) * channels);
-            for k in 0..channels {
-                out[dst + k] = a * anchor_out[src + k] + b * out[dst + k];
             }
         }
     }
@@ -1501,17 +1414,6 @@ mod tests {
             .unwrap();
             assert_eq!(*found, single);
         }
-        let anchors = anchor_nn_maps(
-            &features[2..],
-            &features[..2],
-            &masks[..2],
-            c,
-            (side, side),
-            (3, 3),
-        )
-        .unwrap();
-        assert_eq!(anchors[&(0, 0)], maps[&(2, 0)]);
-        assert_eq!(anchors[&(0, 1)], maps[&(2, 1)]);
     }
 
     /// The official `FeatureInjector` case of the script: 3 images of 4×4 patches, 2 channels,
@@ -1586,6 +1488,8 @@ mod tests {
         let (a, n) = (2, 16);
         let map = xs32(22, a * n);
         let dist = xs32(23, a * n);
+        // The target is image `a` of a set [anchors..., target] that sees the anchors, whose
+        // outputs (the official cache) precede its own in one buffer: the production path.
         let mut nn = NnMaps::new();
         for j in 0..a {
             let m = map[j * n..(j + 1) * n]
@@ -1593,15 +1497,18 @@ mod tests {
                 .map(|&u| (u * n as f32) as u32)
                 .collect();
             let d = dist[j * n..(j + 1) * n].iter().map(|&u| u * 1.5).collect();
-            nn.insert((0, j), (m, d));
+            nn.insert((a, j), (m, d));
         }
-        let plan = anchor_injection_plan(&nn, a, &[below(24, n, 0.6)]).unwrap();
-        let mut out = scaled(20, n * 2, 2.0, 1.0);
-        let anchor_out = scaled(21, a * n * 2, 2.0, 1.0);
-        apply_anchor_injection(&plan, &mut out, &anchor_out, 2, INJECTION_ALPHA).unwrap();
+        let mut masks = vec![vec![false; n]; a];
+        masks.push(below(24, n, 0.6));
+        let plan = injection_plan(&nn, &masks, |i, j| i == a && j < a).unwrap();
+        let mut all = scaled(21, a * n * 2, 2.0, 1.0);
+        all.extend(scaled(20, n * 2, 2.0, 1.0));
+        apply_injection(&plan, &mut all, 2, INJECTION_ALPHA).unwrap();
+        let out = &all[a * n * 2..];
         assert_eq!(out[..4], [-0.9973813, -0.34573507, 0.4417877, 0.83757746]);
         assert_eq!(
-            fnv(&out),
+            fnv(out),
             0x244684bc329fb57a,
             "not bit-identical to inject_anchors"
         );
