@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use storyfarm_coordinator::dispatch::run_dispatcher;
-use storyfarm_coordinator::planner::{plan_job, ModelFacts, PlanPolicy};
+use storyfarm_coordinator::planner::{plan_job, JobReferences, ModelFacts, PlanPolicy};
 use storyfarm_core::{JobId, StoryboardSpec};
 use storyfarm_queue::{QueueConfig, RabbitQueue, TaskQueue};
 use storyfarm_store::{MetadataStore, PgStore, StoredStoryboard};
@@ -44,6 +44,7 @@ fn spec(frames: usize) -> StoredStoryboard {
     StoredStoryboard {
         spec,
         reference_id: None,
+        character_references: Vec::new(),
     }
 }
 
@@ -105,7 +106,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         JobId::new(),
         sb.id,
         &sb.stored,
-        None,
+        JobReferences::default(),
         &facts,
         &PlanPolicy::default(),
         "",
@@ -145,7 +146,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             JobId::new(),
             sb.id,
             &sb.stored,
-            None,
+            JobReferences::default(),
             &facts,
             &PlanPolicy::default(),
             "",

@@ -88,6 +88,16 @@ impl Ingestor {
         // events carry the durable state; cancellation reaches workers by broadcast).
         if let Some(pb::task_event::Event::Progress(p)) = &event.event {
             match event.job_id.parse::<storyfarm_core::JobId>() {
+                Ok(job_id) if !p.character.is_empty() => {
+                    self.hub.signal(
+                        job_id,
+                        Signal::Anchor(pb::AnchorProgress {
+                            character: p.character.clone(),
+                            step: p.step,
+                            steps: p.steps,
+                        }),
+                    );
+                }
                 Ok(job_id) if p.frames.is_empty() => {
                     // A task without frames is the style reference's inversion.
                     self.hub.signal(

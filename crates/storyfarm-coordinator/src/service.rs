@@ -7,15 +7,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::Stream;
 use storyfarm_blob::{BlobKey, BlobStore};
-use storyfarm_core::storyboard::{validate_style, StyleOptions, StyleSpec};
-use storyfarm_core::{FrameSpec, JobId, ProjectId, ReferenceId, StoryboardId, StoryboardSpec};
+use storyfarm_core::storyboard::{validate_characters, validate_style, StyleOptions, StyleSpec};
+use storyfarm_core::{
+    CharacterSpec, ConsistoryOptions, FrameSpec, JobId, ProjectId, ReferenceId, StoryboardId,
+    StoryboardSpec,
+};
 use storyfarm_proto::v1 as pb;
 use storyfarm_proto::v1::job_service_server::JobService;
 use storyfarm_proto::v1::project_service_server::ProjectService;
 use storyfarm_proto::v1::reference_service_server::ReferenceService;
 use storyfarm_proto::v1::storyboard_service_server::StoryboardService;
 use storyfarm_queue::{OutgoingMessage, TaskQueue};
-use storyfarm_store::{MetadataStore, Reference, StoredStoryboard};
+use storyfarm_store::{
+    MetadataStore, PrerequisiteKind, Reference, ReferenceImage, ReferenceKind, StoredStoryboard,
+};
 use tokio::sync::Notify;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -23,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
 use crate::model_facts::model_facts;
-use crate::planner::{plan_job, PlanPolicy};
+use crate::planner::{plan_job, JobReferences, PlanPolicy};
 use crate::status::ApiError;
 use crate::watch::{watch_job, WatchHub};
 
@@ -113,18 +118,54 @@ impl ReferenceService for Api {
             &header.project_id,
             ProjectId::parse_field,
         )?;
+        let kind = match pb::ReferenceKind::try_from(header.kind) {
+            Ok(pb::ReferenceKind::Style | pb::ReferenceKind::Unspecified) => ReferenceKind::Style,
+            Ok(pb::ReferenceKind::Character) => ReferenceKind::Character,
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "header.kind",
+                    format!("unsupported reference kind {}", header.kind),
+                )
+                .into())
+            }
+        };
         if header.prompt.trim().is_empty() {
-            return Err(ApiError::invalid("header.prompt", "must describe the image").into());
+            let what = match kind {
+                ReferenceKind::Style => "must describe the image (or the style to generate)",
+                ReferenceKind::Character => "must describe the character",
+            };
+            return Err(ApiError::invalid("header.prompt", what).into());
         }
-        if header.kind != pb::ReferenceKind::Style as i32
-            && header.kind != pb::ReferenceKind::Unspecified as i32
-        {
-            return Err(ApiError::invalid(
-                "header.kind",
-                format!("unsupported reference kind {}", header.kind),
-            )
-            .into());
-        }
+        let (name, subject_words) = match kind {
+            ReferenceKind::Style => {
+                if !header.name.is_empty() || !header.subject_words.is_empty() {
+                    return Err(ApiError::invalid(
+                        "header.name",
+                        "a style reference has no name or subject words",
+                    )
+                    .into());
+                }
+                (String::new(), Vec::new())
+            }
+            ReferenceKind::Character => {
+                let character = CharacterSpec {
+                    name: header.name.clone(),
+                    description: header.prompt.trim().to_string(),
+                    subject_words: header.subject_words.clone(),
+                    image: None,
+                    seed: None,
+                    anchors: 1,
+                };
+                validate_characters(std::slice::from_ref(&character)).map_err(|e| {
+                    let field = e
+                        .field
+                        .replacen("characters[0].description", "header.prompt", 1)
+                        .replacen("characters[0].", "header.", 1);
+                    ApiError::invalid(field, e.message)
+                })?;
+                (character.name, character.subject_words)
+            }
+        };
         // Fail before reading megabytes for a project that does not exist.
         self.store
             .get_project(project_id)
@@ -155,40 +196,20 @@ impl ReferenceService for Api {
                 }
             }
         }
-        if bytes.is_empty() {
-            return Err(ApiError::invalid("chunk", "no image bytes were sent").into());
-        }
-        let (width, height) = match image::load_from_memory(&bytes) {
-            Ok(img) => (img.width(), img.height()),
-            Err(e) => {
-                let name = if header.filename.is_empty() {
-                    "image".to_string()
-                } else {
-                    header.filename.clone()
-                };
-                return Err(ApiError::invalid(
-                    "chunk",
-                    format!("{name} is not a readable PNG or JPEG image: {e}"),
-                )
-                .into());
-            }
+        // A header alone: a reference made from its prompt.
+        let image = if bytes.is_empty() {
+            None
+        } else {
+            Some(self.store_reference_image(&header.filename, bytes).await?)
         };
-        let sha = storyfarm_core::keys::sha256_hex(&bytes);
-        let size = bytes.len() as u64;
-        let key = self
-            .blobs
-            .put_content("image", Bytes::from(bytes))
-            .await
-            .map_err(ApiError::from)?;
         let reference = Reference {
             id: ReferenceId::new(),
             project_id,
+            kind,
             prompt: header.prompt.trim().to_string(),
-            image_sha256: sha,
-            image_key: key.as_str().to_string(),
-            width,
-            height,
-            size_bytes: size,
+            name,
+            subject_words,
+            image,
             created_at: chrono::Utc::now(),
         };
         let stored = self
@@ -196,7 +217,7 @@ impl ReferenceService for Api {
             .create_reference(&reference)
             .await
             .map_err(ApiError::from)?;
-        tracing::info!(reference_id = %stored.id, project_id = %project_id, bytes = size, "reference uploaded");
+        tracing::info!(reference_id = %stored.id, project_id = %project_id, kind = kind.as_str(), bytes = stored.image.as_ref().map_or(0, |i| i.size_bytes), "reference uploaded");
         Ok(Response::new(convert::reference(&stored)))
     }
 
@@ -210,32 +231,156 @@ impl ReferenceService for Api {
     }
 }
 
-/// The storyboard an API request describes, validated like a storyboard file.
+impl Api {
+    /// Checks that the bytes decode as an image, then stores them content-addressed.
+    async fn store_reference_image(
+        &self,
+        filename: &str,
+        bytes: Vec<u8>,
+    ) -> Result<ReferenceImage, Status> {
+        let (width, height) = match image::load_from_memory(&bytes) {
+            Ok(img) => (img.width(), img.height()),
+            Err(e) => {
+                let name = if filename.is_empty() { "image" } else { filename };
+                return Err(ApiError::invalid(
+                    "chunk",
+                    format!("{name} is not a readable PNG or JPEG image: {e}"),
+                )
+                .into());
+            }
+        };
+        let sha256 = storyfarm_core::keys::sha256_hex(&bytes);
+        let size_bytes = bytes.len() as u64;
+        let key = self
+            .blobs
+            .put_content("image", Bytes::from(bytes))
+            .await
+            .map_err(ApiError::from)?;
+        Ok(ReferenceImage {
+            sha256,
+            key: key.as_str().to_string(),
+            width,
+            height,
+            size_bytes,
+        })
+    }
+
+    /// The references a storyboard request names, checked to belong to the project and to be of
+    /// the right kind.
+    async fn request_references(
+        &self,
+        project_id: ProjectId,
+        settings: &pb::StoryboardSettings,
+    ) -> Result<(Option<Reference>, Vec<Reference>), Status> {
+        let fetch = |field: String, id: &str, kind: ReferenceKind| {
+            let id = id.to_string();
+            async move {
+                let reference_id = ReferenceId::parse_field(&field, &id).map_err(ApiError::from)?;
+                let reference = self
+                    .store
+                    .get_reference(reference_id)
+                    .await
+                    .map_err(ApiError::from)?;
+                if reference.project_id != project_id {
+                    return Err(Status::not_found(format!(
+                        "reference {reference_id} not found in project {project_id}"
+                    )));
+                }
+                if reference.kind != kind {
+                    return Err(ApiError::invalid(
+                        field,
+                        format!(
+                            "reference {reference_id} is a {} reference, not a {} reference",
+                            reference.kind.as_str(),
+                            kind.as_str()
+                        ),
+                    )
+                    .into());
+                }
+                Ok(reference)
+            }
+        };
+        let style = match &settings.style {
+            Some(style) => Some(
+                fetch(
+                    "settings.style.reference_id".into(),
+                    &style.reference_id,
+                    ReferenceKind::Style,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let mut characters = Vec::with_capacity(settings.characters.len());
+        for (i, c) in settings.characters.iter().enumerate() {
+            characters.push(
+                fetch(
+                    format!("settings.characters[{i}].reference_id"),
+                    &c.reference_id,
+                    ReferenceKind::Character,
+                )
+                .await?,
+            );
+        }
+        Ok((style, characters))
+    }
+}
+
+/// Anchor counts of a storyboard's characters by name.
+pub fn anchor_counts(spec: &StoryboardSpec) -> std::collections::HashMap<String, u32> {
+    spec.characters
+        .iter()
+        .map(|c| (c.name.clone(), c.anchors))
+        .collect()
+}
+
+/// The storyboard an API request describes, with its references already fetched, validated like
+/// a storyboard file.
 fn storyboard_from_request(
     req: &pb::CreateStoryboardRequest,
-) -> Result<(StoryboardSpec, Option<ReferenceId>), ApiError> {
+    style_reference: Option<&Reference>,
+    character_references: &[Reference],
+) -> Result<StoredStoryboard, ApiError> {
     let settings = req
         .settings
         .clone()
         .ok_or_else(|| ApiError::invalid("settings", "required"))?;
-    let style = match &settings.style {
-        Some(style) if !style.reference_id.is_empty() => {
-            let reference_id =
-                ReferenceId::parse_field("settings.style.reference_id", &style.reference_id)?;
+    let style = match (&settings.style, style_reference) {
+        (Some(style), Some(reference)) => {
             let options = style.options.map(StyleOptions::from).unwrap_or_default();
             let spec = StyleSpec {
-                image: format!("reference:{reference_id}").into(),
-                prompt: "stored reference".into(),
+                image: reference
+                    .image
+                    .as_ref()
+                    .map(|_| format!("reference:{}", reference.id).into()),
+                prompt: reference.prompt.clone(),
+                seed: style.seed,
                 offset: style.offset,
                 inversion_guidance: style.inversion_guidance,
                 options,
             };
             validate_style(&spec, settings.steps)
                 .map_err(|e| ApiError::invalid(format!("settings.{}", e.field), e.message))?;
-            Some((spec, reference_id))
+            Some(spec)
         }
         _ => None,
     };
+    let characters = settings
+        .characters
+        .iter()
+        .zip(character_references)
+        .map(|(c, reference)| CharacterSpec {
+            name: reference.name.clone(),
+            description: reference.prompt.clone(),
+            subject_words: reference.subject_words.clone(),
+            image: reference
+                .image
+                .as_ref()
+                .map(|_| format!("reference:{}", reference.id).into()),
+            seed: c.seed,
+            anchors: if c.anchors == 0 { 2 } else { c.anchors },
+        })
+        .collect();
     let spec = StoryboardSpec {
         model: settings.model.clone(),
         width: settings.width,
@@ -243,16 +388,18 @@ fn storyboard_from_request(
         steps: settings.steps,
         guidance: settings.guidance_scale,
         negative_prompt: settings.negative_prompt.clone(),
-        seed: 0,
+        seed: settings.seed,
         frames_per_task: if settings.frames_per_task == 0 {
             4
         } else {
             settings.frames_per_task
         },
-        style: style.as_ref().map(|(s, _)| s.clone()),
-        // The API has no characters yet.
-        characters: Vec::new(),
-        consistory: Default::default(),
+        style,
+        characters,
+        consistory: settings
+            .consistory
+            .map(ConsistoryOptions::from)
+            .unwrap_or_default(),
         frames: req
             .frames
             .iter()
@@ -260,7 +407,7 @@ fn storyboard_from_request(
                 prompt: f.prompt.clone(),
                 negative_prompt: f.negative_prompt.clone(),
                 seed: f.seed,
-                characters: Vec::new(),
+                characters: f.characters.clone(),
             })
             .collect(),
     };
@@ -272,7 +419,11 @@ fn storyboard_from_request(
         };
         ApiError::invalid(field, e.message)
     })?;
-    Ok((spec, style.map(|(_, id)| id)))
+    Ok(StoredStoryboard {
+        spec,
+        reference_id: style_reference.map(|r| r.id),
+        character_references: character_references.iter().map(|r| r.id).collect(),
+    })
 }
 
 fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
@@ -297,8 +448,21 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
                 offset: s.offset,
                 inversion_guidance: s.inversion_guidance,
                 options: Some(pb::StyleAlignedOptions::from(&s.options)),
+                seed: s.seed,
             }),
             frames_per_task: spec.frames_per_task,
+            seed: spec.seed,
+            characters: spec
+                .characters
+                .iter()
+                .zip(&sb.stored.character_references)
+                .map(|(c, id)| pb::CharacterSettings {
+                    reference_id: id.to_string(),
+                    anchors: c.anchors,
+                    seed: c.seed,
+                })
+                .collect(),
+            consistory: Some(pb::ConsistorySettings::from(&spec.consistory)),
         }),
         frames: spec
             .frames
@@ -307,6 +471,7 @@ fn storyboard_message(sb: &storyfarm_store::Storyboard) -> pb::Storyboard {
                 prompt: f.prompt.clone(),
                 negative_prompt: f.negative_prompt.clone(),
                 seed: f.seed,
+                characters: f.characters.clone(),
             })
             .collect(),
         create_time: Some(convert::timestamp(sb.created_at)),
@@ -322,24 +487,29 @@ impl StoryboardService for Api {
     ) -> ApiResult<pb::Storyboard> {
         let req = request.into_inner();
         let project_id = parse("project_id", &req.project_id, ProjectId::parse_field)?;
-        let (spec, reference_id) = storyboard_from_request(&req)?;
+        let settings = req
+            .settings
+            .clone()
+            .ok_or_else(|| Status::from(ApiError::invalid("settings", "required")))?;
+        // Style fields that need no reference are checked before any lookup.
+        if let Some(style) = &settings.style {
+            let spec = StyleSpec {
+                image: Some("reference".into()),
+                prompt: "reference".into(),
+                seed: style.seed,
+                offset: style.offset,
+                inversion_guidance: style.inversion_guidance,
+                options: style.options.map(StyleOptions::from).unwrap_or_default(),
+            };
+            validate_style(&spec, settings.steps)
+                .map_err(|e| ApiError::invalid(format!("settings.{}", e.field), e.message))?;
+        }
         self.store
             .get_project(project_id)
             .await
             .map_err(ApiError::from)?;
-        if let Some(reference_id) = reference_id {
-            let reference = self
-                .store
-                .get_reference(reference_id)
-                .await
-                .map_err(ApiError::from)?;
-            if reference.project_id != project_id {
-                return Err(Status::not_found(format!(
-                    "reference {reference_id} not found in project {project_id}"
-                )));
-            }
-        }
-        let stored = StoredStoryboard { spec, reference_id };
+        let (style, characters) = self.request_references(project_id, &settings).await?;
+        let stored = storyboard_from_request(&req, style.as_ref(), &characters)?;
         let sb = self
             .store
             .create_storyboard(project_id, req.name.trim(), &stored)
@@ -370,6 +540,7 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadFrameChunk, Stat
 impl JobService for Api {
     type WatchJobStream = EventStream;
     type DownloadFrameStream = ChunkStream;
+    type DownloadAnchorStream = ChunkStream;
 
     #[tracing::instrument(skip_all, fields(storyboard_id, job_id, trace_id))]
     async fn submit_job(&self, request: Request<pb::SubmitJobRequest>) -> ApiResult<pb::Job> {
@@ -388,6 +559,10 @@ impl JobService for Api {
             Some(id) => Some(self.store.get_reference(id).await.map_err(ApiError::from)?),
             None => None,
         };
+        let mut characters = Vec::with_capacity(sb.stored.character_references.len());
+        for &id in &sb.stored.character_references {
+            characters.push(self.store.get_reference(id).await.map_err(ApiError::from)?);
+        }
         let job_id = JobId::new();
         let traceparent = storyfarm_core::trace::new_traceparent();
         let span = tracing::Span::current();
@@ -401,14 +576,17 @@ impl JobService for Api {
             job_id,
             storyboard_id,
             &sb.stored,
-            reference.as_ref(),
+            JobReferences {
+                style: reference.as_ref(),
+                characters: &characters,
+            },
             &facts,
             &self.policy,
             &traceparent,
         );
         let job = self.store.submit_job(&plan).await.map_err(ApiError::from)?;
         self.dispatch.notify_one();
-        tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
+        tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, anchor_tasks = job.anchor_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -479,6 +657,67 @@ impl JobService for Api {
             )))
         })?;
         let key = BlobKey::new(key).map_err(ApiError::from)?;
+        let bytes = self.blobs.get(&key).await.map_err(ApiError::from)?;
+        let chunks: Vec<Result<pb::DownloadFrameChunk, Status>> = bytes
+            .chunks(64 * 1024)
+            .map(|c| Ok(pb::DownloadFrameChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn list_anchors(
+        &self,
+        request: Request<pb::ListAnchorsRequest>,
+    ) -> ApiResult<pb::ListAnchorsResponse> {
+        let id = parse("job_id", &request.into_inner().job_id, JobId::parse_field)?;
+        let job = self.store.get_job(id).await.map_err(ApiError::from)?;
+        let sb = self
+            .store
+            .get_storyboard(job.storyboard_id)
+            .await
+            .map_err(ApiError::from)?;
+        let counts = anchor_counts(&sb.stored.spec);
+        let prerequisites = self
+            .store
+            .job_prerequisites(id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAnchorsResponse {
+            characters: prerequisites
+                .iter()
+                .filter_map(|p| {
+                    convert::character_anchors(p, counts.get(&p.name).copied().unwrap_or_default())
+                })
+                .collect(),
+        }))
+    }
+
+    async fn download_anchor(
+        &self,
+        request: Request<pb::DownloadAnchorRequest>,
+    ) -> ApiResult<Self::DownloadAnchorStream> {
+        let req = request.into_inner();
+        let id = parse("job_id", &req.job_id, JobId::parse_field)?;
+        let prerequisites = self
+            .store
+            .job_prerequisites(id)
+            .await
+            .map_err(ApiError::from)?;
+        let anchors = prerequisites
+            .iter()
+            .find(|p| p.kind == PrerequisiteKind::Anchors && p.name == req.character)
+            .ok_or_else(|| {
+                Status::not_found(format!("job {id} has no character {:?}", req.character))
+            })?;
+        let file = anchors.artifact_key.clone().ok_or_else(|| {
+            Status::from(ApiError::FailedPrecondition(format!(
+                "the anchors of {:?} are {} and have no images yet",
+                req.character,
+                anchors.state.as_str()
+            )))
+        })?;
+        let key = BlobKey::new(storyfarm_core::keys::anchor_png_key(&file, req.index))
+            .map_err(ApiError::from)?;
         let bytes = self.blobs.get(&key).await.map_err(ApiError::from)?;
         let chunks: Vec<Result<pb::DownloadFrameChunk, Status>> = bytes
             .chunks(64 * 1024)

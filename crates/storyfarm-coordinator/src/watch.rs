@@ -20,6 +20,7 @@ pub enum Signal {
     Changed,
     Progress(pb::FrameProgress),
     Inversion(pb::InversionProgress),
+    Anchor(pb::AnchorProgress),
 }
 
 /// Per-job broadcast channels, created on first use and dropped when nobody listens.
@@ -66,21 +67,44 @@ pub fn watch_job(
         let id = job_id.to_string();
         let mut sent_job: Option<pb::Job> = None;
         let mut sent_frames: HashMap<u32, pb::Frame> = HashMap::new();
+        let mut sent_anchors: HashMap<String, pb::CharacterAnchors> = HashMap::new();
+        // Anchor counts per character name, from the job's storyboard (read once).
+        let mut anchor_counts: Option<HashMap<String, u32>> = None;
         loop {
             // Send what changed since the last look.
             let snapshot = async {
                 let job = store.get_job(job_id).await?;
                 let frames = store.list_frames(job_id).await?;
-                Ok::<_, ApiError>((job, frames))
+                let prerequisites = store.job_prerequisites(job_id).await?;
+                if anchor_counts.is_none() && !prerequisites.is_empty() {
+                    let sb = store.get_storyboard(job.storyboard_id).await?;
+                    anchor_counts = Some(crate::service::anchor_counts(&sb.stored.spec));
+                }
+                Ok::<_, ApiError>((job, frames, prerequisites))
             }
             .await;
-            let (job, frames) = match snapshot {
+            let (job, frames, prerequisites) = match snapshot {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             };
+            let counts = anchor_counts.clone().unwrap_or_default();
+            for anchors in prerequisites.iter().filter_map(|p| {
+                convert::character_anchors(p, counts.get(&p.name).copied().unwrap_or_default())
+            }) {
+                if sent_anchors.get(&anchors.name) != Some(&anchors) {
+                    sent_anchors.insert(anchors.name.clone(), anchors.clone());
+                    let event = pb::JobEvent {
+                        job_id: id.clone(),
+                        event: Some(pb::job_event::Event::Anchors(anchors)),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             for f in &frames {
                 let f = convert::frame(f);
                 if sent_frames.get(&f.index) != Some(&f) {
@@ -123,6 +147,12 @@ pub fn watch_job(
                         }
                         Ok(Signal::Inversion(p)) => {
                             let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Inversion(p)) };
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Signal::Anchor(p)) => {
+                            let event = pb::JobEvent { job_id: id.clone(), event: Some(pb::job_event::Event::Anchor(p)) };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
                             }

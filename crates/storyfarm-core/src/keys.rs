@@ -5,11 +5,19 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::storyboard::{ConsistoryOptions, StoryboardSpec};
+use crate::storyboard::{ConsistoryOptions, StoryboardSpec, StyleOptions};
 
 /// Hex sha256 of some bytes (image hashes, artifact addresses).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// Where anchor `index`'s picture is stored beside its character's anchors file.
+pub fn anchor_png_key(anchors_key: &str, index: u32) -> String {
+    let stem = anchors_key
+        .strip_suffix(".safetensors")
+        .unwrap_or(anchors_key);
+    format!("{stem}/{index}.png")
 }
 
 /// Everything that determines a DDIM inversion trajectory.
@@ -34,6 +42,36 @@ impl InversionInputs<'_> {
     }
 }
 
+/// Everything that determines the trajectory of a style reference generated from its prompt.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GeneratedReferenceInputs<'a> {
+    pub model: &'a str,
+    pub scheduler: &'a str,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    pub prompt: &'a str,
+    pub seed: u64,
+}
+
+impl GeneratedReferenceInputs<'_> {
+    pub fn cache_key(&self) -> String {
+        let canonical = serde_json::json!({ "v": 1, "generated_reference": self });
+        sha256_hex(canonical.to_string().as_bytes())
+    }
+}
+
+/// How a board's frames (and anchors) are styled: the style trajectory's cache key and how it is
+/// replayed. Part of a styled character's anchor key, since its anchors are rendered in the style.
+pub fn style_identity(trajectory_cache_key: &str, offset: u32, options: &StyleOptions) -> String {
+    let canonical = serde_json::json!({
+        "v": 1,
+        "style": { "trajectory": trajectory_cache_key, "offset": offset, "options": options },
+    });
+    sha256_hex(canonical.to_string().as_bytes())
+}
+
 /// Everything that determines a character's anchors, the images its frames attend to.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AnchorInputs<'a> {
@@ -53,6 +91,9 @@ pub struct AnchorInputs<'a> {
     /// The character's image by its bytes, not its path.
     pub image_sha256: Option<&'a str>,
     pub consistory: &'a ConsistoryOptions,
+    /// The board's style ([`style_identity`]): anchors are rendered in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<&'a str>,
 }
 
 impl<'a> AnchorInputs<'a> {
@@ -63,6 +104,7 @@ impl<'a> AnchorInputs<'a> {
         index: usize,
         scheduler: &'a str,
         image_sha256: Option<&'a str>,
+        style: Option<&'a str>,
     ) -> Option<Self> {
         let character = spec.characters.get(index)?;
         Some(Self {
@@ -79,6 +121,7 @@ impl<'a> AnchorInputs<'a> {
             anchors: character.anchors,
             image_sha256,
             consistory: &spec.consistory,
+            style,
         })
     }
 
@@ -173,6 +216,7 @@ mod tests {
             anchors: 2,
             image_sha256: None,
             consistory: &defaults,
+            style: None,
         };
         let k = base.anchor_key();
         assert_eq!(k, base.clone().anchor_key());
@@ -306,7 +350,7 @@ model: m
             StoryboardSpec::from_yaml(b).unwrap(),
         );
         let key = |s: &StoryboardSpec, image| {
-            AnchorInputs::of_character(s, 0, "{}", image)
+            AnchorInputs::of_character(s, 0, "{}", image, None)
                 .unwrap()
                 .anchor_key()
         };
@@ -340,6 +384,32 @@ frames: [{ prompt: a dog }]
         let mut renamed = omitted.clone();
         renamed.characters[0].name = "Biscuit".into();
         assert_eq!(key(&renamed, None), key(&omitted, None));
-        assert!(AnchorInputs::of_character(&omitted, 1, "{}", None).is_none());
+        assert!(AnchorInputs::of_character(&omitted, 1, "{}", None, None).is_none());
+        // Anchors are rendered in the board's style: another style is other anchors.
+        let styled = |options: &StyleOptions, offset| style_identity("inv", offset, options);
+        let defaults = StyleOptions::default();
+        let plain = AnchorInputs::of_character(&omitted, 0, "{}", None, None).unwrap();
+        let s1 = styled(&defaults, 0);
+        let shifted = StyleOptions {
+            shared_score_shift: 0.5,
+            ..defaults.clone()
+        };
+        let s2 = styled(&shifted, 0);
+        let s3 = styled(&defaults, 1);
+        let s4 = style_identity("other", 0, &defaults);
+        let mut keys: Vec<String> = [None, Some(&s1), Some(&s2), Some(&s3), Some(&s4)]
+            .iter()
+            .map(|style| {
+                AnchorInputs {
+                    style: style.map(String::as_str),
+                    ..plain.clone()
+                }
+                .anchor_key()
+            })
+            .collect();
+        assert_eq!(keys[0], key(&omitted, None));
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 5);
     }
 }

@@ -119,14 +119,19 @@ impl Default for StyleOptions {
     }
 }
 
-/// The style reference of a storyboard.
+/// The style reference of a storyboard: a picture (DDIM-inverted) or, without one, an image
+/// generated from the prompt. Either way it is computed once and every frame replays it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StyleSpec {
     /// Image file, relative to the storyboard file (local mode and `storyfarm submit`).
-    pub image: PathBuf,
-    /// What the image shows; the prompt of its inversion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// What the image shows (the prompt of its inversion), or what to generate without an image.
     pub prompt: String,
+    /// Seed of a generated reference (default: the board's seed minus one, as `generate` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub offset: u32,
     #[serde(default = "default_inversion_guidance")]
@@ -303,14 +308,16 @@ impl StoryboardSpec {
                 .to_string();
         }
         if let Some(style) = &mut spec.style {
-            let image = base.join(&style.image);
-            if !image.is_file() {
-                return Err(invalid(ValidationError::new(
-                    "style.image",
-                    format!("no such file: {}", image.display()),
-                )));
+            if let Some(image) = &mut style.image {
+                let resolved = base.join(&*image);
+                if !resolved.is_file() {
+                    return Err(invalid(ValidationError::new(
+                        "style.image",
+                        format!("no such file: {}", resolved.display()),
+                    )));
+                }
+                *image = resolved;
             }
-            style.image = image;
         }
         for (i, character) in spec.characters.iter_mut().enumerate() {
             if let Some(image) = &mut character.image {
@@ -343,6 +350,13 @@ impl StoryboardSpec {
             .get(index)
             .and_then(|c| c.seed)
             .unwrap_or_else(|| self.seed.wrapping_add((index as u64 + 1) << 32))
+    }
+
+    /// The seed of a generated style reference: its own, else the base seed minus one (the
+    /// frames start at the base seed).
+    pub fn style_seed(&self) -> Option<u64> {
+        let style = self.style.as_ref()?;
+        Some(style.seed.unwrap_or_else(|| self.seed.wrapping_sub(1)))
     }
 
     /// The index of the character named `name`.
@@ -616,7 +630,13 @@ pub fn validate_style(style: &StyleSpec, steps: u32) -> Result<(), ValidationErr
     if style.prompt.trim().is_empty() {
         return Err(ValidationError::new(
             "style.prompt",
-            "must describe the style image",
+            "must describe the style image (or, without one, the style to generate)",
+        ));
+    }
+    if style.image.is_none() && style.offset != 0 {
+        return Err(ValidationError::new(
+            "style.offset",
+            "holds an inverted image cleaner at the start; a generated style (no image) has none",
         ));
     }
     if style.offset >= steps {
@@ -742,8 +762,9 @@ mod tests {
         blank.frames[1].prompt = " ".into();
         check(blank, "frames[1].prompt");
         let style = StyleSpec {
-            image: "s.png".into(),
+            image: Some("s.png".into()),
             prompt: "p".into(),
+            seed: None,
             offset: 4,
             inversion_guidance: 2.0,
             options: StyleOptions::default(),
@@ -780,7 +801,7 @@ mod tests {
         let path = dir.path().join("board.yaml");
         std::fs::write(&path, &board).unwrap();
         let s = StoryboardSpec::load(&path).unwrap();
-        assert_eq!(s.style.unwrap().image, dir.path().join("style.png"));
+        assert_eq!(s.style.unwrap().image, Some(dir.path().join("style.png")));
         std::fs::write(&path, board.replace("style.png", "missing.png")).unwrap();
         let e = StoryboardSpec::load(&path).unwrap_err().to_string();
         assert!(

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::consistory::run::{ConsistorySet, DropoutDraws, SetStyle};
+use crate::consistory::{AnchorMapping, ConsistoryOptions};
 use crate::error::{DiffusionError, Result};
 use crate::image_io::{image_from_bytes, tensor_to_rgb8};
 use crate::pipeline::{
@@ -108,6 +110,225 @@ pub fn invert_image(
     to_safetensors(TRAJECTORY, &inversion.zts)
 }
 
+/// Guidance of a character picture's DDIM inversion: the plain (conditional) inversion, so the
+/// replayed anchor is the picture itself whatever guidance the frames use.
+pub const CHARACTER_INVERSION_GUIDANCE: f64 = 1.0;
+
+/// Generates a style reference from its prompt and returns its trajectory file, the same file an
+/// inversion makes: frames replay it from the first step (offset 0).
+pub fn generate_reference(
+    sd: &StableDiffusion,
+    prompt: &str,
+    seed: u64,
+    settings: &GenerationSettings,
+    progress: ProgressFn,
+) -> Result<Vec<u8>> {
+    settings.validate()?;
+    let init = sd.seeded_latents(seed, settings)?;
+    let zts = sd.reference_trajectory(settings, prompt, None, &init, progress)?;
+    to_safetensors(TRAJECTORY, &zts)
+}
+
+/// A character as a task sees it: what its anchors are made from.
+#[derive(Clone, Debug)]
+pub struct CharacterRequest {
+    pub description: String,
+    pub subject_words: Vec<String>,
+    /// Initial-noise seeds of the generated anchors.
+    pub anchor_seeds: Vec<u64>,
+    /// The character's own mask-dropout stream.
+    pub dropout_seed: u64,
+    /// The trajectory file of its picture's inversion: the first anchor replays it.
+    pub picture: Option<Vec<u8>>,
+}
+
+impl CharacterRequest {
+    pub fn anchors(&self) -> usize {
+        usize::from(self.picture.is_some()) + self.anchor_seeds.len()
+    }
+}
+
+/// A frame that shows characters (indices into the task's characters).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CharacterFrameRequest {
+    pub frame: FrameRequest,
+    pub characters: Vec<usize>,
+}
+
+/// What a character render leaves: each character's anchors (latents `[1, 4, h, w]` each, in
+/// anchor order) and the frames.
+pub struct CharacterRender {
+    pub anchors: Vec<Vec<Tensor>>,
+    pub frames: Vec<RenderedFrame>,
+}
+
+/// Anchors then frames in one ConsiStory set: every character's anchors share attention among
+/// themselves, each frame with the anchors of the characters it shows (and nothing else), in
+/// the style when given. A frame's result depends only on its own inputs and its characters'
+/// anchors, and the anchors only on their own characters: the same frame renders the same in
+/// any task, and a task of anchors alone makes exactly the anchors every frame task recomputes.
+pub fn render_characters(
+    sd: &StableDiffusion,
+    settings: &GenerationSettings,
+    options: &ConsistoryOptions,
+    style: Option<&StyleRequest>,
+    anchor_negative_prompt: &str,
+    characters: &[CharacterRequest],
+    frames: &[CharacterFrameRequest],
+    progress: ProgressFn,
+) -> Result<CharacterRender> {
+    settings.validate()?;
+    if characters.is_empty() {
+        return Err(DiffusionError::invalid_argument(
+            "characters",
+            "a character render needs at least one character",
+        ));
+    }
+    let negative = (!anchor_negative_prompt.is_empty()).then(|| anchor_negative_prompt.to_string());
+    let mut inputs = Vec::new();
+    let mut replays = Vec::new();
+    let mut counts = Vec::with_capacity(characters.len());
+    let mut words: Vec<String> = Vec::new();
+    for (c, character) in characters.iter().enumerate() {
+        if character.anchors() == 0 {
+            return Err(DiffusionError::invalid_argument(
+                format!("characters[{c}]"),
+                "has no anchors",
+            ));
+        }
+        if let Some(picture) = &character.picture {
+            let zts = from_safetensors(TRAJECTORY, picture, "character picture trajectory")?
+                .to_device(sd.device())?
+                .to_dtype(sd.dtype())?;
+            replays.push((inputs.len(), zts.clone()));
+            inputs.push(FrameInput {
+                prompt: character.description.clone(),
+                negative_prompt: negative.clone(),
+                init_latents: zts.get(0)?.unsqueeze(0)?,
+            });
+        }
+        for &seed in &character.anchor_seeds {
+            inputs.push(FrameInput {
+                prompt: character.description.clone(),
+                negative_prompt: negative.clone(),
+                init_latents: sd.seeded_latents(seed, settings)?,
+            });
+        }
+        counts.push(character.anchors());
+        for w in &character.subject_words {
+            if !words.contains(w) {
+                words.push(w.clone());
+            }
+        }
+    }
+    let first_frame = inputs.len();
+    for (i, f) in frames.iter().enumerate() {
+        if let Some(&bad) = f.characters.iter().find(|&&c| c >= characters.len()) {
+            return Err(DiffusionError::invalid_argument(
+                format!("frames[{i}].characters"),
+                format!("character {bad} of {}", characters.len()),
+            ));
+        }
+        inputs.push(FrameInput {
+            prompt: f.frame.prompt.clone(),
+            negative_prompt: (!f.frame.negative_prompt.is_empty())
+                .then(|| f.frame.negative_prompt.clone()),
+            init_latents: sd.seeded_latents(f.frame.seed, settings)?,
+        });
+    }
+    let shows: Vec<Vec<usize>> = frames.iter().map(|f| f.characters.clone()).collect();
+    let reference = match style {
+        Some(style) => Some(ReferenceInput {
+            prompt: style.reference_prompt.to_string(),
+            negative_prompt: None,
+            latents: ReferenceLatents::Replay {
+                trajectory: from_safetensors(TRAJECTORY, style.trajectory, "trajectory file")?
+                    .to_device(sd.device())?
+                    .to_dtype(sd.dtype())?,
+                offset: style.offset,
+            },
+        }),
+        None => None,
+    };
+    let set = ConsistorySet {
+        frames: &inputs,
+        subject_words: &words,
+        mapping: AnchorMapping::characters(&counts, &shows),
+        dropout: DropoutDraws::Seeded {
+            seeds: characters.iter().map(|c| c.dropout_seed).collect(),
+        },
+        replays: &replays,
+        style: style.zip(reference.as_ref()).map(|(s, reference)| SetStyle {
+            options: &s.options,
+            reference,
+        }),
+    };
+    let out = sd.consistory(settings, options, &set, progress)?;
+    let mut anchors = Vec::with_capacity(characters.len());
+    let mut at = 0;
+    for &n in &counts {
+        anchors.push(
+            (at..at + n)
+                .map(|i| out.final_latents.narrow(0, i, 1))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        );
+        at += n;
+    }
+    let frames = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| encode_frame(sd, f.frame.index, &out.final_latents.narrow(0, first_frame + i, 1)?))
+        .collect::<Result<_>>()?;
+    Ok(CharacterRender { anchors, frames })
+}
+
+/// A character's anchors file: the anchors' final latents and, for a character with a picture,
+/// the picture's inversion trajectory (what every frame task replays).
+pub fn anchors_file(anchors: &[Tensor], picture: Option<&[u8]>) -> Result<Vec<u8>> {
+    let latents = Tensor::cat(anchors, 0)?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let mut tensors = vec![(LATENTS.to_string(), latents)];
+    if let Some(picture) = picture {
+        let zts = from_safetensors(TRAJECTORY, picture, "character picture trajectory")?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        tensors.push((TRAJECTORY.to_string(), zts));
+    }
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
+        DiffusionError::invalid_argument("anchors", format!("cannot encode safetensors: {e}"))
+    })
+}
+
+/// The picture trajectory inside an anchors file (as a trajectory file), when it has one.
+pub fn picture_from_anchors_file(bytes: &[u8]) -> Result<Option<Vec<u8>>> {
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        DiffusionError::invalid_argument("anchors file", format!("not a safetensors file: {e}"))
+    })?;
+    tensors
+        .remove(TRAJECTORY)
+        .map(|zts| to_safetensors(TRAJECTORY, &zts))
+        .transpose()
+}
+
+/// An anchor's (or frame's) PNG and latents file.
+pub fn encode_frame(sd: &StableDiffusion, index: u32, latents: &Tensor) -> Result<RenderedFrame> {
+    let image = sd.decode(latents)?;
+    let rgb = tensor_to_rgb8(&image)?;
+    let mut png = Vec::new();
+    rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| DiffusionError::Image {
+            name: format!("frame {index}"),
+            message: e.to_string(),
+        })?;
+    Ok(RenderedFrame {
+        index,
+        png,
+        latents: to_safetensors(LATENTS, latents)?,
+    })
+}
+
 /// Renders frames, in the style of a stored trajectory when given. Each frame's result depends
 /// only on its own prompt and seed and the style, not on the other frames of the batch.
 pub fn render_frames(
@@ -152,21 +373,6 @@ pub fn render_frames(
     frames
         .iter()
         .enumerate()
-        .map(|(i, f)| {
-            let l = latents.narrow(0, first + i, 1)?;
-            let image = sd.decode(&l)?;
-            let rgb = tensor_to_rgb8(&image)?;
-            let mut png = Vec::new();
-            rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .map_err(|e| DiffusionError::Image {
-                    name: format!("frame {}", f.index),
-                    message: e.to_string(),
-                })?;
-            Ok(RenderedFrame {
-                index: f.index,
-                png,
-                latents: to_safetensors(LATENTS, &l)?,
-            })
-        })
+        .map(|(i, f)| encode_frame(sd, f.index, &latents.narrow(0, first + i, 1)?))
         .collect()
 }

@@ -13,9 +13,41 @@ pub mod v1 {
 mod convert {
     //! Conversions between the wire messages and storyfarm-core's domain types.
 
-    use storyfarm_core::StyleOptions;
+    use storyfarm_core::{ConsistoryOptions, StyleOptions};
 
-    use crate::v1::StyleAlignedOptions;
+    use crate::v1::{ConsistorySettings, ConsistoryWork, StyleAlignedOptions};
+
+    /// ConsiStory options travel as two messages of the same fields (public API and task).
+    macro_rules! consistory_message {
+        ($message:ty) => {
+            impl From<&ConsistoryOptions> for $message {
+                fn from(o: &ConsistoryOptions) -> Self {
+                    Self {
+                        mask_dropout: o.mask_dropout,
+                        injection_alpha: o.injection_alpha,
+                        freeu: o.freeu,
+                        query_blend: o.query_blend,
+                        feature_injection: o.feature_injection,
+                    }
+                }
+            }
+
+            impl From<$message> for ConsistoryOptions {
+                fn from(o: $message) -> Self {
+                    Self {
+                        mask_dropout: o.mask_dropout,
+                        injection_alpha: o.injection_alpha,
+                        freeu: o.freeu,
+                        query_blend: o.query_blend,
+                        feature_injection: o.feature_injection,
+                    }
+                }
+            }
+        };
+    }
+
+    consistory_message!(ConsistorySettings);
+    consistory_message!(ConsistoryWork);
 
     impl From<&StyleOptions> for StyleAlignedOptions {
         fn from(o: &StyleOptions) -> Self {
@@ -59,6 +91,19 @@ mod convert {
                 ..StyleOptions::default()
             };
             assert_eq!(StyleOptions::from(StyleAlignedOptions::from(&o)), o);
+        }
+
+        #[test]
+        fn consistory_options_round_trip() {
+            let o = ConsistoryOptions {
+                mask_dropout: 0.3,
+                injection_alpha: 0.7,
+                freeu: false,
+                query_blend: true,
+                feature_injection: false,
+            };
+            assert_eq!(ConsistoryOptions::from(ConsistorySettings::from(&o)), o);
+            assert_eq!(ConsistoryOptions::from(ConsistoryWork::from(&o)), o);
         }
     }
 }

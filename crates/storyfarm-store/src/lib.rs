@@ -39,8 +39,9 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Storyboard>;
     async fn get_storyboard(&self, id: StoryboardId) -> Result<Storyboard>;
 
-    /// Writes the job, its frames and tasks, claims or reuses the inversion, and queues what can
-    /// run now (outbox rows), in one transaction.
+    /// Writes the job, its frames and tasks, claims or reuses each prerequisite (a cache entry
+    /// that is ready makes no task, one another job is computing is waited for, a failed one is
+    /// tried again), and queues what can run now (outbox rows), in one transaction.
     async fn submit_job(&self, job: &NewJob) -> Result<Job>;
     async fn get_job(&self, id: JobId) -> Result<Job>;
     async fn list_frames(&self, job_id: JobId) -> Result<Vec<Frame>>;
@@ -78,4 +79,7 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<EventOutcome>;
     /// Whether an inversion is ready, and its trajectory.
     async fn inversion_trajectory(&self, cache_key: &str) -> Result<Option<String>>;
+    /// The job's prerequisites (style, then characters' anchors, in planning order) and where each
+    /// stands.
+    async fn job_prerequisites(&self, job_id: JobId) -> Result<Vec<JobPrerequisite>>;
 }

@@ -12,25 +12,69 @@ pub struct Project {
     pub created_at: DateTime<Utc>,
 }
 
+/// What a reference is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// A style: frames are StyleAligned toward it.
+    Style,
+    /// A character: frames that name it share attention with its anchors (ConsiStory).
+    Character,
+}
+
+impl ReferenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Style => "style",
+            Self::Character => "character",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "style" => Self::Style,
+            "character" => Self::Character,
+            _ => return None,
+        })
+    }
+}
+
+/// An uploaded picture, stored content-addressed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferenceImage {
+    pub sha256: String,
+    pub key: String,
+    pub width: u32,
+    pub height: u32,
+    pub size_bytes: u64,
+}
+
+/// A style or character reference. Without an image it is made from its prompt: a style is
+/// generated, a character's anchors are all generated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reference {
     pub id: ReferenceId,
     pub project_id: ProjectId,
+    pub kind: ReferenceKind,
+    /// Style: what the image shows (its inversion's prompt) or what to generate. Character: its
+    /// description, the prompt its anchors render from.
     pub prompt: String,
-    pub image_sha256: String,
-    pub image_key: String,
-    pub width: u32,
-    pub height: u32,
-    pub size_bytes: u64,
+    /// A character's name (empty for a style).
+    pub name: String,
+    /// A character's subject words (empty for a style).
+    pub subject_words: Vec<String>,
+    pub image: Option<ReferenceImage>,
     pub created_at: DateTime<Utc>,
 }
 
-/// A storyboard as stored: the validated spec and the style reference it uses (the spec's
-/// `style.image` is not used once the image is a stored reference).
+/// A storyboard as stored: the validated spec and the references it uses (the spec's image
+/// paths are not used once the images are stored references).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredStoryboard {
     pub spec: StoryboardSpec,
     pub reference_id: Option<ReferenceId>,
+    /// The reference of each of `spec.characters`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub character_references: Vec<ReferenceId>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +131,7 @@ pub struct Job {
     pub frames_succeeded: u32,
     pub frames_failed: u32,
     pub inversion_tasks: u32,
+    pub anchor_tasks: u32,
     pub render_tasks: u32,
     pub error: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -145,7 +190,11 @@ pub struct Frame {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TaskKind {
+    /// Computes a style reference's trajectory (DDIM inversion of its image, or generation from
+    /// its prompt).
     Invert,
+    /// Renders a character's anchors.
+    Anchor,
     Render,
 }
 
@@ -153,6 +202,7 @@ impl TaskKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Invert => "invert",
+            Self::Anchor => "anchor",
             Self::Render => "render",
         }
     }
@@ -170,14 +220,86 @@ pub struct PlannedTask {
     pub frames: Vec<u32>,
     /// Encoded task message without its attempt.
     pub payload: Vec<u8>,
+    /// Cache keys of prerequisites that must be ready before it runs (a render needs the style
+    /// trajectory and its characters' anchors; a styled character's anchors need the style).
+    pub needs: Vec<String>,
 }
 
-/// The inversion a job needs, keyed by everything that determines it, and the task that would
-/// compute it if nobody has (or is).
+/// What a prerequisite is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrerequisiteKind {
+    /// The style reference's trajectory.
+    Style,
+    /// A character's anchors.
+    Anchors,
+}
+
+impl PrerequisiteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Style => "style",
+            Self::Anchors => "anchors",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "style" => Self::Style,
+            "anchors" => Self::Anchors,
+            _ => return None,
+        })
+    }
+}
+
+/// A content-addressed artifact a job needs before (some of) its frames render, keyed by
+/// everything that determines it, and the task that would compute it if nobody has (or is).
 #[derive(Clone, Debug, PartialEq)]
-pub struct PlannedInversion {
+pub struct PlannedPrerequisite {
     pub cache_key: String,
+    pub kind: PrerequisiteKind,
+    /// The character's name (anchors); empty for the style.
+    pub name: String,
+    /// Kind `Invert` (style) or `Anchor`; its `needs` name prerequisites planned before it.
     pub task: PlannedTask,
+}
+
+/// The state of a cached prerequisite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheState {
+    Pending,
+    Ready,
+    Failed,
+}
+
+impl CacheState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "ready" => Self::Ready,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// A prerequisite of a job as it stands now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobPrerequisite {
+    pub kind: PrerequisiteKind,
+    pub name: String,
+    pub cache_key: String,
+    pub state: CacheState,
+    /// The artifact (trajectory or anchors file) once ready.
+    pub artifact_key: Option<String>,
+    pub error: Option<String>,
 }
 
 /// Everything `submit_job` writes in one transaction.
@@ -186,7 +308,8 @@ pub struct NewJob {
     pub id: JobId,
     pub storyboard_id: StoryboardId,
     pub frames: Vec<ResolvedFrame>,
-    pub inversion: Option<PlannedInversion>,
+    /// In dependency order: the style first, then the characters' anchors.
+    pub prerequisites: Vec<PlannedPrerequisite>,
     pub render_tasks: Vec<PlannedTask>,
 }
 
@@ -215,6 +338,7 @@ pub enum TaskEventKind {
     Progress,
     Succeeded {
         frames: Vec<FrameArtifacts>,
+        /// What a prerequisite task made: the trajectory or the anchors file.
         trajectory_key: Option<String>,
     },
     Failed {

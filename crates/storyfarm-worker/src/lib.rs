@@ -13,7 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use storyfarm_blob::{BlobKey, BlobStore};
-use storyfarm_diffusion::frames::{invert_image, render_frames, FrameRequest, StyleRequest};
+use storyfarm_diffusion::consistory::ConsistoryOptions;
+use storyfarm_diffusion::frames::{
+    anchors_file, generate_reference, invert_image, picture_from_anchors_file, render_characters,
+    render_frames, CharacterFrameRequest, CharacterRequest, FrameRequest, RenderedFrame,
+    StyleRequest, CHARACTER_INVERSION_GUIDANCE,
+};
 use storyfarm_diffusion::pipeline::{GenerationSettings, Progress};
 use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
 use storyfarm_diffusion::DiffusionError;
@@ -36,6 +41,25 @@ fn style_aligned_options(o: storyfarm_core::StyleOptions) -> StyleAlignedOptions
         shared_score_shift: o.shared_score_shift,
         only_self_level: o.only_self_level,
         ..StyleAlignedOptions::default()
+    }
+}
+
+/// The diffusion crate's ConsiStory options for the storyboard's (the step ranges follow the
+/// official formulas of the step count).
+fn consistory_options(o: storyfarm_core::ConsistoryOptions) -> ConsistoryOptions {
+    let defaults = ConsistoryOptions::default();
+    ConsistoryOptions {
+        mask_dropout: o.mask_dropout as f32,
+        injection_alpha: o.injection_alpha,
+        freeu: if o.freeu { defaults.freeu } else { None },
+        // Blending ends before the first shared step: no step blends.
+        query_blend_last_step: if o.query_blend {
+            None
+        } else {
+            Some(defaults.sdsa_first_step.saturating_sub(1))
+        },
+        feature_injection: o.feature_injection,
+        ..defaults
     }
 }
 
@@ -103,6 +127,17 @@ struct Current {
     job_id: String,
     stop: Arc<AtomicBool>,
     recorded: mpsc::UnboundedSender<u64>,
+}
+
+/// The character of an anchor task's work, with its picture's trajectory file when it has one.
+fn character_request(c: &pb::CharacterWork, picture: Option<Vec<u8>>) -> CharacterRequest {
+    CharacterRequest {
+        description: c.description.clone(),
+        subject_words: c.subject_words.clone(),
+        anchor_seeds: c.anchor_seeds.clone(),
+        dropout_seed: c.dropout_seed,
+        picture,
+    }
 }
 
 pub struct Worker {
@@ -440,6 +475,30 @@ impl Worker {
         Ok(bytes.to_vec())
     }
 
+    /// Uploads rendered frames content-addressed.
+    async fn upload_frames(
+        &self,
+        rendered: Vec<RenderedFrame>,
+    ) -> Result<Vec<pb::FrameArtifacts>, TaskFailure> {
+        let mut artifacts = Vec::with_capacity(rendered.len());
+        for frame in rendered {
+            let png = self
+                .blobs
+                .put_content("png", Bytes::from(frame.png))
+                .await?;
+            let latents = self
+                .blobs
+                .put_content("safetensors", Bytes::from(frame.latents))
+                .await?;
+            artifacts.push(pb::FrameArtifacts {
+                index: frame.index,
+                png_key: png.as_str().into(),
+                latents_key: latents.as_str().into(),
+            });
+        }
+        Ok(artifacts)
+    }
+
     async fn run_task(
         self: &Arc<Self>,
         task: &pb::Task,
@@ -465,12 +524,21 @@ impl Worker {
                 Some(pb::task::Work::Render(r)) => r.frames.iter().map(|f| f.index).collect(),
                 _ => Vec::new(),
             };
+            let character = match &task.work {
+                Some(pb::task::Work::Anchor(a)) => a
+                    .character
+                    .as_ref()
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
             tokio::spawn(async move {
                 while let Some((step, steps)) = progress_rx.recv().await {
                     let event = pb::task_event::Event::Progress(pb::TaskProgress {
                         frames: frames.clone(),
                         step,
                         steps,
+                        character: character.clone(),
                     });
                     let _ = worker.send_event(&task, worker.next_seq(), event).await;
                 }
@@ -493,20 +561,44 @@ impl Worker {
         };
         let result = match task.work.clone() {
             Some(pb::task::Work::Invert(work)) => {
-                let image = self.cached_blob(&work.image_key).await?;
+                let image = if work.image_key.is_empty() {
+                    None
+                } else {
+                    Some(self.cached_blob(&work.image_key).await?)
+                };
                 let mut progress = progress;
-                tracing::info!("inverting the style reference");
-                let trajectory = tokio::task::spawn_blocking(move || {
-                    let _span = tracing::info_span!("invert").entered();
-                    invert_image(
-                        &model,
-                        &image,
-                        &work.image_key,
-                        &work.prompt,
-                        &generation,
-                        work.guidance_scale,
-                        &mut progress,
-                    )
+                tracing::info!(
+                    generated = image.is_none(),
+                    "computing the style reference's trajectory"
+                );
+                let trajectory = tokio::task::spawn_blocking(move || match image {
+                    Some(image) => {
+                        let _span = tracing::info_span!("invert").entered();
+                        invert_image(
+                            &model,
+                            &image,
+                            &work.image_key,
+                            &work.prompt,
+                            &generation,
+                            work.guidance_scale,
+                            &mut progress,
+                        )
+                    }
+                    None => {
+                        let _span = tracing::info_span!("generate_reference").entered();
+                        // The reference is rendered like a frame, at the board's guidance.
+                        let generation = GenerationSettings {
+                            guidance_scale: work.guidance_scale,
+                            ..generation
+                        };
+                        generate_reference(
+                            &model,
+                            &work.prompt,
+                            work.seed,
+                            &generation,
+                            &mut progress,
+                        )
+                    }
                 })
                 .await
                 .map_err(|e| TaskFailure::Failed {
@@ -518,6 +610,170 @@ impl Worker {
                 Ok(pb::TaskSucceeded {
                     frames: Vec::new(),
                     trajectory_key: work.trajectory_key,
+                })
+            }
+            Some(pb::task::Work::Anchor(work)) => {
+                let character = work.character.clone().ok_or(TaskFailure::Failed {
+                    reason: "anchor task without a character".into(),
+                    retryable: false,
+                })?;
+                let style = match &work.style {
+                    Some(s) => Some(self.cached_blob(&s.trajectory_key).await?),
+                    None => None,
+                };
+                let image = if character.image_key.is_empty() {
+                    None
+                } else {
+                    Some(self.cached_blob(&character.image_key).await?)
+                };
+                let options = consistory_options(work.consistory.unwrap_or_default().into());
+                let style_options = work
+                    .style
+                    .as_ref()
+                    .and_then(|s| s.options)
+                    .map(|o| style_aligned_options(o.into()))
+                    .unwrap_or_default();
+                let mut progress = progress;
+                tracing::info!(character = %character.name, picture = image.is_some(), "rendering anchors");
+                let name = character.name.clone();
+                let anchors_key = character.anchors_key.clone();
+                let (anchors, file) = tokio::task::spawn_blocking(move || {
+                    let _span = tracing::info_span!("anchors", character = %character.name).entered();
+                    let picture = match &image {
+                        Some(bytes) => Some(invert_image(
+                            &model,
+                            bytes,
+                            &character.image_key,
+                            &character.description,
+                            &generation,
+                            CHARACTER_INVERSION_GUIDANCE,
+                            &mut progress,
+                        )?),
+                        None => None,
+                    };
+                    let style = work.style.as_ref().zip(style.as_deref()).map(|(s, bytes)| {
+                        StyleRequest {
+                            trajectory: bytes,
+                            reference_prompt: &s.reference_prompt,
+                            offset: s.offset as usize,
+                            options: style_options.clone(),
+                        }
+                    });
+                    let request = character_request(&character, picture.clone());
+                    let rendered = render_characters(
+                        &model,
+                        &generation,
+                        &options,
+                        style.as_ref(),
+                        &work.negative_prompt,
+                        std::slice::from_ref(&request),
+                        &[],
+                        &mut progress,
+                    )?;
+                    let anchors = rendered.anchors.into_iter().next().unwrap_or_default();
+                    let file = anchors_file(&anchors, picture.as_deref())?;
+                    let encoded = anchors
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| storyfarm_diffusion::frames::encode_frame(&model, i as u32, l))
+                        .collect::<storyfarm_diffusion::Result<Vec<_>>>()?;
+                    Ok::<_, DiffusionError>((encoded, file))
+                })
+                .await
+                .map_err(|e| TaskFailure::Failed {
+                    reason: format!("anchor render panicked: {e}"),
+                    retryable: false,
+                })??;
+                // Pictures first: the anchors file is what marks the anchors complete.
+                for anchor in &anchors {
+                    let key = BlobKey::new(storyfarm_core::keys::anchor_png_key(
+                        &anchors_key,
+                        anchor.index,
+                    ))?;
+                    self.blobs.put(&key, Bytes::from(anchor.png.clone())).await?;
+                }
+                let key = BlobKey::new(anchors_key.clone())?;
+                self.blobs.put(&key, Bytes::from(file)).await?;
+                tracing::info!(character = %name, anchors = anchors.len(), "anchors stored");
+                Ok(pb::TaskSucceeded {
+                    frames: Vec::new(),
+                    trajectory_key: anchors_key,
+                })
+            }
+            Some(pb::task::Work::Render(work)) if !work.characters.is_empty() => {
+                let style = if work.trajectory_key.is_empty() {
+                    None
+                } else {
+                    Some(self.cached_blob(&work.trajectory_key).await?)
+                };
+                let mut characters = Vec::with_capacity(work.characters.len());
+                for c in &work.characters {
+                    let picture = if c.image_key.is_empty() {
+                        None
+                    } else {
+                        let file = self.cached_blob(&c.anchors_key).await?;
+                        Some(picture_from_anchors_file(&file)?.ok_or_else(|| {
+                            TaskFailure::Failed {
+                                reason: format!(
+                                    "anchors file {} of character {} has no picture trajectory",
+                                    c.anchors_key, c.name
+                                ),
+                                retryable: false,
+                            }
+                        })?)
+                    };
+                    characters.push(character_request(c, picture));
+                }
+                let frames: Vec<CharacterFrameRequest> = work
+                    .frames
+                    .iter()
+                    .map(|f| CharacterFrameRequest {
+                        frame: FrameRequest {
+                            index: f.index,
+                            prompt: f.prompt.clone(),
+                            negative_prompt: f.negative_prompt.clone(),
+                            seed: f.seed,
+                        },
+                        characters: f.characters.iter().map(|&c| c as usize).collect(),
+                    })
+                    .collect();
+                let options = consistory_options(work.consistory.unwrap_or_default().into());
+                let style_options = work.options.map(|o| style_aligned_options(o.into()));
+                let mut progress = progress;
+                tracing::info!(
+                    frames = frames.len(),
+                    characters = characters.len(),
+                    styled = style.is_some(),
+                    "rendering with characters"
+                );
+                let rendered = tokio::task::spawn_blocking(move || {
+                    let _span = tracing::info_span!("render", frames = frames.len()).entered();
+                    let style = style.as_deref().map(|t| StyleRequest {
+                        trajectory: t,
+                        reference_prompt: &work.reference_prompt,
+                        offset: work.offset as usize,
+                        options: style_options.unwrap_or_default(),
+                    });
+                    render_characters(
+                        &model,
+                        &generation,
+                        &options,
+                        style.as_ref(),
+                        &work.anchor_negative_prompt,
+                        &characters,
+                        &frames,
+                        &mut progress,
+                    )
+                    .map(|r| r.frames)
+                })
+                .await
+                .map_err(|e| TaskFailure::Failed {
+                    reason: format!("render panicked: {e}"),
+                    retryable: false,
+                })??;
+                Ok(pb::TaskSucceeded {
+                    frames: self.upload_frames(rendered).await?,
+                    trajectory_key: String::new(),
                 })
             }
             Some(pb::task::Work::Render(work)) => {
@@ -558,24 +814,8 @@ impl Worker {
                     reason: format!("render panicked: {e}"),
                     retryable: false,
                 })??;
-                let mut artifacts = Vec::with_capacity(rendered.len());
-                for frame in rendered {
-                    let png = self
-                        .blobs
-                        .put_content("png", Bytes::from(frame.png))
-                        .await?;
-                    let latents = self
-                        .blobs
-                        .put_content("safetensors", Bytes::from(frame.latents))
-                        .await?;
-                    artifacts.push(pb::FrameArtifacts {
-                        index: frame.index,
-                        png_key: png.as_str().into(),
-                        latents_key: latents.as_str().into(),
-                    });
-                }
                 Ok(pb::TaskSucceeded {
-                    frames: artifacts,
+                    frames: self.upload_frames(rendered).await?,
                     trajectory_key: String::new(),
                 })
             }

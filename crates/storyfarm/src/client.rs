@@ -74,24 +74,40 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", e.code().description(), e.message())
 }
 
-/// Uploads a reference image in chunks.
+/// What a reference upload says about the reference (the image, if any, follows in chunks).
+struct ReferenceUpload<'a> {
+    kind: pb::ReferenceKind,
+    prompt: &'a str,
+    name: &'a str,
+    subject_words: &'a [String],
+    image: Option<&'a Path>,
+}
+
+/// Uploads a reference, its image (when it has one) in chunks.
 async fn upload_reference(
     channel: Channel,
     project_id: &str,
-    image: &Path,
-    prompt: &str,
+    upload: ReferenceUpload<'_>,
 ) -> Result<pb::Reference> {
-    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let bytes = match upload.image {
+        Some(image) => {
+            std::fs::read(image).with_context(|| format!("reading {}", image.display()))?
+        }
+        None => Vec::new(),
+    };
     let mut messages = vec![pb::UploadReferenceRequest {
         part: Some(pb::upload_reference_request::Part::Header(
             pb::ReferenceHeader {
                 project_id: project_id.to_string(),
-                kind: pb::ReferenceKind::Style as i32,
-                prompt: prompt.to_string(),
-                filename: image
-                    .file_name()
+                kind: upload.kind as i32,
+                prompt: upload.prompt.to_string(),
+                filename: upload
+                    .image
+                    .and_then(|i| i.file_name())
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
+                name: upload.name.to_string(),
+                subject_words: upload.subject_words.to_vec(),
             },
         )),
     }];
@@ -128,14 +144,6 @@ pub async fn submit_spec(
     project: Option<&str>,
     channel: Channel,
 ) -> Result<pb::Job> {
-    // Refused rather than silently rendered without them, until the API carries characters.
-    if let Some(character) = spec.characters.first() {
-        anyhow::bail!(
-            "{}: characters[0] ({}): characters are not rendered by the farm yet (the API, planner and workers do not carry them in this build); remove `characters:` and the frames' `characters:` to render the board without them",
-            board.display(),
-            character.name
-        );
-    }
     let project_id = match project {
         Some(id) => id.to_string(),
         None => {
@@ -153,17 +161,48 @@ pub async fn submit_spec(
     };
     let style = match &spec.style {
         Some(style) => {
-            let reference =
-                upload_reference(channel.clone(), &project_id, &style.image, &style.prompt).await?;
+            let reference = upload_reference(
+                channel.clone(),
+                &project_id,
+                ReferenceUpload {
+                    kind: pb::ReferenceKind::Style,
+                    prompt: &style.prompt,
+                    name: "",
+                    subject_words: &[],
+                    image: style.image.as_deref(),
+                },
+            )
+            .await?;
             Some(pb::StyleSettings {
                 reference_id: reference.id,
                 offset: style.offset,
                 inversion_guidance: style.inversion_guidance,
                 options: Some(pb::StyleAlignedOptions::from(&style.options)),
+                seed: style.seed,
             })
         }
         None => None,
     };
+    let mut characters = Vec::with_capacity(spec.characters.len());
+    for c in &spec.characters {
+        let reference = upload_reference(
+            channel.clone(),
+            &project_id,
+            ReferenceUpload {
+                kind: pb::ReferenceKind::Character,
+                prompt: &c.description,
+                name: &c.name,
+                subject_words: &c.subject_words,
+                image: c.image.as_deref(),
+            },
+        )
+        .await?;
+        characters.push(pb::CharacterSettings {
+            reference_id: reference.id,
+            anchors: c.anchors,
+            seed: c.seed,
+        });
+    }
     let frames = spec
         .resolved_frames()
         .into_iter()
@@ -171,6 +210,11 @@ pub async fn submit_spec(
             prompt: f.prompt,
             negative_prompt: Some(f.negative_prompt),
             seed: Some(f.seed),
+            characters: f
+                .characters
+                .iter()
+                .map(|&c| spec.characters[c].name.clone())
+                .collect(),
         })
         .collect();
     let storyboard = StoryboardServiceClient::new(channel.clone())
@@ -186,6 +230,9 @@ pub async fn submit_spec(
                 negative_prompt: spec.negative_prompt.clone(),
                 style,
                 frames_per_task: spec.frames_per_task,
+                seed: spec.seed,
+                characters,
+                consistory: Some(pb::ConsistorySettings::from(&spec.consistory)),
             }),
             frames,
         })
@@ -205,8 +252,8 @@ pub async fn submit_spec(
 pub async fn submit(args: SubmitArgs) -> Result<()> {
     let job = submit_board(&args.board, args.project.as_deref(), &args.endpoint).await?;
     eprintln!(
-        "submitted {} frames: {} inversion task(s), {} render task(s)",
-        job.frames_total, job.inversion_tasks, job.render_tasks
+        "submitted {} frames: {} inversion task(s), {} anchor task(s), {} render task(s)",
+        job.frames_total, job.inversion_tasks, job.anchor_tasks, job.render_tasks
     );
     println!("{}", job.id);
     Ok(())

@@ -1,5 +1,5 @@
 //! Progress of one job for people: an overall bar in denoising steps (frames done, ETA), one bar
-//! per frame in flight and one for the style inversion; plain lines when stderr is not a terminal
+//! per frame in flight, one for the style inversion and one per character's anchors; plain lines when stderr is not a terminal
 //! (logs and CI see when each frame finished).
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +34,7 @@ pub struct JobProgress {
     bars: MultiProgress,
     overall: ProgressBar,
     inversion: Option<ProgressBar>,
+    anchor_bars: HashMap<String, ProgressBar>,
     frame_bars: HashMap<u32, ProgressBar>,
     /// Step reached by each frame in flight, for the overall bar.
     in_flight: HashMap<u32, u64>,
@@ -59,6 +60,7 @@ impl JobProgress {
             bars,
             overall,
             inversion: None,
+            anchor_bars: HashMap::new(),
             frame_bars: HashMap::new(),
             in_flight: HashMap::new(),
             finished: HashSet::new(),
@@ -127,6 +129,39 @@ impl JobProgress {
                 }
                 None
             }
+            pb::job_event::Event::Anchor(p) => {
+                let bar = self
+                    .anchor_bars
+                    .entry(p.character.clone())
+                    .or_insert_with(|| {
+                        let b = self.bars.insert(0, ProgressBar::new(p.steps as u64));
+                        b.set_style(style("{prefix:>9} [{bar:40}] {pos}/{len} steps {msg}"));
+                        b.set_prefix("anchors");
+                        b.set_message(p.character.clone());
+                        b
+                    });
+                bar.set_length(p.steps as u64);
+                bar.set_position(p.step as u64);
+                None
+            }
+            pb::job_event::Event::Anchors(a) => {
+                let state = pb::AnchorsState::try_from(a.state).unwrap_or_default();
+                if matches!(state, pb::AnchorsState::Ready | pb::AnchorsState::Failed) {
+                    if let Some(bar) = self.anchor_bars.remove(&a.name) {
+                        bar.finish_and_clear();
+                    }
+                }
+                match state {
+                    pb::AnchorsState::Ready => {
+                        self.println(format!("anchors of {} ready ({})", a.name, a.anchors))
+                    }
+                    pb::AnchorsState::Failed => {
+                        self.println(format!("anchors of {} failed: {}", a.name, a.error))
+                    }
+                    _ => {}
+                }
+                None
+            }
             pb::job_event::Event::Progress(p) => {
                 if let Some(bar) = self.inversion.take() {
                     bar.finish_and_clear();
@@ -140,9 +175,11 @@ impl JobProgress {
                     b.set_prefix(format!("frame {}", p.index + 1));
                     b
                 });
+                bar.set_length(p.steps as u64);
                 bar.set_position(p.step as u64);
-                self.in_flight
-                    .insert(p.index, (p.step as u64).min(self.steps));
+                // A frame with characters runs two passes: its steps count for half a step each.
+                let done = p.step as u64 * self.steps / (p.steps as u64).max(1);
+                self.in_flight.insert(p.index, done.min(self.steps));
                 self.redraw_overall();
                 None
             }
@@ -164,6 +201,9 @@ impl JobProgress {
     }
 
     pub fn finish(&self) {
+        for bar in self.anchor_bars.values() {
+            bar.finish_and_clear();
+        }
         for bar in self.frame_bars.values() {
             bar.finish_and_clear();
         }

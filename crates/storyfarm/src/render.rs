@@ -13,14 +13,16 @@ use serde::{Deserialize, Serialize};
 use storyfarm_blob::{BlobKey, BlobStore, LocalDirStore};
 use storyfarm_coordinator::planner::PlanPolicy;
 use storyfarm_coordinator::{Coordinator, DEFAULT_MAX_REFERENCE_BYTES};
-use storyfarm_core::keys::sha256_hex;
+use storyfarm_core::keys::{anchor_png_key, sha256_hex};
 use storyfarm_core::{JobId, StoryboardSpec};
 use storyfarm_diffusion::device::default_precision;
 use storyfarm_diffusion::device::{DeviceSpec, Precision};
 use storyfarm_diffusion::model::HubOptions;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{InProcessQueue, QueueConfig, TaskQueue};
-use storyfarm_store::{FrameState, JobState, MetadataStore, RetryPolicy, SqliteStore};
+use storyfarm_store::{
+    FrameState, JobState, MetadataStore, PrerequisiteKind, RetryPolicy, SqliteStore,
+};
 use storyfarm_worker::{ModelCache, ModelLoader, Worker, WorkerConfig};
 use tokio::sync::watch;
 
@@ -82,29 +84,58 @@ struct RunRecord {
     board: String,
 }
 
-/// The content key of a storyboard: everything that decides its pixels, the style image by its
-/// bytes (not its path), the board's name and location excluded.
-fn board_key(spec: &StoryboardSpec, style_image: Option<&[u8]>) -> Result<String> {
+/// The content key of a storyboard: everything that decides its pixels, images by their bytes
+/// (not their paths), the board's name and location excluded.
+fn board_key(spec: &StoryboardSpec, images: &BoardImages) -> Result<String> {
     let mut value = serde_json::to_value(spec)?;
-    if let (Some(style), Some(bytes)) = (
+    if let (Some(style), Some(image)) = (
         value.get_mut("style").and_then(|s| s.as_object_mut()),
-        style_image,
+        &images.style,
     ) {
-        style.insert("image".into(), serde_json::Value::String(sha256_hex(bytes)));
+        style.insert("image".into(), serde_json::Value::String(sha256_hex(&image.bytes)));
+    }
+    if let Some(characters) = value.get_mut("characters").and_then(|c| c.as_array_mut()) {
+        for (c, image) in characters.iter_mut().zip(&images.characters) {
+            if let (Some(c), Some(image)) = (c.as_object_mut(), image) {
+                c.insert("image".into(), serde_json::Value::String(sha256_hex(&image.bytes)));
+            }
+        }
     }
     if let Some(frames) = value.get_mut("frames") {
         *frames = serde_json::to_value(
             spec.resolved_frames()
                 .iter()
-                .map(|f| (&f.prompt, &f.negative_prompt, f.seed))
+                .map(|f| (&f.prompt, &f.negative_prompt, f.seed, &f.characters))
                 .collect::<Vec<_>>(),
         )?;
     }
     Ok(sha256_hex(serde_json::to_string(&value)?.as_bytes()))
 }
 
+/// Reads a picture the board names, so a bad file fails before anything starts.
+fn read_picture(board: &Path, field: &str, path: &Path) -> Result<BoardImage> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "{}: {field}: cannot read {}",
+            board.display(),
+            path.display()
+        )
+    })?;
+    let picture = image::load_from_memory(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {field}: {} is not a readable image: {e}",
+            board.display(),
+            path.display()
+        )
+    })?;
+    Ok(BoardImage {
+        thumbnail: thumbnail(&picture.to_rgb8()),
+        bytes,
+    })
+}
+
 /// Reads the board and everything it points to, so a bad file fails before anything starts.
-fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<StyleImage>)> {
+fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, BoardImages)> {
     let mut spec = StoryboardSpec::load(&args.board)?;
     if let Some(model) = &args.model {
         let local = Path::new(model);
@@ -120,36 +151,35 @@ fn load_board(args: &RenderArgs) -> Result<(StoryboardSpec, Option<StyleImage>)>
         spec.validate()
             .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
     }
-    let style_image = match &spec.style {
-        Some(style) => {
-            let bytes = std::fs::read(&style.image).with_context(|| {
-                format!(
-                    "{}: style.image: cannot read {}",
-                    args.board.display(),
-                    style.image.display()
-                )
-            })?;
-            let picture = image::load_from_memory(&bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: style.image: {} is not a readable image: {e}",
-                    args.board.display(),
-                    style.image.display()
-                )
-            })?;
-            Some(StyleImage {
-                thumbnail: thumbnail(&picture.to_rgb8()),
-                bytes,
-            })
-        }
+    let style = match spec.style.as_ref().and_then(|s| s.image.as_deref()) {
+        Some(path) => Some(read_picture(&args.board, "style.image", path)?),
         None => None,
     };
-    Ok((spec, style_image))
+    let characters = spec
+        .characters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.image
+                .as_deref()
+                .map(|path| read_picture(&args.board, &format!("characters[{i}].image"), path))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    Ok((spec, BoardImages { style, characters }))
 }
 
-/// The style reference as read once: its bytes (hashed, uploaded) and its contact-sheet cell.
-struct StyleImage {
+/// A picture of the board as read once: its bytes (hashed, uploaded) and its contact-sheet cell.
+struct BoardImage {
     bytes: Vec<u8>,
     thumbnail: image::RgbImage,
+}
+
+/// The board's pictures: the style's and each character's, when they have one.
+#[derive(Default)]
+struct BoardImages {
+    style: Option<BoardImage>,
+    characters: Vec<Option<BoardImage>>,
 }
 
 /// The embedded farm: coordinator and workers on one queue, store and artifact directory.
@@ -323,6 +353,82 @@ async fn write_frame(
     Ok((path, bytes.to_vec()))
 }
 
+/// A character as the output shows it: its anchors' contact-sheet cells and manifest entry.
+struct CharacterOutput {
+    cells: Vec<Cell>,
+    manifest: serde_json::Value,
+}
+
+/// Writes every character's anchors to `anchors/<name>-<n>.png` and returns their cells (shown
+/// before the frames on every contact-sheet page) and manifest entries.
+async fn write_anchors(
+    farm: &LocalFarm,
+    spec: &StoryboardSpec,
+    images: &BoardImages,
+    job_id: JobId,
+    out: &Path,
+) -> Result<Vec<CharacterOutput>> {
+    if spec.characters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let prerequisites = farm.store.job_prerequisites(job_id).await?;
+    let dir = out.join("anchors");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut outputs = Vec::new();
+    for (i, character) in spec.characters.iter().enumerate() {
+        let stored = prerequisites
+            .iter()
+            .find(|p| p.kind == PrerequisiteKind::Anchors && p.name == character.name);
+        let mut cells = Vec::new();
+        let mut files = Vec::new();
+        for n in 0..character.anchors {
+            let label = format!("{} {}", character.name, n + 1);
+            let mut picture = None;
+            if let Some(file) = stored.and_then(|p| p.artifact_key.as_deref()) {
+                let key = BlobKey::new(anchor_png_key(file, n))?;
+                let bytes = farm.blobs.get(&key).await.with_context(|| {
+                    format!("reading anchor {} of {} from the artifact store", n + 1, character.name)
+                })?;
+                let name = format!("{}-{}.png", character.name.replace(' ', "_"), n + 1);
+                std::fs::write(dir.join(&name), &bytes)
+                    .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+                picture = image::load_from_memory(&bytes)
+                    .ok()
+                    .map(|im| thumbnail(&im.to_rgb8()));
+                files.push(serde_json::json!({
+                    "file": format!("anchors/{name}"),
+                    "png_sha256": sha256_hex(&bytes),
+                }));
+            }
+            cells.push(Cell {
+                label,
+                caption: if n == 0 && character.image.is_some() {
+                    format!("{} (from its picture)", character.description)
+                } else {
+                    character.description.clone()
+                },
+                image: picture,
+            });
+        }
+        outputs.push(CharacterOutput {
+            cells,
+            manifest: serde_json::json!({
+                "name": character.name,
+                "description": character.description,
+                "subject_words": character.subject_words,
+                "anchors": character.anchors,
+                "seed": spec.character_seed(i),
+                "image": character.image.as_ref().map(|p| p.display().to_string()),
+                "image_sha256": images.characters.get(i).and_then(|im| im.as_ref()).map(|im| sha256_hex(&im.bytes)),
+                "anchors_key": stored.map(|p| p.cache_key.clone()),
+                "state": stored.map(|p| p.state.as_str()),
+                "anchor_files": files,
+            }),
+        });
+    }
+    Ok(outputs)
+}
+
 #[derive(Serialize)]
 struct ManifestFrame {
     index: u32,
@@ -350,13 +456,17 @@ struct Manifest {
     guidance: f64,
     frames_per_task: u32,
     style: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    characters: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    consistory: Option<storyfarm_core::ConsistoryOptions>,
     contact_sheets: Vec<String>,
     frames: Vec<ManifestFrame>,
 }
 
 pub async fn run(args: RenderArgs) -> Result<()> {
-    let (spec, style_image) = load_board(&args)?;
-    let key = board_key(&spec, style_image.as_ref().map(|s| s.bytes.as_slice()))?;
+    let (spec, images) = load_board(&args)?;
+    let key = board_key(&spec, &images)?;
     let stem = args
         .board
         .file_stem()
@@ -400,7 +510,7 @@ pub async fn run(args: RenderArgs) -> Result<()> {
     }
 
     let farm = LocalFarm::start(&data_dir, &args).await?;
-    let result = render_board(&farm, &args, &spec, style_image.as_ref(), &key, &runs, &out).await;
+    let result = render_board(&farm, &args, &spec, &images, &key, &runs, &out).await;
     farm.stop().await;
     result
 }
@@ -409,7 +519,7 @@ async fn render_board(
     farm: &LocalFarm,
     args: &RenderArgs,
     spec: &StoryboardSpec,
-    style_image: Option<&StyleImage>,
+    images: &BoardImages,
     key: &str,
     runs: &Path,
     out: &Path,
@@ -456,10 +566,11 @@ async fn render_board(
                 serde_json::to_vec_pretty(&record)?,
             )?;
             eprintln!(
-                "rendering {} frames of {} ({} inversion task(s), {} render task(s))",
+                "rendering {} frames of {} ({} inversion task(s), {} anchor task(s), {} render task(s))",
                 job.frames_total,
                 args.board.display(),
                 job.inversion_tasks,
+                job.anchor_tasks,
                 job.render_tasks
             );
             job.id.parse::<JobId>()?
@@ -509,18 +620,21 @@ async fn render_board(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let anchors = write_anchors(farm, spec, images, job_id, out).await?;
     let sheets = sheet_names(frames.len());
     let mut manifest_frames = Vec::new();
     for (page, (chunk, sheet_name)) in frames.chunks(FRAMES_PER_SHEET).zip(&sheets).enumerate() {
         // One page of thumbnails in memory at a time, however long the storyboard.
         let mut cells = Vec::new();
-        if let (Some(style), Some(image)) = (&spec.style, style_image) {
+        if let Some(style) = &spec.style {
+            // A generated style has no picture of its own: its prompt stands in the cell.
             cells.push(Cell {
                 label: "style".into(),
                 caption: style.prompt.clone(),
-                image: Some(image.thumbnail.clone()),
+                image: images.style.as_ref().map(|i| i.thumbnail.clone()),
             });
         }
+        cells.extend(anchors.iter().flat_map(|c| c.cells.iter().cloned()));
         for f in chunk {
             let mut entry = ManifestFrame {
                 index: f.index,
@@ -574,17 +688,19 @@ async fn render_board(
         steps: spec.steps,
         guidance: spec.guidance,
         frames_per_task: spec.frames_per_task,
-        style: match (&spec.style, style_image) {
-            (Some(style), Some(image)) => Some(serde_json::json!({
-                "image": style.image.display().to_string(),
-                "image_sha256": sha256_hex(&image.bytes),
+        style: spec.style.as_ref().map(|style| {
+            serde_json::json!({
+                "image": style.image.as_ref().map(|i| i.display().to_string()),
+                "image_sha256": images.style.as_ref().map(|i| sha256_hex(&i.bytes)),
+                "generated_seed": style.image.is_none().then(|| spec.style_seed()),
                 "prompt": style.prompt,
                 "offset": style.offset,
                 "inversion_guidance": style.inversion_guidance,
                 "options": style.options,
-            })),
-            _ => None,
-        },
+            })
+        }),
+        characters: anchors.into_iter().map(|c| c.manifest).collect(),
+        consistory: (!spec.characters.is_empty()).then(|| spec.consistory.clone()),
         contact_sheets: sheets,
         frames: manifest_frames,
     };
@@ -621,15 +737,25 @@ mod tests {
     fn board_key_follows_content_not_paths() {
         let yaml = "model: m\nwidth: 64\nheight: 64\nframes:\n  - prompt: a\n  - prompt: b\n";
         let a = StoryboardSpec::from_yaml(yaml).unwrap();
-        let key = board_key(&a, None).unwrap();
-        assert_eq!(key, board_key(&a.clone(), None).unwrap());
+        let none = BoardImages::default();
+        let key = board_key(&a, &none).unwrap();
+        assert_eq!(key, board_key(&a.clone(), &none).unwrap());
         // An explicit seed equal to the default one renders the same pixels: same key.
         let explicit =
             StoryboardSpec::from_yaml(&yaml.replace("prompt: b", "prompt: b\n    seed: 1"))
                 .unwrap();
         assert_eq!(explicit.frame_seed(1), a.frame_seed(1));
-        assert_eq!(board_key(&explicit, None).unwrap(), key);
+        assert_eq!(board_key(&explicit, &none).unwrap(), key);
         let changed = StoryboardSpec::from_yaml(&yaml.replace("prompt: b", "prompt: c")).unwrap();
-        assert_ne!(board_key(&changed, None).unwrap(), key);
+        assert_ne!(board_key(&changed, &none).unwrap(), key);
+        // Who a frame shows decides its pixels too.
+        let cast = "model: m\nwidth: 64\nheight: 64\ncharacters:\n  - { name: Rex, description: a dog, subject_words: [dog] }\nframes:\n  - prompt: a dog\n";
+        let alone = StoryboardSpec::from_yaml(cast).unwrap();
+        let with_rex =
+            StoryboardSpec::from_yaml(&format!("{cast}    characters: [Rex]\n")).unwrap();
+        assert_ne!(
+            board_key(&alone, &none).unwrap(),
+            board_key(&with_rex, &none).unwrap()
+        );
     }
 }

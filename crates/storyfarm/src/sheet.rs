@@ -13,6 +13,7 @@ const MARGIN: u32 = 12;
 const CAPTION_LINES: usize = 3;
 
 /// One cell of the sheet.
+#[derive(Clone)]
 pub struct Cell {
     /// Big label (`#3`, `style`).
     pub label: String,

@@ -607,13 +607,34 @@ fn upload_messages(
     prompt: &str,
     bytes: &[u8],
 ) -> Vec<pb::UploadReferenceRequest> {
+    character_upload(project_id, "", prompt, &[], bytes)
+        .into_iter()
+        .map(|mut m| {
+            if let Some(pb::upload_reference_request::Part::Header(h)) = &mut m.part {
+                h.kind = pb::ReferenceKind::Style as i32;
+            }
+            m
+        })
+        .collect()
+}
+
+/// A character reference upload (an empty `bytes`: no picture).
+fn character_upload(
+    project_id: &str,
+    name: &str,
+    description: &str,
+    words: &[&str],
+    bytes: &[u8],
+) -> Vec<pb::UploadReferenceRequest> {
     let mut m = vec![pb::UploadReferenceRequest {
         part: Some(pb::upload_reference_request::Part::Header(
             pb::ReferenceHeader {
                 project_id: project_id.into(),
-                kind: pb::ReferenceKind::Style as i32,
-                prompt: prompt.into(),
+                kind: pb::ReferenceKind::Character as i32,
+                prompt: description.into(),
                 filename: "style.png".into(),
+                name: name.into(),
+                subject_words: words.iter().map(|w| w.to_string()).collect(),
             },
         )),
     }];
@@ -747,11 +768,15 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
         negative_prompt: String::new(),
         style: None,
         frames_per_task: 2,
+        seed: 0,
+        characters: Vec::new(),
+        consistory: None,
     };
     let frame = |p: &str| pb::FrameSpec {
         prompt: p.into(),
         negative_prompt: None,
         seed: None,
+        characters: Vec::new(),
     };
     let board = |settings: pb::StoryboardSettings, frames: Vec<pb::FrameSpec>| {
         pb::CreateStoryboardRequest {
@@ -799,6 +824,7 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
         offset: 0,
         inversion_guidance: 2.0,
         options: None,
+        seed: None,
     });
     assert_status(
         storyboards
@@ -812,6 +838,7 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
         offset: 9,
         inversion_guidance: 2.0,
         options: None,
+        seed: None,
     });
     assert_status(
         storyboards
@@ -829,6 +856,70 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
             .await,
         Code::NotFound,
         "project",
+    );
+
+    // Characters: a subject word the description lacks, a bad name, an unknown character, a
+    // reference that does not exist.
+    assert_status(
+        references
+            .upload_reference(tokio_stream::iter(character_upload(
+                &project.id,
+                "Rex",
+                "a small puppy",
+                &["dog"],
+                &[],
+            )))
+            .await,
+        Code::InvalidArgument,
+        "header.subject_words[0]",
+    );
+    assert_status(
+        references
+            .upload_reference(tokio_stream::iter(character_upload(
+                &project.id,
+                "Rex!",
+                "a small dog",
+                &["dog"],
+                &[],
+            )))
+            .await,
+        Code::InvalidArgument,
+        "header.name",
+    );
+    assert_status(
+        references
+            .upload_reference(tokio_stream::iter(character_upload(
+                &project.id,
+                "Rex",
+                "a small dog",
+                &["dog"],
+                b"not a png",
+            )))
+            .await,
+        Code::InvalidArgument,
+        "not a readable PNG or JPEG image",
+    );
+    let mut cast = settings(64, 64);
+    cast.characters = vec![pb::CharacterSettings {
+        reference_id: nobody.into(),
+        anchors: 2,
+        seed: None,
+    }];
+    assert_status(
+        storyboards
+            .create_storyboard(board(cast, vec![frame("a dog")]))
+            .await,
+        Code::NotFound,
+        "reference",
+    );
+    let mut stranger = frame("a dog");
+    stranger.characters = vec!["Rex".into()];
+    assert_status(
+        storyboards
+            .create_storyboard(board(settings(64, 64), vec![stranger.clone()]))
+            .await,
+        Code::InvalidArgument,
+        "frames[0].characters[0]",
     );
 
     // Nothing half-made: no reference, storyboard or job rows, no object in the bucket.
@@ -850,6 +941,56 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
         .unwrap()
         .into_inner();
     assert_eq!(sb.frames.len(), 1);
+    // A style reference is not a character, and a frame's cast must say its subject word.
+    let style = references
+        .upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", &png)))
+        .await
+        .unwrap()
+        .into_inner();
+    let rex = references
+        .upload_reference(tokio_stream::iter(character_upload(
+            &project.id,
+            "Rex",
+            "a small dog",
+            &["dog"],
+            &[],
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!rex.has_image);
+    assert_eq!(rex.kind, pb::ReferenceKind::Character as i32);
+    let mut cast = settings(64, 64);
+    cast.characters = vec![pb::CharacterSettings {
+        reference_id: style.id.clone(),
+        anchors: 2,
+        seed: None,
+    }];
+    assert_status(
+        storyboards
+            .create_storyboard(board(cast.clone(), vec![stranger.clone()]))
+            .await,
+        Code::InvalidArgument,
+        "settings.characters[0].reference_id",
+    );
+    cast.characters[0].reference_id = rex.id.clone();
+    let mut puppy = frame("a puppy");
+    puppy.characters = vec!["Rex".into()];
+    assert_status(
+        storyboards
+            .create_storyboard(board(cast.clone(), vec![puppy]))
+            .await,
+        Code::InvalidArgument,
+        "frames[0]",
+    );
+    let sb = storyboards
+        .create_storyboard(board(cast, vec![stranger]))
+        .await
+        .unwrap()
+        .into_inner();
+    let settings = sb.settings.unwrap();
+    assert_eq!(settings.characters[0].reference_id, rex.id);
+    assert_eq!(sb.frames[0].characters, ["Rex"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1061,4 +1202,187 @@ async fn render_on_one_machine_equals_the_farm() {
             f.index
         );
     }
+}
+
+/// A storyboard with a style and two characters (one from its description, one from a picture):
+/// `frames` is a list of (prompt, characters) pairs.
+fn write_character_board(dir: &Path, name: &str, frames: &[(&str, &[&str])]) -> PathBuf {
+    std::fs::copy(
+        repo().join("tests/fixtures/sd15/inversion_image.png"),
+        dir.join("style.png"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/sd15/inversion_image.png"),
+        dir.join("sailor.png"),
+    )
+    .unwrap();
+    let mut board = format!(
+        "model: {}\nwidth: 64\nheight: 64\nsteps: 4\nguidance: 7.5\nseed: 900\nframes_per_task: 2
+style:\n  image: style.png\n  prompt: a colorful geometric pattern\n  inversion_guidance: 2.0
+characters:
+  - name: Rex\n    description: a cute corgi dog\n    subject_words: [dog]
+  - name: Ann\n    description: an old sailor\n    subject_words: [sailor]\n    image: sailor.png
+frames:\n",
+        repo().join("tests/fixtures/models/tiny-sd15").display()
+    );
+    for (prompt, cast) in frames {
+        board.push_str(&format!(
+            "  - prompt: {prompt}\n    characters: [{}]\n",
+            cast.join(", ")
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, board).unwrap();
+    path
+}
+
+/// Characters on the farm: the anchors are computed once by anchor tasks, the frames showing them
+/// render on two workers equal to `storyfarm render` of the same board, and a second storyboard
+/// with the same characters reuses the anchors (no anchor task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn characters_and_a_style_render_on_the_farm_like_render_and_anchors_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.start_coordinator();
+    farm.start_worker("worker-a");
+    farm.start_worker("worker-b");
+    let board = write_character_board(
+        dir.path(),
+        "story.yaml",
+        &[
+            ("a dog on the beach", &["Rex"]),
+            ("a sailor on a boat", &["Ann"]),
+            ("a dog and a sailor on the pier", &["Rex", "Ann"]),
+            ("a lighthouse at night", &[]),
+            ("a dog in the snow", &["Rex"]),
+        ],
+    );
+    let job_id = farm.submit(&board);
+    let job = farm.wait_for(&job_id, Duration::from_secs(600)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    // One style inversion, one anchor task per character; frames grouped by cast, two per task:
+    // [0, 4] Rex, [1] Ann, [2] both, [3] nobody.
+    assert_eq!(
+        (job.inversion_tasks, job.anchor_tasks, job.render_tasks),
+        (1, 2, 4),
+        "{job:?}"
+    );
+    let anchors = farm
+        .jobs()
+        .await
+        .list_anchors(pb::ListAnchorsRequest {
+            job_id: job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .characters;
+    let summary: Vec<(String, i32, u32)> = anchors
+        .iter()
+        .map(|a| (a.name.clone(), a.state, a.anchors))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("Rex".to_string(), pb::AnchorsState::Ready as i32, 2),
+            ("Ann".to_string(), pb::AnchorsState::Ready as i32, 2)
+        ]
+    );
+    let mut png = Vec::new();
+    let mut chunks = farm
+        .jobs()
+        .await
+        .download_anchor(pb::DownloadAnchorRequest {
+            job_id: job_id.clone(),
+            character: "Ann".into(),
+            index: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(chunk) = chunks.message().await.unwrap() {
+        png.extend(chunk.data);
+    }
+    let picture = image::load_from_memory(&png).unwrap();
+    assert_eq!((picture.width(), picture.height()), (64, 64));
+
+    // The same board on one machine: the same frames, the same anchors.
+    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
+    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .arg("render")
+        .arg(&board)
+        .arg("--out")
+        .arg(&out)
+        .env("STORYFARM_DATA_DIR", &data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let characters = manifest["characters"].as_array().unwrap();
+    assert_eq!(characters.len(), 2);
+    for (local, farm_anchors) in characters.iter().zip(&anchors) {
+        assert_eq!(local["name"].as_str(), Some(farm_anchors.name.as_str()));
+        assert_eq!(
+            local["anchors_key"].as_str(),
+            Some(farm_anchors.cache_key.as_str())
+        );
+        let files = local["anchor_files"].as_array().unwrap();
+        assert_eq!(files.len(), 2);
+        for f in files {
+            assert!(out.join(f["file"].as_str().unwrap()).is_file());
+        }
+    }
+    assert!(out.join("contact-sheet.png").is_file());
+    let local_frames = manifest["frames"].as_array().unwrap();
+    let farm_frames = frames_of(&farm, &job_id).await;
+    assert_eq!(local_frames.len(), farm_frames.len());
+    for (l, f) in local_frames.iter().zip(&farm_frames) {
+        assert_eq!(l["seed"].as_u64(), Some(f.seed));
+        let local_latents = std::fs::read(
+            data.join("artifacts")
+                .join(l["latents_key"].as_str().unwrap()),
+        )
+        .unwrap();
+        let farm_latents = farm
+            .blobs
+            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
+            .await
+            .unwrap();
+        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
+        assert!(
+            diff <= 1e-4 * scale,
+            "frame {}: max-abs {diff} > 1e-4 x {scale}",
+            f.index
+        );
+    }
+
+    // Another storyboard with the same characters and style: nothing is computed twice.
+    let sequel = write_character_board(
+        dir.path(),
+        "sequel.yaml",
+        &[("a dog and a sailor in a harbour", &["Ann", "Rex"])],
+    );
+    let sequel_id = farm.submit(&sequel);
+    let sequel_job = farm.wait_for(&sequel_id, Duration::from_secs(300)).await;
+    assert_eq!(
+        sequel_job.state,
+        pb::JobState::Succeeded as i32,
+        "{sequel_job:?}"
+    );
+    assert_eq!(
+        (
+            sequel_job.inversion_tasks,
+            sequel_job.anchor_tasks,
+            sequel_job.render_tasks
+        ),
+        (0, 0, 1),
+        "{sequel_job:?}"
+    );
 }

@@ -367,6 +367,79 @@ fn the_example_storyboard_renders_as_the_readme_says() {
     );
 }
 
+/// The character example: a style generated from its prompt, a character from its description and
+/// one from a picture. Anchors land beside the frames and on the contact sheet; a second board
+/// with the same characters and style in the same data directory computes nothing again.
+#[test]
+fn the_character_example_renders_its_anchors_and_reuses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = tmp.path().join("data");
+    let board = repo().join("examples/tiny-characters.yaml");
+    let o = render(&data, &board, &out).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("(1 inversion task(s), 2 anchor task(s), 3 render task(s))"),
+        "{}",
+        text(&o)
+    );
+    let m = manifest(&out);
+    assert_eq!(m["style"]["image"], serde_json::Value::Null);
+    assert_eq!(m["style"]["generated_seed"].as_u64(), Some(299));
+    let characters = m["characters"].as_array().unwrap();
+    let names: Vec<&str> = characters
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Biscuit", "Captain"]);
+    assert!(characters[1]["image_sha256"].is_string());
+    for c in characters {
+        assert_eq!(c["state"].as_str(), Some("ready"));
+        for f in c["anchor_files"].as_array().unwrap() {
+            let img = image::open(out.join(f["file"].as_str().unwrap())).unwrap();
+            assert_eq!((img.width(), img.height()), (64, 64));
+        }
+    }
+    assert_eq!(m["frames"].as_array().unwrap().len(), 3);
+    assert!(m["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["state"].as_str() == Some("succeeded")));
+    assert!(out.join("contact-sheet.png").is_file());
+
+    // A sequel with the same characters and style: no inversion, no anchors, one render task.
+    let example = std::fs::read_to_string(&board).unwrap();
+    std::fs::copy(
+        repo().join("examples/character-sailor.png"),
+        tmp.path().join("character-sailor.png"),
+    )
+    .unwrap();
+    let model = repo()
+        .join("tests/fixtures/models/tiny-sd15")
+        .display()
+        .to_string();
+    let frames_at = example.find("frames:").unwrap();
+    let sequel = tmp.path().join("sequel.yaml");
+    std::fs::write(
+        &sequel,
+        example[..frames_at].replace("../tests/fixtures/models/tiny-sd15", &model)
+            + "frames:\n  - prompt: a dog and a sailor in a harbour, flat illustration\n    characters: [Biscuit, Captain]\n",
+    )
+    .unwrap();
+    let o = render(&data, &sequel, &tmp.path().join("sequel"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("(0 inversion task(s), 0 anchor task(s), 1 render task(s))"),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn bad_storyboard_files_give_one_clear_line_each() {
     let tmp = tempfile::tempdir().unwrap();
@@ -401,10 +474,15 @@ fn bad_storyboard_files_give_one_clear_line_each() {
             vec!["frames[1].characters[0]", "Rex"],
         ),
         (
-            "characters-not-yet",
+            "subject-word-not-in-prompt",
             good.replace("frames:\n", "characters:\n  - name: Rex\n    description: a small dog\n    subject_words: [dog]\nframes:\n")
-                .replace("  - prompt: a boat\n", "  - prompt: a dog on a boat\n    characters: [Rex]\n"),
-            vec!["characters[0]", "not rendered by the farm yet"],
+                .replace("  - prompt: a boat\n", "  - prompt: a puppy on a boat\n    characters: [Rex]\n"),
+            vec!["frames[1]", "dog"],
+        ),
+        (
+            "unreadable-character-image",
+            good.replace("frames:\n", "characters:\n  - name: Rex\n    description: a small dog\n    subject_words: [dog]\n    image: broken.png\nframes:\n"),
+            vec!["characters[0].image", "broken.png", "not a readable image"],
         ),
     ];
     for (name, yaml, needles) in cases {
@@ -457,7 +535,13 @@ fn every_example_storyboard_is_valid_and_its_style_image_reads() {
             .style
             .as_ref()
             .unwrap_or_else(|| panic!("{}: no style reference", path.display()));
-        image::open(&style.image).unwrap_or_else(|e| panic!("{}: {e}", style.image.display()));
+        let pictures = style
+            .image
+            .iter()
+            .chain(spec.characters.iter().filter_map(|c| c.image.as_ref()));
+        for picture in pictures {
+            image::open(picture).unwrap_or_else(|e| panic!("{}: {e}", picture.display()));
+        }
         boards += 1;
     }
     assert!(boards >= 2, "{boards} example storyboards");

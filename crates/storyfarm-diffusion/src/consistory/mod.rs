@@ -44,6 +44,9 @@ pub struct ConsistoryOptions {
     /// Cross-attention maps are averaged over this many most recent steps.
     pub mask_window: usize,
     pub freeu: Option<FreeU>,
+    /// Pass 2 with feature injection (official `enable_feature_injection`); without it the
+    /// result is pass 1.
+    pub feature_injection: bool,
 }
 
 impl Default for ConsistoryOptions {
@@ -64,6 +67,7 @@ impl Default for ConsistoryOptions {
                 b1: 1.1,
                 b2: 1.2,
             }),
+            feature_injection: true,
         }
     }
 }

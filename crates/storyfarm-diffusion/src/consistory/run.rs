@@ -268,7 +268,8 @@ impl StableDiffusion {
             conditioning: &conditioning,
             style,
         };
-        let total = 2 * settings.steps;
+        let passes = if options.feature_injection { 2 } else { 1 };
+        let total = passes * settings.steps;
         let mut pass_progress = |offset: usize, p: Progress| match p {
             Progress::Denoise { step, .. } => progress(Progress::Denoise {
                 step: offset + step,
@@ -285,6 +286,19 @@ impl StableDiffusion {
             &mut |p| pass_progress(0, p),
         )?;
         let correspondence = correspondence(&pass1, &levels, &set.mapping)?;
+        if !options.feature_injection {
+            let final_latents = pass1
+                .latents
+                .last()
+                .cloned()
+                .ok_or_else(|| DiffusionError::invalid_argument("steps", "no step ran"))?;
+            return Ok(ConsistoryOutput {
+                final_latents,
+                pass1,
+                pass2: PassTrace::default(),
+                correspondence,
+            });
+        }
         let pass2 = run.pass(
             &latents,
             PassPlan {

@@ -59,6 +59,7 @@ fn options_of(case: &Case) -> Result<ConsistoryOptions> {
         dift_timestep: serde_json::from_value(case.settings["dift"]["timestep"].clone())
             .context("settings.dift.timestep")?,
         freeu,
+        feature_injection: true,
     })
 }
 
