@@ -1,5 +1,6 @@
 //! The conformance suite every [`MetadataStore`] backend must pass (feature `testing`): inversion
-//! claiming and reuse, the outbox, idempotent event ingestion, retries with backoff, permanent
+//! claiming and reuse, prerequisites (style, characters' anchors) released, shared, failed and
+//! cancelled as their dependents need, the outbox, idempotent event ingestion, retries with backoff, permanent
 //! failures, cancellation, requeueing lost deliveries, frame finish times, and concurrent callers.
 //!
 //! Each case takes a fresh, migrated, empty store and panics naming what differs. A backend's test
@@ -33,6 +34,13 @@ macro_rules! conformance_cases {
             frames_record_when_they_finished,
             lost_deliveries_are_requeued_at_their_attempt,
             lost_inversion_of_a_cancelled_job_still_serves_its_waiters,
+            references_of_every_kind_round_trip,
+            plans_with_unknown_needs_are_refused,
+            prerequisites_release_tasks_as_their_needs_become_ready,
+            prerequisites_are_shared_between_jobs,
+            failed_style_fails_the_anchors_and_renders_waiting_for_it,
+            cancel_keeps_prerequisites_other_jobs_wait_for,
+            lost_anchor_task_of_a_cancelled_job_still_serves_its_waiters,
             concurrent_workers_dispatcher_and_api,
         }
     };
@@ -62,6 +70,7 @@ async fn storyboard_of(store: &dyn MetadataStore, spec: StoryboardSpec) -> Story
             &StoredStoryboard {
                 spec,
                 reference_id: None,
+                character_references: vec![],
             },
         )
         .await
@@ -81,24 +90,177 @@ fn task(kind: TaskKind, frames: Vec<u32>) -> PlannedTask {
         max_attempts: 3,
         frames,
         payload: vec![1, 2, 3],
+        needs: vec![],
     }
 }
 
-/// A job of [`spec`]: frames 0 and 1 in the first render task, frame 2 in the second.
+/// A job of [`spec`]: frames 0 and 1 in the first render task, frame 2 in the second; with a
+/// `key`, both need the style inversion of that key.
 fn new_job(storyboard_id: StoryboardId, key: Option<&str>) -> NewJob {
+    let needs: Vec<String> = key.into_iter().map(String::from).collect();
     NewJob {
         id: JobId::new(),
         storyboard_id,
         frames: spec().resolved_frames(),
-        inversion: key.map(|k| PlannedInversion {
-            cache_key: k.into(),
-            task: task(TaskKind::Invert, vec![]),
-        }),
+        prerequisites: key
+            .map(|k| prerequisite(PrerequisiteKind::Style, "", k, &[]))
+            .into_iter()
+            .collect(),
         render_tasks: vec![
-            task(TaskKind::Render, vec![0, 1]),
-            task(TaskKind::Render, vec![2]),
+            needing(task(TaskKind::Render, vec![0, 1]), &needs),
+            needing(task(TaskKind::Render, vec![2]), &needs),
         ],
     }
+}
+
+fn needing<S: AsRef<str>>(task: PlannedTask, needs: &[S]) -> PlannedTask {
+    PlannedTask {
+        needs: needs.iter().map(|n| n.as_ref().to_string()).collect(),
+        ..task
+    }
+}
+
+fn prerequisite(
+    kind: PrerequisiteKind,
+    name: &str,
+    key: &str,
+    needs: &[&str],
+) -> PlannedPrerequisite {
+    let task_kind = match kind {
+        PrerequisiteKind::Style => TaskKind::Invert,
+        PrerequisiteKind::Anchors => TaskKind::Anchor,
+    };
+    PlannedPrerequisite {
+        cache_key: key.into(),
+        kind,
+        name: name.into(),
+        task: needing(task(task_kind, vec![]), needs),
+    }
+}
+
+/// The inversion task of a [`new_job`] with a key.
+fn inversion_of(job: &NewJob) -> TaskId {
+    job.prerequisites[0].task.id
+}
+
+/// A styled job of [`spec`] with two characters, keys prefixed with `p`: prerequisites
+/// `{p}-style`, then the anchors of Ana (`{p}-ana`) and of Bo (`{p}-bo`), each needing the style.
+/// Render 0 (frames 0 and 1) shows both characters (needs all three), render 1 (frame 2) shows Bo
+/// (needs the style and Bo).
+fn job_with_characters(storyboard_id: StoryboardId, p: &str) -> NewJob {
+    let (style, ana, bo) = keys(p);
+    NewJob {
+        id: JobId::new(),
+        storyboard_id,
+        frames: spec().resolved_frames(),
+        prerequisites: vec![
+            prerequisite(PrerequisiteKind::Style, "", &style, &[]),
+            prerequisite(PrerequisiteKind::Anchors, "Ana", &ana, &[&style]),
+            prerequisite(PrerequisiteKind::Anchors, "Bo", &bo, &[&style]),
+        ],
+        render_tasks: vec![
+            needing(task(TaskKind::Render, vec![0, 1]), &[&style, &ana, &bo]),
+            needing(task(TaskKind::Render, vec![2]), &[&style, &bo]),
+        ],
+    }
+}
+
+/// The cache keys of [`job_with_characters`]: style, Ana's anchors, Bo's anchors.
+fn keys(p: &str) -> (String, String, String) {
+    (format!("{p}-style"), format!("{p}-ana"), format!("{p}-bo"))
+}
+
+/// The prerequisite tasks of [`job_with_characters`]: style, Ana's anchors, Bo's anchors.
+fn prerequisite_tasks(job: &NewJob) -> (TaskId, TaskId, TaskId) {
+    (
+        job.prerequisites[0].task.id,
+        job.prerequisites[1].task.id,
+        job.prerequisites[2].task.id,
+    )
+}
+
+fn renders(job: &NewJob) -> Vec<TaskId> {
+    sorted(job.render_tasks.iter().map(|t| t.id).collect())
+}
+
+/// `(kind, name, key, state, artifact, error)` of a job's prerequisites, in planning order.
+type PrerequisiteRow = (
+    PrerequisiteKind,
+    String,
+    String,
+    CacheState,
+    Option<String>,
+    Option<String>,
+);
+
+async fn prerequisites_of(store: &dyn MetadataStore, job: JobId) -> Vec<PrerequisiteRow> {
+    store
+        .job_prerequisites(job)
+        .await
+        .expect("job_prerequisites")
+        .into_iter()
+        .map(|p| {
+            (
+                p.kind,
+                p.name,
+                p.cache_key,
+                p.state,
+                p.artifact_key,
+                p.error,
+            )
+        })
+        .collect()
+}
+
+/// The expected rows of [`job_with_characters`] with keys prefixed `p`, each `(state, artifact,
+/// error)`.
+fn expected_prerequisites(
+    p: &str,
+    states: [(CacheState, Option<&str>, Option<&str>); 3],
+) -> Vec<PrerequisiteRow> {
+    let (style, ana, bo) = keys(p);
+    [
+        (PrerequisiteKind::Style, "", style),
+        (PrerequisiteKind::Anchors, "Ana", ana),
+        (PrerequisiteKind::Anchors, "Bo", bo),
+    ]
+    .into_iter()
+    .zip(states)
+    .map(|((kind, name, key), (state, artifact, error))| {
+        (
+            kind,
+            name.to_string(),
+            key,
+            state,
+            artifact.map(String::from),
+            error.map(String::from),
+        )
+    })
+    .collect()
+}
+
+const PENDING: (CacheState, Option<&str>, Option<&str>) = (CacheState::Pending, None, None);
+
+fn made(artifact: &str) -> TaskEventKind {
+    TaskEventKind::Succeeded {
+        frames: vec![],
+        trajectory_key: Some(artifact.into()),
+    }
+}
+
+/// Runs a prerequisite task to success (started, then succeeded with `artifact`) as worker `w1`,
+/// returning the affected jobs.
+async fn make(store: &dyn MetadataStore, task: TaskId, artifact: &str) -> Vec<JobId> {
+    store
+        .record_event(&event(task, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .expect("started");
+    sorted(applied(
+        store
+            .record_event(&event(task, 1, 1, made(artifact)), &FAST)
+            .await
+            .expect("succeeded"),
+    ))
 }
 
 fn event(task_id: TaskId, attempt: u32, seq: u64, kind: TaskEventKind) -> TaskEventRecord {
@@ -184,12 +346,17 @@ pub async fn rows_read_back_as_written(store: Store) {
     let reference = Reference {
         id: ReferenceId::new(),
         project_id: project.id,
+        kind: ReferenceKind::Style,
         prompt: "a lighthouse".into(),
-        image_sha256: "ab".repeat(32),
-        image_key: "sha256/ab/x.png".into(),
-        width: 640,
-        height: 480,
-        size_bytes: 5_000_000_000,
+        name: String::new(),
+        subject_words: vec![],
+        image: Some(ReferenceImage {
+            sha256: "ab".repeat(32),
+            key: "sha256/ab/x.png".into(),
+            width: 640,
+            height: 480,
+            size_bytes: 5_000_000_000,
+        }),
         created_at: chrono::Utc::now(),
     };
     let stored_reference = store.create_reference(&reference).await.unwrap();
@@ -209,6 +376,7 @@ pub async fn rows_read_back_as_written(store: Store) {
     let stored = StoredStoryboard {
         spec: spec.clone(),
         reference_id: Some(stored_reference.id),
+        character_references: vec![ReferenceId::new(), ReferenceId::new()],
     };
     let board = store
         .create_storyboard(project.id, "board", &stored)
@@ -229,11 +397,13 @@ pub async fn rows_read_back_as_written(store: Store) {
             job.frames_total,
             job.frames_succeeded,
             job.inversion_tasks,
+            job.anchor_tasks,
             job.render_tasks,
             job.finished_at
         ),
-        (JobState::Queued, 3, 0, 0, 2, None)
+        (JobState::Queued, 3, 0, 0, 0, 2, None)
     );
+    assert!(store.job_prerequisites(job.id).await.unwrap().is_empty());
     assert_eq!(store.unfinished_jobs().await.unwrap(), vec![job.id]);
     let frames = store.list_frames(job.id).await.unwrap();
     let seeds: Vec<u64> = frames.iter().map(|f| f.seed).collect();
@@ -284,12 +454,17 @@ pub async fn not_found_and_references(store: Store) {
     let reference = Reference {
         id: ReferenceId::new(),
         project_id: missing,
+        kind: ReferenceKind::Style,
         prompt: "p".into(),
-        image_sha256: "ab".into(),
-        image_key: "k".into(),
-        width: 64,
-        height: 64,
-        size_bytes: 10,
+        name: String::new(),
+        subject_words: vec![],
+        image: Some(ReferenceImage {
+            sha256: "ab".into(),
+            key: "k".into(),
+            width: 64,
+            height: 64,
+            size_bytes: 10,
+        }),
         created_at: chrono::Utc::now(),
     };
     let error = store.create_reference(&reference).await.unwrap_err();
@@ -307,6 +482,7 @@ pub async fn not_found_and_references(store: Store) {
     let stored = StoredStoryboard {
         spec: spec(),
         reference_id: None,
+        character_references: vec![],
     };
     let error = store
         .create_storyboard(missing, "b", &stored)
@@ -330,7 +506,15 @@ pub async fn not_found_and_references(store: Store) {
         })
         .await
         .unwrap();
-    assert_eq!(store.get_reference(stored.id).await.unwrap().image_key, "k");
+    assert_eq!(
+        store
+            .get_reference(stored.id)
+            .await
+            .unwrap()
+            .image
+            .map(|i| i.key),
+        Some("k".to_string())
+    );
     assert!(matches!(
         store.get_reference(ReferenceId::new()).await,
         Err(StoreError::NotFound {
@@ -351,6 +535,10 @@ pub async fn not_found_and_references(store: Store) {
     ));
     assert!(matches!(
         store.list_frames(JobId::new()).await,
+        Err(StoreError::NotFound { what: "job", .. })
+    ));
+    assert!(matches!(
+        store.job_prerequisites(JobId::new()).await,
         Err(StoreError::NotFound { what: "job", .. })
     ));
     assert!(matches!(
@@ -406,7 +594,7 @@ pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store
     // Only the inversion is dispatched; renders wait for it.
     let outbox = store.pending_outbox(100).await.unwrap();
     assert_eq!(outbox.len(), 1);
-    assert_eq!(outbox[0].task_id, first.inversion.as_ref().unwrap().task.id);
+    assert_eq!(outbox[0].task_id, inversion_of(&first));
     store.mark_published(&[outbox[0].id]).await.unwrap();
 
     // A second job with the same inversion key plans no inversion and waits too.
@@ -420,7 +608,7 @@ pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store
         "pending is not ready"
     );
 
-    let inv = first.inversion.as_ref().unwrap().task.id;
+    let inv = inversion_of(&first);
     store
         .record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST)
         .await
@@ -641,7 +829,7 @@ pub async fn failed_inversion_fails_every_waiting_frame(store: Store) {
     let sb = storyboard(store).await;
     let planned = new_job(sb, Some("key-x"));
     store.submit_job(&planned).await.unwrap();
-    let inv = planned.inversion.as_ref().unwrap().task.id;
+    let inv = inversion_of(&planned);
     let failed = TaskEventKind::Failed {
         reason: "cannot decode image".into(),
         retryable: false,
@@ -669,10 +857,7 @@ pub async fn failed_inversion_fails_every_waiting_frame(store: Store) {
     let again = new_job(sb, Some("key-x"));
     assert_eq!(store.submit_job(&again).await.unwrap().inversion_tasks, 1);
     let out = store.pending_outbox(100).await.unwrap();
-    assert_eq!(
-        out.last().map(|m| m.task_id),
-        Some(again.inversion.as_ref().unwrap().task.id)
-    );
+    assert_eq!(out.last().map(|m| m.task_id), Some(inversion_of(&again)));
 }
 
 pub async fn cancel_stops_queued_work_and_flags_running_tasks(store: Store) {
@@ -1005,7 +1190,7 @@ pub async fn lost_inversion_of_a_cancelled_job_still_serves_its_waiters(store: S
     let x = new_job(sb, Some("key-shared"));
     store.submit_job(&x).await.unwrap();
     publish_all(store).await;
-    let inv = x.inversion.as_ref().unwrap().task.id;
+    let inv = inversion_of(&x);
     store
         .record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST)
         .await
@@ -1054,6 +1239,671 @@ pub async fn lost_inversion_of_a_cancelled_job_still_serves_its_waiters(store: S
     );
 }
 
+/// References of both kinds, with and without an image, come back as written; a character keeps
+/// its name and subject words.
+pub async fn references_of_every_kind_round_trip(store: Store) {
+    let store = store.as_ref();
+    let project = store.create_project("p").await.unwrap();
+    let image = |n: u8| ReferenceImage {
+        sha256: format!("{n:02x}").repeat(32),
+        key: format!("sha256/{n:02x}/x.png"),
+        width: 512 + u32::from(n),
+        height: 768,
+        size_bytes: 4_000_000_000 + u64::from(n),
+    };
+    let references = [
+        (
+            ReferenceKind::Style,
+            "a watercolour",
+            "",
+            vec![],
+            Some(image(1)),
+        ),
+        (ReferenceKind::Style, "ink and wash", "", vec![], None),
+        (
+            ReferenceKind::Character,
+            "a girl with a red scarf",
+            "Ana",
+            vec!["girl".to_string(), "scarf".to_string()],
+            Some(image(2)),
+        ),
+        (
+            ReferenceKind::Character,
+            "an old grey dog",
+            "Bo",
+            vec!["dog".to_string()],
+            None,
+        ),
+    ];
+    for (kind, prompt, name, subject_words, image) in references {
+        let reference = Reference {
+            id: ReferenceId::new(),
+            project_id: project.id,
+            kind,
+            prompt: prompt.into(),
+            name: name.into(),
+            subject_words,
+            image,
+            created_at: chrono::Utc::now(),
+        };
+        let stored = store.create_reference(&reference).await.unwrap();
+        assert_eq!(
+            Reference {
+                created_at: stored.created_at,
+                ..reference
+            },
+            stored
+        );
+        assert_eq!(store.get_reference(stored.id).await.unwrap(), stored);
+    }
+}
+
+/// A plan whose tasks need a key no prerequisite of the job produces (they would wait forever)
+/// is refused, and writes nothing.
+pub async fn plans_with_unknown_needs_are_refused(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let mut render_needs_unknown = new_job(sb, Some("key-1"));
+    render_needs_unknown.render_tasks[1]
+        .needs
+        .push("nobody-makes-this".into());
+    let mut anchors_need_later = job_with_characters(sb, "u");
+    anchors_need_later.prerequisites[1].task.needs = vec!["u-bo".into()];
+    let mut wrong_kind = job_with_characters(sb, "v");
+    wrong_kind.prerequisites[1].task.kind = TaskKind::Invert;
+    for planned in [render_needs_unknown, anchors_need_later, wrong_kind] {
+        let error = store.submit_job(&planned).await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::Corrupt { .. }) && !error.is_retryable(),
+            "{error:?}"
+        );
+        assert!(matches!(
+            store.get_job(planned.id).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+    assert!(store.pending_outbox(100).await.unwrap().is_empty());
+    // Nothing was claimed: the next job computes them.
+    let job = store
+        .submit_job(&job_with_characters(sb, "u"))
+        .await
+        .unwrap();
+    assert_eq!((job.inversion_tasks, job.anchor_tasks), (1, 2));
+    assert_eq!(
+        store
+            .submit_job(&new_job(sb, Some("key-1")))
+            .await
+            .unwrap()
+            .inversion_tasks,
+        1
+    );
+}
+
+/// The style's inversion runs first; its success releases the anchor tasks only; each render is
+/// released when the last prerequisite it needs is ready, not before.
+pub async fn prerequisites_release_tasks_as_their_needs_become_ready(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let planned = job_with_characters(sb, "c1");
+    let (style, ana, bo) = prerequisite_tasks(&planned);
+    let job = store.submit_job(&planned).await.unwrap();
+    assert_eq!(
+        (
+            job.inversion_tasks,
+            job.anchor_tasks,
+            job.render_tasks,
+            job.state
+        ),
+        (1, 2, 2, JobState::Queued)
+    );
+    assert_eq!(store.get_job(planned.id).await.unwrap(), job);
+    assert_eq!(outbox_tasks(store).await, vec![style], "only the inversion");
+    assert_eq!(
+        prerequisites_of(store, planned.id).await,
+        expected_prerequisites("c1", [PENDING; 3])
+    );
+    publish_all(store).await;
+
+    assert_eq!(make(store, style, "traj-c1").await, vec![planned.id]);
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(vec![ana, bo]),
+        "the style releases the anchor tasks only"
+    );
+    assert_eq!(
+        store
+            .inversion_trajectory("c1-style")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("traj-c1")
+    );
+    publish_all(store).await;
+
+    assert_eq!(make(store, ana, "anchors-ana").await, vec![planned.id]);
+    assert!(
+        outbox_tasks(store).await.is_empty(),
+        "every render still needs Bo"
+    );
+    assert_eq!(
+        prerequisites_of(store, planned.id).await,
+        expected_prerequisites(
+            "c1",
+            [
+                (CacheState::Ready, Some("traj-c1"), None),
+                (CacheState::Ready, Some("anchors-ana"), None),
+                PENDING
+            ]
+        )
+    );
+    assert_eq!(make(store, bo, "anchors-bo").await, vec![planned.id]);
+    assert_eq!(outbox_tasks(store).await, renders(&planned));
+    assert_eq!(
+        store
+            .inversion_trajectory("c1-bo")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("anchors-bo"),
+        "any cache entry, not only inversions"
+    );
+    assert_eq!(
+        prerequisites_of(store, planned.id).await,
+        expected_prerequisites(
+            "c1",
+            [
+                (CacheState::Ready, Some("traj-c1"), None),
+                (CacheState::Ready, Some("anchors-ana"), None),
+                (CacheState::Ready, Some("anchors-bo"), None)
+            ]
+        )
+    );
+    let job = store.get_job(planned.id).await.unwrap();
+    assert_eq!((job.state, job.frames_succeeded), (JobState::Running, 0));
+    publish_all(store).await;
+    let (both, only_bo) = (planned.render_tasks[0].id, planned.render_tasks[1].id);
+    store
+        .record_event(&event(both, 1, 0, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
+    store
+        .record_event(&event(only_bo, 1, 0, succeeded(&[2])), &FAST)
+        .await
+        .unwrap();
+    let job = store.get_job(planned.id).await.unwrap();
+    assert_eq!((job.state, job.frames_succeeded), (JobState::Succeeded, 3));
+
+    // The other order: Bo first releases the render that shows only Bo, at once.
+    let planned = job_with_characters(sb, "c2");
+    let (style, ana, bo) = prerequisite_tasks(&planned);
+    store.submit_job(&planned).await.unwrap();
+    make(store, style, "traj-c2").await;
+    publish_all(store).await;
+    make(store, bo, "anchors-bo-2").await;
+    assert_eq!(
+        outbox_tasks(store).await,
+        vec![planned.render_tasks[1].id],
+        "the render that needs Bo only"
+    );
+    publish_all(store).await;
+    make(store, ana, "anchors-ana-2").await;
+    assert_eq!(outbox_tasks(store).await, vec![planned.render_tasks[0].id]);
+}
+
+/// Jobs with the same prerequisites share them: one computed is computed for all, one being
+/// computed is waited for, neither makes a task.
+pub async fn prerequisites_are_shared_between_jobs(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let first = job_with_characters(sb, "s");
+    let (style, ana, bo) = prerequisite_tasks(&first);
+    store.submit_job(&first).await.unwrap();
+    publish_all(store).await;
+
+    // Submitted while everything is pending: no task of its own, everything waits.
+    let second = job_with_characters(sb, "s");
+    let job = store.submit_job(&second).await.unwrap();
+    assert_eq!(
+        (job.inversion_tasks, job.anchor_tasks, job.render_tasks),
+        (0, 0, 2)
+    );
+    assert!(outbox_tasks(store).await.is_empty());
+    assert_eq!(
+        prerequisites_of(store, second.id).await,
+        expected_prerequisites("s", [PENDING; 3])
+    );
+
+    assert_eq!(
+        make(store, style, "traj-s").await,
+        sorted(vec![first.id, second.id]),
+        "both jobs had tasks waiting for the style"
+    );
+    assert_eq!(outbox_tasks(store).await, sorted(vec![ana, bo]));
+    publish_all(store).await;
+
+    // Submitted while the anchors are pending (the style is ready): waits for the anchors only.
+    let third = job_with_characters(sb, "s");
+    let job = store.submit_job(&third).await.unwrap();
+    assert_eq!((job.inversion_tasks, job.anchor_tasks), (0, 0));
+    assert!(outbox_tasks(store).await.is_empty());
+    assert_eq!(
+        prerequisites_of(store, third.id).await,
+        expected_prerequisites(
+            "s",
+            [(CacheState::Ready, Some("traj-s"), None), PENDING, PENDING]
+        )
+    );
+
+    assert_eq!(
+        make(store, ana, "anchors-ana").await,
+        sorted(vec![first.id, second.id, third.id])
+    );
+    assert!(outbox_tasks(store).await.is_empty());
+    assert_eq!(
+        make(store, bo, "anchors-bo").await,
+        sorted(vec![first.id, second.id, third.id])
+    );
+    let mut released = renders(&first);
+    released.extend(renders(&second));
+    released.extend(renders(&third));
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(released),
+        "the first job's anchors release every job's renders"
+    );
+    publish_all(store).await;
+
+    // Submitted once everything is ready: its renders are queued at once.
+    let fourth = job_with_characters(sb, "s");
+    let job = store.submit_job(&fourth).await.unwrap();
+    assert_eq!(
+        (job.inversion_tasks, job.anchor_tasks, job.render_tasks),
+        (0, 0, 2)
+    );
+    assert_eq!(outbox_tasks(store).await, renders(&fourth));
+    assert_eq!(
+        prerequisites_of(store, fourth.id).await,
+        expected_prerequisites(
+            "s",
+            [
+                (CacheState::Ready, Some("traj-s"), None),
+                (CacheState::Ready, Some("anchors-ana"), None),
+                (CacheState::Ready, Some("anchors-bo"), None)
+            ]
+        )
+    );
+    // A job that needs only some of them (no style: the anchors of an unstyled board differ) makes
+    // tasks for what is missing only.
+    let mixed = NewJob {
+        prerequisites: vec![
+            prerequisite(PrerequisiteKind::Anchors, "Ana", "s-ana", &[]),
+            prerequisite(PrerequisiteKind::Anchors, "Cy", "s-cy", &[]),
+        ],
+        render_tasks: vec![
+            needing(task(TaskKind::Render, vec![0, 1]), &["s-ana"]),
+            needing(task(TaskKind::Render, vec![2]), &["s-ana", "s-cy"]),
+        ],
+        ..new_job(sb, None)
+    };
+    publish_all(store).await;
+    let job = store.submit_job(&mixed).await.unwrap();
+    assert_eq!((job.inversion_tasks, job.anchor_tasks), (0, 1));
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(vec![
+            mixed.prerequisites[1].task.id,
+            mixed.render_tasks[0].id
+        ])
+    );
+}
+
+/// A style inversion that fails for good fails the anchor tasks waiting for it (and their cache
+/// entries), and every render waiting for either, each with a reason naming what failed; a later
+/// job tries them all again.
+pub async fn failed_style_fails_the_anchors_and_renders_waiting_for_it(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let (style_key, ana_key, bo_key) = keys("f");
+    let mut first = job_with_characters(sb, "f");
+    // Frame 2 shows Ana and needs only her anchors: it fails through them.
+    first.render_tasks[1].needs = vec![ana_key.clone()];
+    let (style, ana, _) = prerequisite_tasks(&first);
+    store.submit_job(&first).await.unwrap();
+    let second = job_with_characters(sb, "f");
+    store.submit_job(&second).await.unwrap();
+    publish_all(store).await;
+
+    let failed = TaskEventKind::Failed {
+        reason: "cannot decode image".into(),
+        retryable: false,
+    };
+    let affected = applied(
+        store
+            .record_event(&event(style, 1, 0, failed), &FAST)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sorted(affected), sorted(vec![first.id, second.id]));
+    let style_failed = "style reference inversion failed: cannot decode image";
+    let ana_failed = format!("anchors of character Ana failed: {style_failed}");
+    assert_eq!(
+        prerequisites_of(store, first.id).await,
+        expected_prerequisites(
+            "f",
+            [
+                (CacheState::Failed, None, Some("cannot decode image")),
+                (CacheState::Failed, None, Some(style_failed)),
+                (CacheState::Failed, None, Some(style_failed)),
+            ]
+        )
+    );
+    let errors = |frames: Vec<Frame>| -> Vec<(FrameState, Option<String>)> {
+        frames.into_iter().map(|f| (f.state, f.error)).collect()
+    };
+    assert_eq!(
+        errors(store.list_frames(first.id).await.unwrap()),
+        vec![
+            (FrameState::Failed, Some(style_failed.to_string())),
+            (FrameState::Failed, Some(style_failed.to_string())),
+            (FrameState::Failed, Some(ana_failed.clone())),
+        ]
+    );
+    assert_eq!(
+        errors(store.list_frames(second.id).await.unwrap()),
+        vec![(FrameState::Failed, Some(style_failed.to_string())); 3]
+    );
+    for job in [first.id, second.id] {
+        let job = store.get_job(job).await.unwrap();
+        assert_eq!((job.state, job.frames_failed), (JobState::Failed, 3));
+        assert!(job.finished_at.is_some());
+    }
+    // The anchor task failed with them: its late events are stale, and nothing was released.
+    let late = store
+        .record_event(&event(ana, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            EventOutcome::Stale {
+                cancelled: false,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+    assert!(outbox_tasks(store).await.is_empty());
+    assert!(store.unfinished_jobs().await.unwrap().is_empty());
+    for key in [&style_key, &ana_key, &bo_key] {
+        assert_eq!(store.inversion_trajectory(key).await.unwrap(), None);
+    }
+
+    // A later job retries all three.
+    let again = job_with_characters(sb, "f");
+    let job = store.submit_job(&again).await.unwrap();
+    assert_eq!((job.inversion_tasks, job.anchor_tasks), (1, 2));
+    assert_eq!(
+        outbox_tasks(store).await,
+        vec![again.prerequisites[0].task.id]
+    );
+    assert_eq!(
+        prerequisites_of(store, again.id).await,
+        expected_prerequisites("f", [PENDING; 3])
+    );
+
+    // Anchors that fail by themselves name their character.
+    let unstyled = NewJob {
+        prerequisites: vec![prerequisite(PrerequisiteKind::Anchors, "Cy", "f-cy", &[])],
+        render_tasks: vec![
+            needing(task(TaskKind::Render, vec![0, 1]), &["f-cy"]),
+            task(TaskKind::Render, vec![2]),
+        ],
+        ..new_job(sb, None)
+    };
+    store.submit_job(&unstyled).await.unwrap();
+    let oom = TaskEventKind::Failed {
+        reason: "out of memory".into(),
+        retryable: true,
+    };
+    let cy = unstyled.prerequisites[0].task.id;
+    store
+        .record_event(&event(cy, 1, 0, oom.clone()), &FAST)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.release_due_retries().await.unwrap(), 1);
+    assert_eq!(
+        store.list_frames(unstyled.id).await.unwrap()[0].state,
+        FrameState::Pending,
+        "a retried anchor task fails nothing yet"
+    );
+    let oom_again = TaskEventKind::Failed {
+        reason: "out of memory".into(),
+        retryable: false,
+    };
+    store
+        .record_event(&event(cy, 2, 0, oom_again), &FAST)
+        .await
+        .unwrap();
+    assert_eq!(
+        errors(store.list_frames(unstyled.id).await.unwrap()),
+        vec![
+            (
+                FrameState::Failed,
+                Some("anchors of character Cy failed: out of memory".into())
+            ),
+            (
+                FrameState::Failed,
+                Some("anchors of character Cy failed: out of memory".into())
+            ),
+            (FrameState::Pending, None),
+        ]
+    );
+    assert_eq!(
+        store.get_job(unstyled.id).await.unwrap().state,
+        JobState::Queued,
+        "frame 2 needs no anchors and is still to render"
+    );
+}
+
+/// Cancelling a job keeps the prerequisite tasks other jobs wait for (and, of this job, what they
+/// wait for in turn); the pending entries of the prerequisites it cancels are given up, so the
+/// next job computes them.
+pub async fn cancel_keeps_prerequisites_other_jobs_wait_for(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let a = job_with_characters(sb, "k");
+    let (style, ana, bo) = prerequisite_tasks(&a);
+    store.submit_job(&a).await.unwrap();
+    publish_all(store).await;
+    make(store, style, "traj-k").await;
+    publish_all(store).await;
+    store
+        .record_event(&event(ana, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let b = job_with_characters(sb, "k");
+    store.submit_job(&b).await.unwrap();
+    let (cancelled, had_running) = store.cancel_job(a.id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(
+        !had_running,
+        "the running anchor task was kept for job B, so nothing of A must stop"
+    );
+    assert!(store
+        .list_frames(a.id)
+        .await
+        .unwrap()
+        .iter()
+        .all(|f| f.state == FrameState::Cancelled));
+    // A's anchor tasks go on and release B.
+    let affected = applied(
+        store
+            .record_event(&event(ana, 1, 1, made("anchors-ana")), &FAST)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sorted(affected), sorted(vec![a.id, b.id]));
+    assert_eq!(
+        make(store, bo, "anchors-bo").await,
+        sorted(vec![a.id, b.id])
+    );
+    assert_eq!(outbox_tasks(store).await, renders(&b));
+    assert_eq!(
+        store.get_job(a.id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    publish_all(store).await;
+
+    // Nobody else needs them: cancelled, and their pending entries given up.
+    let x = job_with_characters(sb, "n");
+    let (style, ana, _) = prerequisite_tasks(&x);
+    store.submit_job(&x).await.unwrap();
+    publish_all(store).await;
+    make(store, style, "traj-n").await;
+    publish_all(store).await;
+    store
+        .record_event(&event(ana, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let (_, had_running) = store.cancel_job(x.id).await.unwrap();
+    assert!(had_running, "X's running anchor task must stop");
+    assert_eq!(
+        prerequisites_of(store, x.id).await,
+        expected_prerequisites(
+            "n",
+            [(CacheState::Ready, Some("traj-n"), None), PENDING, PENDING]
+        )
+    );
+    let late = store
+        .record_event(&event(ana, 1, 1, made("anchors-ana-n")), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            EventOutcome::Stale {
+                cancelled: true,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+    assert_eq!(store.inversion_trajectory("n-ana").await.unwrap(), None);
+    let y = job_with_characters(sb, "n");
+    let job = store.submit_job(&y).await.unwrap();
+    assert_eq!(
+        (job.inversion_tasks, job.anchor_tasks),
+        (0, 2),
+        "the style stays ready; the anchors are claimed again"
+    );
+    assert_eq!(
+        outbox_tasks(store).await,
+        sorted(vec![y.prerequisites[1].task.id, y.prerequisites[2].task.id])
+    );
+    publish_all(store).await;
+
+    // Kept in turn: P's style is waited for only by P's anchor task, which Q waits for.
+    let p = job_with_characters(sb, "t");
+    let (style, ana, bo) = prerequisite_tasks(&p);
+    store.submit_job(&p).await.unwrap();
+    publish_all(store).await;
+    let q = NewJob {
+        prerequisites: vec![
+            prerequisite(PrerequisiteKind::Style, "", "t-style", &[]),
+            prerequisite(PrerequisiteKind::Anchors, "Ana", "t-ana", &["t-style"]),
+        ],
+        render_tasks: vec![
+            needing(task(TaskKind::Render, vec![0, 1]), &["t-ana"]),
+            needing(task(TaskKind::Render, vec![2]), &["t-ana"]),
+        ],
+        ..new_job(sb, None)
+    };
+    let job = store.submit_job(&q).await.unwrap();
+    assert_eq!((job.inversion_tasks, job.anchor_tasks), (0, 0));
+    store.cancel_job(p.id).await.unwrap();
+    assert_eq!(
+        make(store, style, "traj-t").await,
+        vec![p.id],
+        "P's style task was kept for its anchor task, kept for Q"
+    );
+    assert_eq!(
+        outbox_tasks(store).await,
+        vec![ana],
+        "Bo's anchors were cancelled"
+    );
+    let late = store
+        .record_event(&event(bo, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late,
+            EventOutcome::Stale {
+                cancelled: true,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+    publish_all(store).await;
+    assert_eq!(
+        make(store, ana, "anchors-t").await,
+        sorted(vec![p.id, q.id])
+    );
+    assert_eq!(outbox_tasks(store).await, renders(&q));
+}
+
+/// An anchor task of a cancelled job that another job waits for is requeued with that job's
+/// lost deliveries, as an inversion is.
+pub async fn lost_anchor_task_of_a_cancelled_job_still_serves_its_waiters(store: Store) {
+    let store = store.as_ref();
+    let sb = storyboard(store).await;
+    let a = job_with_characters(sb, "l");
+    let (style, ana, bo) = prerequisite_tasks(&a);
+    store.submit_job(&a).await.unwrap();
+    publish_all(store).await;
+    make(store, style, "traj-l").await;
+    publish_all(store).await;
+    store
+        .record_event(&event(ana, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let b = job_with_characters(sb, "l");
+    store.submit_job(&b).await.unwrap();
+    let (_, had_running) = store.cancel_job(a.id).await.unwrap();
+    assert!(!had_running);
+    // An unrelated interrupted job is left alone when only B resumes.
+    let other = new_job(sb, None);
+    store.submit_job(&other).await.unwrap();
+    publish_all(store).await;
+
+    assert_eq!(store.requeue_lost_deliveries(Some(b.id)).await.unwrap(), 2);
+    let out: Vec<(TaskId, u32)> = publish_all(store)
+        .await
+        .iter()
+        .map(|m| (m.task_id, m.attempt))
+        .collect();
+    assert_eq!(
+        sorted(out),
+        sorted(vec![(ana, 1), (bo, 1)]),
+        "A's anchor tasks that B waits for; B's renders still wait"
+    );
+    assert_eq!(
+        store.requeue_lost_deliveries(None).await.unwrap(),
+        4,
+        "everything again, the other job's renders too"
+    );
+    publish_all(store).await;
+    make(store, ana, "anchors-ana").await;
+    assert!(outbox_tasks(store).await.is_empty());
+    store
+        .record_event(&event_from("w2", bo, 1, 0, made("anchors-bo")), &FAST)
+        .await
+        .unwrap();
+    assert_eq!(outbox_tasks(store).await, renders(&b));
+}
+
 /// The coordinator calls the store from several tasks at once: event ingestion for many workers,
 /// the dispatcher, and API calls (submits, reads, cancels). Everything must apply exactly once,
 /// without busy errors.
@@ -1074,7 +1924,7 @@ pub async fn hammer(stores: Vec<Store>) {
         id: JobId::new(),
         storyboard_id: sb,
         frames: spec_with(TASKS as usize, 7).resolved_frames(),
-        inversion: None,
+        prerequisites: vec![],
         render_tasks: (0..TASKS)
             .map(|i| task(TaskKind::Render, vec![i]))
             .collect(),

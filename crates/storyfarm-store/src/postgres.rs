@@ -1,5 +1,7 @@
 //! The Postgres metadata store (sqlx), the farm's; migrations in `migrations/postgres/`.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -64,16 +66,56 @@ fn project_from(row: &PgRow) -> Result<Project> {
 }
 
 fn reference_from(row: &PgRow) -> Result<Reference> {
+    let kind: String = row.try_get("kind")?;
+    let words: serde_json::Value = row.try_get("subject_words")?;
+    let sha256: Option<String> = row.try_get("image_sha256")?;
+    let image = match sha256 {
+        None => None,
+        Some(sha256) => Some(ReferenceImage {
+            sha256,
+            key: row.try_get("image_key")?,
+            width: row.try_get::<i32, _>("width")? as u32,
+            height: row.try_get::<i32, _>("height")? as u32,
+            size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        }),
+    };
     Ok(Reference {
         id: ReferenceId(row.try_get("id")?),
         project_id: ProjectId(row.try_get("project_id")?),
+        kind: ReferenceKind::parse(&kind)
+            .ok_or_else(|| corrupt("reference", format!("kind {kind:?}")))?,
         prompt: row.try_get("prompt")?,
-        image_sha256: row.try_get("image_sha256")?,
-        image_key: row.try_get("image_key")?,
-        width: row.try_get::<i32, _>("width")? as u32,
-        height: row.try_get::<i32, _>("height")? as u32,
-        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        name: row.try_get("name")?,
+        subject_words: serde_json::from_value(words)
+            .map_err(|e| corrupt("reference", format!("subject words: {e}")))?,
+        image,
         created_at: row.try_get("created_at")?,
+    })
+}
+
+/// A row of job_prerequisites joined with its cache entry. An entry that is gone (its job was
+/// cancelled before anyone computed it) reads as pending: not ready, not failed.
+fn prerequisite_from(row: &PgRow) -> Result<JobPrerequisite> {
+    let kind: String = row.try_get("kind")?;
+    let state: Option<String> = row.try_get("state")?;
+    let state = match state {
+        None => CacheState::Pending,
+        Some(s) => {
+            CacheState::parse(&s).ok_or_else(|| corrupt("inversion", format!("state {s:?}")))?
+        }
+    };
+    Ok(JobPrerequisite {
+        kind: PrerequisiteKind::parse(&kind)
+            .ok_or_else(|| corrupt("job prerequisite", format!("kind {kind:?}")))?,
+        name: row.try_get("name")?,
+        cache_key: row.try_get("cache_key")?,
+        artifact_key: if state == CacheState::Ready {
+            row.try_get("trajectory_key")?
+        } else {
+            None
+        },
+        error: row.try_get("error")?,
+        state,
     })
 }
 
@@ -100,6 +142,7 @@ const JOB_SELECT: &str = "SELECT j.id, j.storyboard_id, j.state, j.frames_total,
     (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'succeeded') AS frames_succeeded,
     (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'failed') AS frames_failed,
     (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'invert') AS inversion_tasks,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'anchor') AS anchor_tasks,
     (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'render') AS render_tasks
     FROM jobs j WHERE j.id = $1";
 
@@ -113,6 +156,7 @@ fn job_from(row: &PgRow) -> Result<Job> {
         frames_succeeded: row.try_get::<i64, _>("frames_succeeded")? as u32,
         frames_failed: row.try_get::<i64, _>("frames_failed")? as u32,
         inversion_tasks: row.try_get::<i64, _>("inversion_tasks")? as u32,
+        anchor_tasks: row.try_get::<i64, _>("anchor_tasks")? as u32,
         render_tasks: row.try_get::<i64, _>("render_tasks")? as u32,
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
@@ -129,41 +173,52 @@ async fn job_in(tx: &mut Transaction<'_, Postgres>, id: JobId) -> Result<Job> {
     job_from(&row)
 }
 
+// What both backends share (the SQLite store uses these too): the task rows submit_job writes,
+// the plan check, failure reasons and which tasks a cancel keeps.
+
+/// A task to insert: the planned task, the state it starts in (`queued` or `waiting`) and the cache
+/// key it produces (prerequisite tasks; `None` for renders).
+pub(crate) struct NewTask<'a> {
+    pub task: &'a PlannedTask,
+    pub state: &'static str,
+    pub produces: Option<&'a str>,
+}
+
 /// Inserts tasks (one statement, whatever their number) and points their frames at them.
 async fn insert_tasks(
     tx: &mut Transaction<'_, Postgres>,
     job_id: JobId,
-    tasks: &[&PlannedTask],
-    state: &str,
-    inversion_key: Option<&str>,
+    tasks: &[NewTask<'_>],
 ) -> Result<()> {
     if tasks.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = tasks.iter().map(|t| t.id.0).collect();
-    let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
-    let families: Vec<&str> = tasks.iter().map(|t| t.family.as_str()).collect();
-    let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts as i32).collect();
-    let payloads: Vec<&[u8]> = tasks.iter().map(|t| t.payload.as_slice()).collect();
+    let ids: Vec<Uuid> = tasks.iter().map(|t| t.task.id.0).collect();
+    let kinds: Vec<&str> = tasks.iter().map(|t| t.task.kind.as_str()).collect();
+    let states: Vec<&str> = tasks.iter().map(|t| t.state).collect();
+    let families: Vec<&str> = tasks.iter().map(|t| t.task.family.as_str()).collect();
+    let max_attempts: Vec<i32> = tasks.iter().map(|t| t.task.max_attempts as i32).collect();
+    let produces: Vec<Option<&str>> = tasks.iter().map(|t| t.produces).collect();
+    let payloads: Vec<&[u8]> = tasks.iter().map(|t| t.task.payload.as_slice()).collect();
     sqlx::query(
         "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload)
-         SELECT t.id, $2, t.kind, $3, t.family, 1, t.max_attempts, $4, t.payload
-         FROM UNNEST($1::uuid[], $5::text[], $6::text[], $7::int[], $8::bytea[])
-              AS t(id, kind, family, max_attempts, payload)",
+         SELECT t.id, $2, t.kind, t.state, t.family, 1, t.max_attempts, t.produces, t.payload
+         FROM UNNEST($1::uuid[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[], $8::bytea[])
+              AS t(id, kind, state, family, max_attempts, produces, payload)",
     )
     .bind(&ids)
     .bind(job_id.0)
-    .bind(state)
-    .bind(inversion_key)
     .bind(&kinds)
+    .bind(&states)
     .bind(&families)
     .bind(&max_attempts)
+    .bind(&produces)
     .bind(&payloads)
     .execute(&mut **tx)
     .await?;
     let (frame_ids, frame_tasks): (Vec<i32>, Vec<Uuid>) = tasks
         .iter()
-        .flat_map(|t| t.frames.iter().map(move |&f| (f as i32, t.id.0)))
+        .flat_map(|t| t.task.frames.iter().map(move |&f| (f as i32, t.task.id.0)))
         .unzip();
     if !frame_ids.is_empty() {
         sqlx::query(
@@ -177,6 +232,113 @@ async fn insert_tasks(
         .await?;
     }
     Ok(())
+}
+
+/// Refuses a plan the store could not run to the end: a task that needs a key no prerequisite of
+/// the job produces (or, for a prerequisite's task, one not planned before it) would wait forever.
+pub(crate) fn check_plan(job: &NewJob) -> Result<()> {
+    let bad = |message: String| {
+        Err(StoreError::Corrupt {
+            what: "job plan",
+            message: format!("job {}: {message}", job.id),
+        })
+    };
+    for (i, p) in job.prerequisites.iter().enumerate() {
+        let kind = match p.kind {
+            PrerequisiteKind::Style => TaskKind::Invert,
+            PrerequisiteKind::Anchors => TaskKind::Anchor,
+        };
+        if p.task.kind != kind {
+            return bad(format!(
+                "the {} prerequisite {} has a task of kind {}",
+                p.kind.as_str(),
+                p.cache_key,
+                p.task.kind.as_str()
+            ));
+        }
+        if let Some(need) = p
+            .task
+            .needs
+            .iter()
+            .find(|n| !job.prerequisites[..i].iter().any(|q| &q.cache_key == *n))
+        {
+            return bad(format!(
+                "the task of prerequisite {} needs {need}, not a prerequisite planned before it",
+                p.cache_key
+            ));
+        }
+    }
+    for t in &job.render_tasks {
+        if t.kind != TaskKind::Render {
+            return bad(format!(
+                "render task {} is of kind {}",
+                t.id,
+                t.kind.as_str()
+            ));
+        }
+        if let Some(need) = t
+            .needs
+            .iter()
+            .find(|n| !job.prerequisites.iter().any(|q| &q.cache_key == *n))
+        {
+            return bad(format!(
+                "render task {} needs {need}, not a prerequisite of the job",
+                t.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The message a task's frames fail with when the prerequisite `key` it waits for failed with
+/// `error`: named by what the waiting task's job calls it (`prerequisite` kind and `name` from
+/// job_prerequisites), else by the kind of the task that failed to produce it.
+pub(crate) fn prerequisite_failed(
+    prerequisite: Option<&str>,
+    name: Option<&str>,
+    producer_kind: &str,
+    error: &str,
+) -> String {
+    let anchors = match prerequisite {
+        Some(kind) => kind == PrerequisiteKind::Anchors.as_str(),
+        None => producer_kind == TaskKind::Anchor.as_str(),
+    };
+    if anchors {
+        format!(
+            "anchors of character {} failed: {error}",
+            name.unwrap_or_default()
+        )
+    } else {
+        format!("style reference inversion failed: {error}")
+    }
+}
+
+/// Which of a job's unfinished prerequisite tasks keep running when it is cancelled: those whose
+/// key a task of another job waits for (`waited_elsewhere`), and, transitively, those a kept task
+/// of this job waits for. `prerequisites` are `(task, key it produces)`, `waits` the job's
+/// `(task, key it waits for)`.
+pub(crate) fn kept_on_cancel(
+    prerequisites: &[(Uuid, String)],
+    waits: &[(Uuid, String)],
+    waited_elsewhere: &[String],
+) -> Vec<Uuid> {
+    let mut kept: Vec<Uuid> = Vec::new();
+    loop {
+        let before = kept.len();
+        for (task, key) in prerequisites {
+            if kept.contains(task) {
+                continue;
+            }
+            if waited_elsewhere.contains(key)
+                || waits.iter().any(|(w, k)| k == key && kept.contains(w))
+            {
+                kept.push(*task);
+            }
+        }
+        if kept.len() == before {
+            return kept;
+        }
+    }
 }
 
 async fn enqueue(
@@ -245,14 +407,126 @@ async fn settle_job(tx: &mut Transaction<'_, Postgres>, job_id: JobId) -> Result
     Ok(())
 }
 
-/// Jobs with renders waiting for the inversion `key`.
+/// Jobs with tasks waiting for the prerequisite `key`.
 async fn waiting_jobs(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
-        "SELECT DISTINCT job_id FROM tasks WHERE inversion_key = $1 AND state = 'waiting'",
+        "SELECT DISTINCT t.job_id FROM task_waits w JOIN tasks t ON t.id = w.task_id
+         WHERE w.cache_key = $1 ORDER BY t.job_id",
     )
     .bind(key)
     .fetch_all(&mut **tx)
     .await?)
+}
+
+/// The prerequisite `key` is ready: the tasks that waited only for it are queued (with outbox
+/// rows). Returns the jobs that had tasks waiting for it.
+async fn release_waiters(tx: &mut Transaction<'_, Postgres>, key: &str) -> Result<Vec<JobId>> {
+    let waiting = waiting_jobs(tx, key).await?;
+    lock_jobs(tx, &waiting).await?;
+    let met: Vec<Uuid> =
+        sqlx::query_scalar("DELETE FROM task_waits WHERE cache_key = $1 RETURNING task_id")
+            .bind(key)
+            .fetch_all(&mut **tx)
+            .await?;
+    let released = sqlx::query(
+        "UPDATE tasks t SET state = 'queued', updated_at = now()
+         WHERE t.id = ANY($1) AND t.state = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM task_waits w WHERE w.task_id = t.id)
+         RETURNING t.id, t.attempt",
+    )
+    .bind(&met)
+    .fetch_all(&mut **tx)
+    .await?;
+    let ids: Vec<Uuid> = released
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<Result<_, _>>()?;
+    let attempts: Vec<i32> = released
+        .iter()
+        .map(|r| r.try_get("attempt"))
+        .collect::<Result<_, _>>()?;
+    enqueue(tx, &ids, &attempts).await?;
+    Ok(waiting.into_iter().map(JobId).collect())
+}
+
+/// The prerequisite `key` failed for good (its task, of kind `producer_kind`, with `error`): every
+/// task waiting for it fails with a reason naming it, and its frames with it; a failed task that
+/// was to produce a key of its own fails that key's entry and its waiters in turn. Returns the
+/// jobs whose tasks failed.
+async fn fail_waiters(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &str,
+    producer_kind: &str,
+    error: &str,
+) -> Result<Vec<JobId>> {
+    let mut affected = Vec::new();
+    let mut failed_keys = vec![(
+        key.to_string(),
+        producer_kind.to_string(),
+        error.to_string(),
+    )];
+    while let Some((key, producer_kind, error)) = failed_keys.pop() {
+        let waiting = waiting_jobs(tx, &key).await?;
+        lock_jobs(tx, &waiting).await?;
+        affected.extend(waiting.into_iter().map(JobId));
+        let rows = sqlx::query(
+            "SELECT w.task_id, p.kind, p.name FROM task_waits w JOIN tasks t ON t.id = w.task_id
+             LEFT JOIN job_prerequisites p ON p.job_id = t.job_id AND p.cache_key = w.cache_key
+             WHERE w.cache_key = $1",
+        )
+        .bind(&key)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut by_reason: std::collections::BTreeMap<String, Vec<Uuid>> = Default::default();
+        for row in &rows {
+            let prerequisite: Option<String> = row.try_get("kind")?;
+            let name: Option<String> = row.try_get("name")?;
+            let reason = prerequisite_failed(
+                prerequisite.as_deref(),
+                name.as_deref(),
+                &producer_kind,
+                &error,
+            );
+            by_reason
+                .entry(reason)
+                .or_default()
+                .push(row.try_get("task_id")?);
+        }
+        for (reason, ids) in by_reason {
+            let failed = sqlx::query(
+                "UPDATE tasks SET state = 'failed', error = $2, updated_at = now()
+                 WHERE id = ANY($1) AND state = 'waiting' RETURNING kind, inversion_key",
+            )
+            .bind(&ids)
+            .bind(&reason)
+            .fetch_all(&mut **tx)
+            .await?;
+            sqlx::query("DELETE FROM task_waits WHERE task_id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut **tx)
+                .await?;
+            affected.extend(fail_frames(tx, &ids, &reason).await?);
+            for row in &failed {
+                let Some(produced) = row.try_get::<Option<String>, _>("inversion_key")? else {
+                    continue;
+                };
+                let newly_failed = sqlx::query(
+                    "UPDATE inversions SET state = 'failed', error = $2, updated_at = now()
+                     WHERE cache_key = $1 AND state = 'pending'",
+                )
+                .bind(&produced)
+                .bind(&reason)
+                .execute(&mut **tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                if newly_failed {
+                    failed_keys.push((produced, row.try_get("kind")?, reason.clone()));
+                }
+            }
+        }
+    }
+    Ok(affected)
 }
 
 /// Fails every frame of `task_ids` that is not finished, with `reason`.
@@ -309,19 +583,25 @@ impl MetadataStore for PgStore {
     }
 
     async fn create_reference(&self, r: &Reference) -> Result<Reference> {
+        let words = serde_json::to_value(&r.subject_words)
+            .map_err(|e| corrupt("reference", e.to_string()))?;
+        let image = r.image.as_ref();
         let row = sqlx::query(
-            "INSERT INTO style_references (id, project_id, kind, prompt, image_sha256, image_key, width, height, size_bytes)
-             SELECT $1, $2, 'style', $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM projects WHERE id = $2)
+            "INSERT INTO style_references (id, project_id, kind, prompt, name, subject_words, image_sha256, image_key, width, height, size_bytes)
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 WHERE EXISTS (SELECT 1 FROM projects WHERE id = $2)
              RETURNING *",
         )
         .bind(r.id.0)
         .bind(r.project_id.0)
+        .bind(r.kind.as_str())
         .bind(&r.prompt)
-        .bind(&r.image_sha256)
-        .bind(&r.image_key)
-        .bind(r.width as i32)
-        .bind(r.height as i32)
-        .bind(r.size_bytes as i64)
+        .bind(&r.name)
+        .bind(words)
+        .bind(image.map(|i| i.sha256.as_str()))
+        .bind(image.map(|i| i.key.as_str()))
+        .bind(image.map(|i| i.width as i32))
+        .bind(image.map(|i| i.height as i32))
+        .bind(image.map(|i| i.size_bytes as i64))
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::not_found("project", r.project_id))?;
@@ -386,6 +666,7 @@ impl MetadataStore for PgStore {
     }
 
     async fn submit_job(&self, job: &NewJob) -> Result<Job> {
+        check_plan(job)?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO jobs (id, storyboard_id, state, frames_total) VALUES ($1, $2, 'queued', $3)")
             .bind(job.id.0)
@@ -413,61 +694,120 @@ impl MetadataStore for PgStore {
         .execute(&mut *tx)
         .await?;
 
-        // Render tasks run now unless their inversion is still to be computed.
-        let mut render_state = "queued";
-        let mut inversion_key = None;
-        let mut runnable: Vec<Uuid> = Vec::new();
-        if let Some(inv) = &job.inversion {
-            inversion_key = Some(inv.cache_key.as_str());
-            let claimed = sqlx::query(
-                "INSERT INTO inversions (cache_key, state) VALUES ($1, 'pending') ON CONFLICT (cache_key) DO NOTHING",
-            )
-            .bind(&inv.cache_key)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            let state: String = if claimed {
-                "pending".into()
-            } else {
-                sqlx::query_scalar("SELECT state FROM inversions WHERE cache_key = $1 FOR UPDATE")
-                    .bind(&inv.cache_key)
-                    .fetch_one(&mut *tx)
-                    .await?
-            };
-            let must_invert = match state.as_str() {
-                "ready" => false,
-                "pending" => claimed,
-                // A failed inversion is tried again for a new job.
+        // Claim every prerequisite's cache entry, in key order (two jobs with the same keys
+        // lock them in the same order): absent, it is ours to compute; pending, another job
+        // computes it; ready, there is nothing to do; failed, it is tried again.
+        let mut keys: Vec<&str> = job
+            .prerequisites
+            .iter()
+            .map(|p| p.cache_key.as_str())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO inversions (cache_key, state)
+             SELECT k, 'pending' FROM UNNEST($1::text[]) AS k ORDER BY k
+             ON CONFLICT (cache_key) DO NOTHING RETURNING cache_key",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let entries = sqlx::query(
+            "SELECT cache_key, state FROM inversions WHERE cache_key = ANY($1) ORDER BY cache_key FOR UPDATE",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ready: HashSet<String> = HashSet::new();
+        let mut mine: HashSet<String> = claimed.into_iter().collect();
+        for row in &entries {
+            let key: String = row.try_get("cache_key")?;
+            let state: String = row.try_get("state")?;
+            match state.as_str() {
+                "ready" => {
+                    ready.insert(key);
+                }
+                "pending" => {}
                 "failed" => {
-                    sqlx::query("UPDATE inversions SET state = 'pending', error = NULL, updated_at = now() WHERE cache_key = $1")
-                        .bind(&inv.cache_key)
-                        .execute(&mut *tx)
-                        .await?;
-                    true
+                    mine.insert(key);
                 }
                 other => return Err(corrupt("inversion", format!("state {other:?}"))),
+            }
+        }
+        let retried: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| mine.contains(*k) && !ready.contains(*k))
+            .collect();
+        sqlx::query(
+            "UPDATE inversions SET state = 'pending', error = NULL, updated_at = now()
+             WHERE cache_key = ANY($1) AND state = 'failed'",
+        )
+        .bind(&retried)
+        .execute(&mut *tx)
+        .await?;
+        let positions: Vec<i32> = (0..job.prerequisites.len() as i32).collect();
+        let prerequisite_keys: Vec<&str> = job
+            .prerequisites
+            .iter()
+            .map(|p| p.cache_key.as_str())
+            .collect();
+        let kinds: Vec<&str> = job.prerequisites.iter().map(|p| p.kind.as_str()).collect();
+        let names: Vec<&str> = job.prerequisites.iter().map(|p| p.name.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO job_prerequisites (job_id, position, cache_key, kind, name)
+             SELECT $1, * FROM UNNEST($2::int[], $3::text[], $4::text[], $5::text[])
+             ON CONFLICT (job_id, cache_key) DO NOTHING",
+        )
+        .bind(job.id.0)
+        .bind(&positions)
+        .bind(&prerequisite_keys)
+        .bind(&kinds)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+
+        // The prerequisite tasks this job runs (one per key it claimed), then its renders; each
+        // waits for those of its needs that are not ready.
+        let mut planned: Vec<(&PlannedTask, Option<&str>)> = Vec::new();
+        for p in &job.prerequisites {
+            if mine.remove(&p.cache_key) {
+                planned.push((&p.task, Some(&p.cache_key)));
+            }
+        }
+        planned.extend(job.render_tasks.iter().map(|t| (t, None)));
+        let mut tasks = Vec::with_capacity(planned.len());
+        let (mut wait_tasks, mut wait_keys): (Vec<Uuid>, Vec<&str>) = (Vec::new(), Vec::new());
+        let mut runnable: Vec<Uuid> = Vec::new();
+        for (task, produces) in planned {
+            let before = wait_tasks.len();
+            for need in &task.needs {
+                if !ready.contains(need) {
+                    wait_tasks.push(task.id.0);
+                    wait_keys.push(need);
+                }
+            }
+            let state = if wait_tasks.len() > before {
+                "waiting"
+            } else {
+                runnable.push(task.id.0);
+                "queued"
             };
-            if state != "ready" {
-                render_state = "waiting";
-            }
-            if must_invert {
-                insert_tasks(
-                    &mut tx,
-                    job.id,
-                    &[&inv.task],
-                    "queued",
-                    Some(&inv.cache_key),
-                )
-                .await?;
-                runnable.push(inv.task.id.0);
-            }
+            tasks.push(NewTask {
+                task,
+                state,
+                produces,
+            });
         }
-        let renders: Vec<&PlannedTask> = job.render_tasks.iter().collect();
-        insert_tasks(&mut tx, job.id, &renders, render_state, inversion_key).await?;
-        if render_state == "queued" {
-            runnable.extend(renders.iter().map(|t| t.id.0));
-        }
+        insert_tasks(&mut tx, job.id, &tasks).await?;
+        sqlx::query(
+            "INSERT INTO task_waits (task_id, cache_key) SELECT * FROM UNNEST($1::uuid[], $2::text[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&wait_tasks)
+        .bind(&wait_keys)
+        .execute(&mut *tx)
+        .await?;
         let attempts = vec![1; runnable.len()];
         enqueue(&mut tx, &runnable, &attempts).await?;
         let stored = job_in(&mut tx, job.id).await?;
@@ -530,16 +870,60 @@ impl MetadataStore for PgStore {
             tx.commit().await?;
             return Ok((job, false));
         }
-        // An inversion other jobs wait for keeps running; everything else of this job stops.
-        let cancelled = sqlx::query(
-            "UPDATE tasks t SET state = 'cancelled', updated_at = now()
-             WHERE t.job_id = $1 AND t.state IN ('waiting', 'queued', 'retry_wait', 'running')
-               AND NOT (t.kind = 'invert' AND EXISTS (
-                   SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key
-                     AND w.state = 'waiting' AND w.job_id <> $1))
-             RETURNING t.id, t.kind, t.inversion_key",
+        // A prerequisite task other jobs wait for keeps running (and what it waits for of this
+        // job); everything else of this job stops. The entries of its prerequisite tasks are
+        // locked first: a job submitted meanwhile either waits for them already (and is seen
+        // below) or claims them after this commits.
+        let prerequisites = sqlx::query(
+            "SELECT id, inversion_key FROM tasks
+             WHERE job_id = $1 AND state IN ('waiting', 'queued', 'retry_wait', 'running')
+               AND inversion_key IS NOT NULL",
         )
         .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        let prerequisites: Vec<(Uuid, String)> = prerequisites
+            .iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("inversion_key")?)))
+            .collect::<Result<_>>()?;
+        let mut keys: Vec<&str> = prerequisites.iter().map(|(_, k)| k.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        sqlx::query(
+            "SELECT cache_key FROM inversions WHERE cache_key = ANY($1) ORDER BY cache_key FOR UPDATE",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+        let waited_elsewhere: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT w.cache_key FROM task_waits w
+             JOIN tasks o ON o.id = w.task_id JOIN jobs oj ON oj.id = o.job_id
+             WHERE w.cache_key = ANY($2) AND o.job_id <> $1 AND oj.state <> 'cancelled'",
+        )
+        .bind(id.0)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        let waits = sqlx::query(
+            "SELECT w.task_id, w.cache_key FROM task_waits w JOIN tasks t ON t.id = w.task_id
+             WHERE t.job_id = $1",
+        )
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        let waits: Vec<(Uuid, String)> = waits
+            .iter()
+            .map(|r| Ok((r.try_get("task_id")?, r.try_get("cache_key")?)))
+            .collect::<Result<_>>()?;
+        let kept = kept_on_cancel(&prerequisites, &waits, &waited_elsewhere);
+        let cancelled = sqlx::query(
+            "UPDATE tasks SET state = 'cancelled', updated_at = now()
+             WHERE job_id = $1 AND state IN ('waiting', 'queued', 'retry_wait', 'running')
+               AND NOT (id = ANY($2))
+             RETURNING id, inversion_key",
+        )
+        .bind(id.0)
+        .bind(&kept)
         .fetch_all(&mut *tx)
         .await?;
         let running: i64 = sqlx::query_scalar(
@@ -552,21 +936,24 @@ impl MetadataStore for PgStore {
         .bind(id.0)
         .fetch_one(&mut *tx)
         .await?;
-        for row in &cancelled {
-            let kind: String = row.try_get("kind")?;
-            if kind == "invert" {
-                // Nobody computes it now: the next job that needs it claims it again.
-                let key: Option<String> = row.try_get("inversion_key")?;
-                sqlx::query("DELETE FROM inversions WHERE cache_key = $1 AND state = 'pending'")
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
+        // Nobody computes them now: the next job that needs them claims them again.
+        let abandoned: Vec<String> = cancelled
+            .iter()
+            .map(|r| r.try_get::<Option<String>, _>("inversion_key"))
+            .filter_map(|k| k.transpose())
+            .collect::<Result<_, _>>()?;
+        sqlx::query("DELETE FROM inversions WHERE cache_key = ANY($1) AND state = 'pending'")
+            .bind(&abandoned)
+            .execute(&mut *tx)
+            .await?;
         let ids: Vec<Uuid> = cancelled
             .iter()
             .map(|r| r.try_get("id"))
             .collect::<Result<_, _>>()?;
+        sqlx::query("DELETE FROM task_waits WHERE task_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM outbox WHERE task_id = ANY($1) AND published_at IS NULL")
             .bind(&ids)
             .execute(&mut *tx)
@@ -651,12 +1038,14 @@ impl MetadataStore for PgStore {
             "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
              WHERE t.state IN ('queued', 'running')
                AND (j.state IN ('queued', 'running')
-                    OR (t.kind = 'invert' AND EXISTS (
-                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+                    OR (t.inversion_key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM task_waits w JOIN tasks wt ON wt.id = w.task_id
+                        WHERE w.cache_key = t.inversion_key AND wt.state = 'waiting')))
                AND ($1::uuid IS NULL OR t.job_id = $1
-                    OR (t.kind = 'invert' AND EXISTS (
-                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting'
-                                                AND w.job_id = $1)))
+                    OR (t.inversion_key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM task_waits w JOIN tasks wt ON wt.id = w.task_id
+                        WHERE w.cache_key = t.inversion_key AND wt.state = 'waiting'
+                          AND wt.job_id = $1)))
                AND NOT EXISTS (SELECT 1 FROM outbox o
                                WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
              ORDER BY t.created_at, t.id
@@ -778,39 +1167,22 @@ impl MetadataStore for PgStore {
                     .bind(job_id.0)
                     .execute(&mut *tx)
                     .await?;
-                if kind == "invert" {
-                    let key = inversion_key
-                        .clone()
-                        .ok_or_else(|| corrupt("task", "inversion task without key"))?;
-                    let trajectory = trajectory_key.clone().ok_or_else(|| {
-                        corrupt("event", "inversion succeeded without a trajectory")
+                if kind != "render" {
+                    let key = inversion_key.clone().ok_or_else(|| {
+                        corrupt("task", format!("{kind} task without a cache key"))
+                    })?;
+                    let artifact = trajectory_key.clone().ok_or_else(|| {
+                        corrupt(
+                            "event",
+                            format!("{kind} task succeeded without an artifact key"),
+                        )
                     })?;
                     sqlx::query("UPDATE inversions SET state = 'ready', trajectory_key = $2, error = NULL, updated_at = now() WHERE cache_key = $1")
                         .bind(&key)
-                        .bind(&trajectory)
+                        .bind(&artifact)
                         .execute(&mut *tx)
                         .await?;
-                    let waiting = waiting_jobs(&mut tx, &key).await?;
-                    lock_jobs(&mut tx, &waiting).await?;
-                    let released = sqlx::query(
-                        "UPDATE tasks SET state = 'queued', updated_at = now() WHERE inversion_key = $1 AND state = 'waiting'
-                         RETURNING id, attempt, job_id",
-                    )
-                    .bind(&key)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    let ids: Vec<Uuid> = released
-                        .iter()
-                        .map(|r| r.try_get("id"))
-                        .collect::<Result<_, _>>()?;
-                    let attempts: Vec<i32> = released
-                        .iter()
-                        .map(|r| r.try_get("attempt"))
-                        .collect::<Result<_, _>>()?;
-                    for r in &released {
-                        affected.push(JobId(r.try_get("job_id")?));
-                    }
-                    enqueue(&mut tx, &ids, &attempts).await?;
+                    affected.extend(release_waiters(&mut tx, &key).await?);
                 } else {
                     for f in frames {
                         sqlx::query(
@@ -861,27 +1233,16 @@ impl MetadataStore for PgStore {
                         .bind(&reason)
                         .execute(&mut *tx)
                         .await?;
-                    if kind == "invert" {
-                        let key = inversion_key
-                            .clone()
-                            .ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    if kind != "render" {
+                        let key = inversion_key.clone().ok_or_else(|| {
+                            corrupt("task", format!("{kind} task without a cache key"))
+                        })?;
                         sqlx::query("UPDATE inversions SET state = 'failed', error = $2, updated_at = now() WHERE cache_key = $1")
                             .bind(&key)
                             .bind(&reason)
                             .execute(&mut *tx)
                             .await?;
-                        let waiting = waiting_jobs(&mut tx, &key).await?;
-                        lock_jobs(&mut tx, &waiting).await?;
-                        let dependents: Vec<Uuid> = sqlx::query_scalar(
-                            "UPDATE tasks SET state = 'failed', error = $2, updated_at = now()
-                             WHERE inversion_key = $1 AND state = 'waiting' RETURNING id",
-                        )
-                        .bind(&key)
-                        .bind(&reason)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                        let message = format!("style reference inversion failed: {reason}");
-                        affected.extend(fail_frames(&mut tx, &dependents, &message).await?);
+                        affected.extend(fail_waiters(&mut tx, &key, &kind, &reason).await?);
                     } else {
                         fail_frames(&mut tx, &task_ids, &reason).await?;
                     }
@@ -908,5 +1269,21 @@ impl MetadataStore for PgStore {
         .fetch_optional(&self.pool)
         .await?
         .flatten())
+    }
+
+    async fn job_prerequisites(&self, job_id: JobId) -> Result<Vec<JobPrerequisite>> {
+        let mut tx = self.pool.begin().await?;
+        // Fails as get_job does for an unknown job.
+        job_in(&mut tx, job_id).await?;
+        let rows = sqlx::query(
+            "SELECT p.kind, p.name, p.cache_key, i.state, i.trajectory_key, i.error
+             FROM job_prerequisites p LEFT JOIN inversions i ON i.cache_key = p.cache_key
+             WHERE p.job_id = $1 ORDER BY p.position",
+        )
+        .bind(job_id.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(prerequisite_from).collect()
     }
 }

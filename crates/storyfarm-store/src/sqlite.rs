@@ -12,6 +12,7 @@
 //! Encodings (see the migration): uuids as canonical hyphenated TEXT, timestamps as INTEGER
 //! microseconds since the Unix epoch, one `now` per transaction like Postgres' `now()`.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
+use crate::postgres::{check_plan, kept_on_cancel, prerequisite_failed, NewTask};
 use crate::types::*;
 use crate::MetadataStore;
 
@@ -165,6 +167,11 @@ fn json_ids(ids: &[Uuid]) -> String {
     serde_json::Value::from(ids.iter().map(|id| text(*id)).collect::<Vec<_>>()).to_string()
 }
 
+/// A list of strings as one bound JSON array, read with `json_each`.
+fn json_strings<S: AsRef<str>>(items: &[S]) -> String {
+    serde_json::Value::from(items.iter().map(|s| s.as_ref()).collect::<Vec<_>>()).to_string()
+}
+
 fn project_from(row: &SqliteRow) -> Result<Project> {
     Ok(Project {
         id: ProjectId(uuid_at(row, "project", "id")?),
@@ -174,16 +181,56 @@ fn project_from(row: &SqliteRow) -> Result<Project> {
 }
 
 fn reference_from(row: &SqliteRow) -> Result<Reference> {
+    let kind: String = row.try_get("kind")?;
+    let words: String = row.try_get("subject_words")?;
+    let sha256: Option<String> = row.try_get("image_sha256")?;
+    let image = match sha256 {
+        None => None,
+        Some(sha256) => Some(ReferenceImage {
+            sha256,
+            key: row.try_get("image_key")?,
+            width: row.try_get::<i64, _>("width")? as u32,
+            height: row.try_get::<i64, _>("height")? as u32,
+            size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        }),
+    };
     Ok(Reference {
         id: ReferenceId(uuid_at(row, "reference", "id")?),
         project_id: ProjectId(uuid_at(row, "reference", "project_id")?),
+        kind: ReferenceKind::parse(&kind)
+            .ok_or_else(|| corrupt("reference", format!("kind {kind:?}")))?,
         prompt: row.try_get("prompt")?,
-        image_sha256: row.try_get("image_sha256")?,
-        image_key: row.try_get("image_key")?,
-        width: row.try_get::<i64, _>("width")? as u32,
-        height: row.try_get::<i64, _>("height")? as u32,
-        size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
+        name: row.try_get("name")?,
+        subject_words: serde_json::from_str(&words)
+            .map_err(|e| corrupt("reference", format!("subject words: {e}")))?,
+        image,
         created_at: time_at(row, "reference", "created_at")?,
+    })
+}
+
+/// A row of job_prerequisites joined with its cache entry. An entry that is gone (its job was
+/// cancelled before anyone computed it) reads as pending: not ready, not failed.
+fn prerequisite_from(row: &SqliteRow) -> Result<JobPrerequisite> {
+    let kind: String = row.try_get("kind")?;
+    let state: Option<String> = row.try_get("state")?;
+    let state = match state {
+        None => CacheState::Pending,
+        Some(s) => {
+            CacheState::parse(&s).ok_or_else(|| corrupt("inversion", format!("state {s:?}")))?
+        }
+    };
+    Ok(JobPrerequisite {
+        kind: PrerequisiteKind::parse(&kind)
+            .ok_or_else(|| corrupt("job prerequisite", format!("kind {kind:?}")))?,
+        name: row.try_get("name")?,
+        cache_key: row.try_get("cache_key")?,
+        artifact_key: if state == CacheState::Ready {
+            row.try_get("trajectory_key")?
+        } else {
+            None
+        },
+        error: row.try_get("error")?,
+        state,
     })
 }
 
@@ -210,6 +257,7 @@ const JOB_SELECT: &str = "SELECT j.id, j.storyboard_id, j.state, j.frames_total,
     (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'succeeded') AS frames_succeeded,
     (SELECT count(*) FROM frames f WHERE f.job_id = j.id AND f.state = 'failed') AS frames_failed,
     (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'invert') AS inversion_tasks,
+    (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'anchor') AS anchor_tasks,
     (SELECT count(*) FROM tasks t WHERE t.job_id = j.id AND t.kind = 'render') AS render_tasks
     FROM jobs j WHERE j.id = ?1";
 
@@ -223,6 +271,7 @@ fn job_from(row: &SqliteRow) -> Result<Job> {
         frames_succeeded: row.try_get::<i64, _>("frames_succeeded")? as u32,
         frames_failed: row.try_get::<i64, _>("frames_failed")? as u32,
         inversion_tasks: row.try_get::<i64, _>("inversion_tasks")? as u32,
+        anchor_tasks: row.try_get::<i64, _>("anchor_tasks")? as u32,
         render_tasks: row.try_get::<i64, _>("render_tasks")? as u32,
         error: row.try_get("error")?,
         created_at: time_at(row, "job", "created_at")?,
@@ -244,25 +293,23 @@ async fn job_in(conn: &mut SqliteConnection, id: JobId) -> Result<Job> {
 async fn insert_tasks(
     conn: &mut SqliteConnection,
     job_id: JobId,
-    tasks: &[&PlannedTask],
-    state: &str,
-    inversion_key: Option<&str>,
+    tasks: &[NewTask<'_>],
     now: i64,
 ) -> Result<()> {
     for chunk in tasks.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload, created_at, updated_at) ",
         );
-        insert.push_values(chunk, |mut row, task| {
-            row.push_bind(text(task.id.0))
+        insert.push_values(chunk, |mut row, t| {
+            row.push_bind(text(t.task.id.0))
                 .push_bind(text(job_id.0))
-                .push_bind(task.kind.as_str())
-                .push_bind(state)
-                .push_bind(task.family.as_str())
+                .push_bind(t.task.kind.as_str())
+                .push_bind(t.state)
+                .push_bind(t.task.family.as_str())
                 .push_bind(1i64)
-                .push_bind(i64::from(task.max_attempts))
-                .push_bind(inversion_key)
-                .push_bind(task.payload.as_slice())
+                .push_bind(i64::from(t.task.max_attempts))
+                .push_bind(t.produces)
+                .push_bind(t.task.payload.as_slice())
                 .push_bind(now)
                 .push_bind(now);
         });
@@ -379,6 +426,127 @@ async fn fail_frames(
     Ok(jobs)
 }
 
+/// Jobs with tasks waiting for the prerequisite `key`.
+async fn waiting_jobs(conn: &mut SqliteConnection, key: &str) -> Result<Vec<JobId>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT t.job_id FROM task_waits w JOIN tasks t ON t.id = w.task_id
+         WHERE w.cache_key = ?1 ORDER BY t.job_id",
+    )
+    .bind(key)
+    .fetch_all(&mut *conn)
+    .await?;
+    ids.iter()
+        .map(|id| parse_uuid("task", id).map(JobId))
+        .collect()
+}
+
+/// The prerequisite `key` is ready: the tasks that waited only for it are queued (with outbox
+/// rows). Returns the jobs that had tasks waiting for it.
+async fn release_waiters(conn: &mut SqliteConnection, key: &str, now: i64) -> Result<Vec<JobId>> {
+    let waiting = waiting_jobs(conn, key).await?;
+    let met: Vec<String> =
+        sqlx::query_scalar("DELETE FROM task_waits WHERE cache_key = ?1 RETURNING task_id")
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?;
+    let released = sqlx::query(
+        "UPDATE tasks SET state = 'queued', updated_at = ?2
+         WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM task_waits w WHERE w.task_id = tasks.id)
+         RETURNING id, attempt",
+    )
+    .bind(json_strings(&met))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    enqueue(conn, &task_attempts(&released)?, now).await?;
+    Ok(waiting)
+}
+
+/// The prerequisite `key` failed for good (its task, of kind `producer_kind`, with `error`): every
+/// task waiting for it fails with a reason naming it, and its frames with it; a failed task that
+/// was to produce a key of its own fails that key's entry and its waiters in turn. Returns the
+/// jobs whose tasks failed.
+async fn fail_waiters(
+    conn: &mut SqliteConnection,
+    key: &str,
+    producer_kind: &str,
+    error: &str,
+    now: i64,
+) -> Result<Vec<JobId>> {
+    let mut affected = Vec::new();
+    let mut failed_keys = vec![(
+        key.to_string(),
+        producer_kind.to_string(),
+        error.to_string(),
+    )];
+    while let Some((key, producer_kind, error)) = failed_keys.pop() {
+        affected.extend(waiting_jobs(conn, &key).await?);
+        let rows = sqlx::query(
+            "SELECT w.task_id, p.kind, p.name FROM task_waits w JOIN tasks t ON t.id = w.task_id
+             LEFT JOIN job_prerequisites p ON p.job_id = t.job_id AND p.cache_key = w.cache_key
+             WHERE w.cache_key = ?1",
+        )
+        .bind(&key)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut by_reason: std::collections::BTreeMap<String, Vec<Uuid>> = Default::default();
+        for row in &rows {
+            let prerequisite: Option<String> = row.try_get("kind")?;
+            let name: Option<String> = row.try_get("name")?;
+            let reason = prerequisite_failed(
+                prerequisite.as_deref(),
+                name.as_deref(),
+                &producer_kind,
+                &error,
+            );
+            by_reason
+                .entry(reason)
+                .or_default()
+                .push(uuid_at(row, "task", "task_id")?);
+        }
+        for (reason, ids) in by_reason {
+            let failed = sqlx::query(
+                "UPDATE tasks SET state = 'failed', error = ?2, updated_at = ?3
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND state = 'waiting'
+                 RETURNING kind, inversion_key",
+            )
+            .bind(json_ids(&ids))
+            .bind(&reason)
+            .bind(now)
+            .fetch_all(&mut *conn)
+            .await?;
+            sqlx::query(
+                "DELETE FROM task_waits WHERE task_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json_ids(&ids))
+            .execute(&mut *conn)
+            .await?;
+            affected.extend(fail_frames(conn, &ids, &reason, now).await?);
+            for row in &failed {
+                let Some(produced) = row.try_get::<Option<String>, _>("inversion_key")? else {
+                    continue;
+                };
+                let newly_failed = sqlx::query(
+                    "UPDATE inversions SET state = 'failed', error = ?2, updated_at = ?3
+                     WHERE cache_key = ?1 AND state = 'pending'",
+                )
+                .bind(&produced)
+                .bind(&reason)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                    == 1;
+                if newly_failed {
+                    failed_keys.push((produced, row.try_get("kind")?, reason.clone()));
+                }
+            }
+        }
+    }
+    Ok(affected)
+}
+
 #[async_trait::async_trait]
 impl MetadataStore for SqliteStore {
     async fn create_project(&self, name: &str) -> Result<Project> {
@@ -409,20 +577,26 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn create_reference(&self, r: &Reference) -> Result<Reference> {
+        let words = serde_json::to_string(&r.subject_words)
+            .map_err(|e| corrupt("reference", e.to_string()))?;
+        let image = r.image.as_ref();
         let _turn = self.writer.lock().await;
         let row = sqlx::query(
-            "INSERT INTO style_references (id, project_id, kind, prompt, image_sha256, image_key, width, height, size_bytes, created_at)
-             SELECT ?1, ?2, 'style', ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM projects WHERE id = ?2)
+            "INSERT INTO style_references (id, project_id, kind, prompt, name, subject_words, image_sha256, image_key, width, height, size_bytes, created_at)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 WHERE EXISTS (SELECT 1 FROM projects WHERE id = ?2)
              RETURNING *",
         )
         .bind(text(r.id.0))
         .bind(text(r.project_id.0))
+        .bind(r.kind.as_str())
         .bind(&r.prompt)
-        .bind(&r.image_sha256)
-        .bind(&r.image_key)
-        .bind(i64::from(r.width))
-        .bind(i64::from(r.height))
-        .bind(r.size_bytes as i64)
+        .bind(&r.name)
+        .bind(words)
+        .bind(image.map(|i| i.sha256.as_str()))
+        .bind(image.map(|i| i.key.as_str()))
+        .bind(image.map(|i| i64::from(i.width)))
+        .bind(image.map(|i| i64::from(i.height)))
+        .bind(image.map(|i| i.size_bytes as i64))
         .bind(now_micros())
         .fetch_optional(&self.pool)
         .await?
@@ -494,6 +668,7 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn submit_job(&self, job: &NewJob) -> Result<Job> {
+        check_plan(job)?;
         let _turn = self.writer.lock().await;
         let mut tx = self.begin_write().await?;
         let now = now_micros();
@@ -505,64 +680,115 @@ impl MetadataStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
 
-        // Render tasks run now unless their inversion is still to be computed.
-        let mut render_state = "queued";
-        let mut inversion_key = None;
-        let mut runnable: Vec<(Uuid, i64)> = Vec::new();
-        if let Some(inv) = &job.inversion {
-            inversion_key = Some(inv.cache_key.as_str());
-            let claimed = sqlx::query(
-                "INSERT INTO inversions (cache_key, state, created_at, updated_at) VALUES (?1, 'pending', ?2, ?2)
-                 ON CONFLICT (cache_key) DO NOTHING",
-            )
-            .bind(&inv.cache_key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            let state: String = if claimed {
-                "pending".into()
-            } else {
-                sqlx::query_scalar("SELECT state FROM inversions WHERE cache_key = ?1")
-                    .bind(&inv.cache_key)
-                    .fetch_one(&mut *tx)
-                    .await?
-            };
-            let must_invert = match state.as_str() {
-                "ready" => false,
-                "pending" => claimed,
-                // A failed inversion is tried again for a new job.
+        // Claim every prerequisite's cache entry: absent, it is ours to compute; pending,
+        // another job computes it; ready, there is nothing to do; failed, it is tried again.
+        let mut keys: Vec<&str> = job
+            .prerequisites
+            .iter()
+            .map(|p| p.cache_key.as_str())
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO inversions (cache_key, state, created_at, updated_at)
+             SELECT value, 'pending', ?2, ?2 FROM json_each(?1) WHERE true
+             ON CONFLICT (cache_key) DO NOTHING RETURNING cache_key",
+        )
+        .bind(json_strings(&keys))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let entries = sqlx::query(
+            "SELECT cache_key, state FROM inversions WHERE cache_key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_strings(&keys))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ready: HashSet<String> = HashSet::new();
+        let mut mine: HashSet<String> = claimed.into_iter().collect();
+        for row in &entries {
+            let key: String = row.try_get("cache_key")?;
+            let state: String = row.try_get("state")?;
+            match state.as_str() {
+                "ready" => {
+                    ready.insert(key);
+                }
+                "pending" => {}
                 "failed" => {
-                    sqlx::query("UPDATE inversions SET state = 'pending', error = NULL, updated_at = ?2 WHERE cache_key = ?1")
-                        .bind(&inv.cache_key)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    true
+                    mine.insert(key);
                 }
                 other => return Err(corrupt("inversion", format!("state {other:?}"))),
-            };
-            if state != "ready" {
-                render_state = "waiting";
-            }
-            if must_invert {
-                insert_tasks(
-                    &mut tx,
-                    job.id,
-                    &[&inv.task],
-                    "queued",
-                    Some(&inv.cache_key),
-                    now,
-                )
-                .await?;
-                runnable.push((inv.task.id.0, 1));
             }
         }
-        let renders: Vec<&PlannedTask> = job.render_tasks.iter().collect();
-        insert_tasks(&mut tx, job.id, &renders, render_state, inversion_key, now).await?;
-        if render_state == "queued" {
-            runnable.extend(renders.iter().map(|t| (t.id.0, 1)));
+        let retried: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| mine.contains(*k) && !ready.contains(*k))
+            .collect();
+        sqlx::query(
+            "UPDATE inversions SET state = 'pending', error = NULL, updated_at = ?2
+             WHERE cache_key IN (SELECT value FROM json_each(?1)) AND state = 'failed'",
+        )
+        .bind(json_strings(&retried))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let prerequisites: Vec<(usize, &PlannedPrerequisite)> =
+            job.prerequisites.iter().enumerate().collect();
+        for chunk in prerequisites.chunks(ROWS_PER_INSERT) {
+            let mut insert = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO job_prerequisites (job_id, position, cache_key, kind, name) ",
+            );
+            insert.push_values(chunk, |mut row, (position, p)| {
+                row.push_bind(text(job.id.0))
+                    .push_bind(*position as i64)
+                    .push_bind(p.cache_key.as_str())
+                    .push_bind(p.kind.as_str())
+                    .push_bind(p.name.as_str());
+            });
+            insert.push(" ON CONFLICT (job_id, cache_key) DO NOTHING");
+            insert.build().execute(&mut *tx).await?;
+        }
+
+        // The prerequisite tasks this job runs (one per key it claimed), then its renders; each
+        // waits for those of its needs that are not ready.
+        let mut planned: Vec<(&PlannedTask, Option<&str>)> = Vec::new();
+        for p in &job.prerequisites {
+            if mine.remove(&p.cache_key) {
+                planned.push((&p.task, Some(&p.cache_key)));
+            }
+        }
+        planned.extend(job.render_tasks.iter().map(|t| (t, None)));
+        let mut tasks = Vec::with_capacity(planned.len());
+        let mut waits: Vec<(Uuid, &str)> = Vec::new();
+        let mut runnable: Vec<(Uuid, i64)> = Vec::new();
+        for (task, produces) in planned {
+            let before = waits.len();
+            for need in &task.needs {
+                if !ready.contains(need) && !waits[before..].iter().any(|(_, k)| k == need) {
+                    waits.push((task.id.0, need));
+                }
+            }
+            let state = if waits.len() > before {
+                "waiting"
+            } else {
+                runnable.push((task.id.0, 1));
+                "queued"
+            };
+            tasks.push(NewTask {
+                task,
+                state,
+                produces,
+            });
+        }
+        insert_tasks(&mut tx, job.id, &tasks, now).await?;
+        for chunk in waits.chunks(ROWS_PER_INSERT) {
+            let mut insert =
+                QueryBuilder::<Sqlite>::new("INSERT INTO task_waits (task_id, cache_key) ");
+            insert.push_values(chunk, |mut row, (task, key)| {
+                row.push_bind(text(*task)).push_bind(*key);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         insert_frames(&mut tx, job).await?;
         enqueue(&mut tx, &runnable, now).await?;
@@ -627,16 +853,51 @@ impl MetadataStore for SqliteStore {
             tx.commit().await?;
             return Ok((job, false));
         }
-        // An inversion other jobs wait for keeps running; everything else of this job stops.
-        let cancelled = sqlx::query(
-            "UPDATE tasks SET state = 'cancelled', updated_at = ?2
+        // A prerequisite task other jobs wait for keeps running (and what it waits for of this
+        // job); everything else of this job stops.
+        let prerequisites = sqlx::query(
+            "SELECT id, inversion_key FROM tasks
              WHERE job_id = ?1 AND state IN ('waiting', 'queued', 'retry_wait', 'running')
-               AND NOT (kind = 'invert' AND EXISTS (
-                   SELECT 1 FROM tasks w WHERE w.inversion_key = tasks.inversion_key
-                     AND w.state = 'waiting' AND w.job_id <> ?1))
-             RETURNING id, kind, inversion_key",
+               AND inversion_key IS NOT NULL",
         )
         .bind(text(id.0))
+        .fetch_all(&mut *tx)
+        .await?;
+        let prerequisites: Vec<(Uuid, String)> = prerequisites
+            .iter()
+            .map(|r| Ok((uuid_at(r, "task", "id")?, r.try_get("inversion_key")?)))
+            .collect::<Result<_>>()?;
+        let keys: Vec<&str> = prerequisites.iter().map(|(_, k)| k.as_str()).collect();
+        let waited_elsewhere: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT w.cache_key FROM task_waits w
+             JOIN tasks o ON o.id = w.task_id JOIN jobs oj ON oj.id = o.job_id
+             WHERE w.cache_key IN (SELECT value FROM json_each(?2)) AND o.job_id <> ?1
+               AND oj.state <> 'cancelled'",
+        )
+        .bind(text(id.0))
+        .bind(json_strings(&keys))
+        .fetch_all(&mut *tx)
+        .await?;
+        let waits = sqlx::query(
+            "SELECT w.task_id, w.cache_key FROM task_waits w JOIN tasks t ON t.id = w.task_id
+             WHERE t.job_id = ?1",
+        )
+        .bind(text(id.0))
+        .fetch_all(&mut *tx)
+        .await?;
+        let waits: Vec<(Uuid, String)> = waits
+            .iter()
+            .map(|r| Ok((uuid_at(r, "task", "task_id")?, r.try_get("cache_key")?)))
+            .collect::<Result<_>>()?;
+        let kept = kept_on_cancel(&prerequisites, &waits, &waited_elsewhere);
+        let cancelled = sqlx::query(
+            "UPDATE tasks SET state = 'cancelled', updated_at = ?3
+             WHERE job_id = ?1 AND state IN ('waiting', 'queued', 'retry_wait', 'running')
+               AND id NOT IN (SELECT value FROM json_each(?2))
+             RETURNING id, inversion_key",
+        )
+        .bind(text(id.0))
+        .bind(json_ids(&kept))
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
@@ -650,21 +911,26 @@ impl MetadataStore for SqliteStore {
         .bind(text(id.0))
         .fetch_one(&mut *tx)
         .await?;
-        for row in &cancelled {
-            let kind: String = row.try_get("kind")?;
-            if kind == "invert" {
-                // Nobody computes it now: the next job that needs it claims it again.
-                let key: Option<String> = row.try_get("inversion_key")?;
-                sqlx::query("DELETE FROM inversions WHERE cache_key = ?1 AND state = 'pending'")
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
+        // Nobody computes them now: the next job that needs them claims them again.
+        let abandoned: Vec<String> = cancelled
+            .iter()
+            .map(|r| r.try_get::<Option<String>, _>("inversion_key"))
+            .filter_map(|k| k.transpose())
+            .collect::<Result<_, _>>()?;
+        sqlx::query(
+            "DELETE FROM inversions WHERE cache_key IN (SELECT value FROM json_each(?1)) AND state = 'pending'",
+        )
+        .bind(json_strings(&abandoned))
+        .execute(&mut *tx)
+        .await?;
         let ids: Vec<Uuid> = cancelled
             .iter()
             .map(|r| uuid_at(r, "task", "id"))
             .collect::<Result<_>>()?;
+        sqlx::query("DELETE FROM task_waits WHERE task_id IN (SELECT value FROM json_each(?1))")
+            .bind(json_ids(&ids))
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM outbox WHERE task_id IN (SELECT value FROM json_each(?1)) AND published_at IS NULL")
             .bind(json_ids(&ids))
             .execute(&mut *tx)
@@ -755,12 +1021,14 @@ impl MetadataStore for SqliteStore {
             "SELECT t.id, t.attempt FROM tasks t JOIN jobs j ON j.id = t.job_id
              WHERE t.state IN ('queued', 'running')
                AND (j.state IN ('queued', 'running')
-                    OR (t.kind = 'invert' AND EXISTS (
-                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting')))
+                    OR (t.inversion_key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM task_waits w JOIN tasks wt ON wt.id = w.task_id
+                        WHERE w.cache_key = t.inversion_key AND wt.state = 'waiting')))
                AND (?1 IS NULL OR t.job_id = ?1
-                    OR (t.kind = 'invert' AND EXISTS (
-                        SELECT 1 FROM tasks w WHERE w.inversion_key = t.inversion_key AND w.state = 'waiting'
-                                                AND w.job_id = ?1)))
+                    OR (t.inversion_key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM task_waits w JOIN tasks wt ON wt.id = w.task_id
+                        WHERE w.cache_key = t.inversion_key AND wt.state = 'waiting'
+                          AND wt.job_id = ?1)))
                AND NOT EXISTS (SELECT 1 FROM outbox o
                                WHERE o.task_id = t.id AND o.attempt = t.attempt AND o.published_at IS NULL)
              ORDER BY t.created_at, t.id",
@@ -879,33 +1147,25 @@ impl MetadataStore for SqliteStore {
                     .bind(text(job_id.0))
                     .execute(&mut *tx)
                     .await?;
-                if kind == "invert" {
-                    let key = inversion_key
-                        .clone()
-                        .ok_or_else(|| corrupt("task", "inversion task without key"))?;
-                    let trajectory = trajectory_key.clone().ok_or_else(|| {
-                        corrupt("event", "inversion succeeded without a trajectory")
+                if kind != "render" {
+                    let key = inversion_key.clone().ok_or_else(|| {
+                        corrupt("task", format!("{kind} task without a cache key"))
+                    })?;
+                    let artifact = trajectory_key.clone().ok_or_else(|| {
+                        corrupt(
+                            "event",
+                            format!("{kind} task succeeded without an artifact key"),
+                        )
                     })?;
                     sqlx::query(
                         "UPDATE inversions SET state = 'ready', trajectory_key = ?2, error = NULL, updated_at = ?3 WHERE cache_key = ?1",
                     )
                     .bind(&key)
-                    .bind(&trajectory)
+                    .bind(&artifact)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                    let released = sqlx::query(
-                        "UPDATE tasks SET state = 'queued', updated_at = ?2 WHERE inversion_key = ?1 AND state = 'waiting'
-                         RETURNING id, attempt, job_id",
-                    )
-                    .bind(&key)
-                    .bind(now)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for r in &released {
-                        affected.push(JobId(uuid_at(r, "task", "job_id")?));
-                    }
-                    enqueue(&mut tx, &task_attempts(&released)?, now).await?;
+                    affected.extend(release_waiters(&mut tx, &key, now).await?);
                 } else {
                     for f in frames {
                         sqlx::query(
@@ -960,31 +1220,17 @@ impl MetadataStore for SqliteStore {
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
-                    if kind == "invert" {
-                        let key = inversion_key
-                            .clone()
-                            .ok_or_else(|| corrupt("task", "inversion task without key"))?;
+                    if kind != "render" {
+                        let key = inversion_key.clone().ok_or_else(|| {
+                            corrupt("task", format!("{kind} task without a cache key"))
+                        })?;
                         sqlx::query("UPDATE inversions SET state = 'failed', error = ?2, updated_at = ?3 WHERE cache_key = ?1")
                             .bind(&key)
                             .bind(&reason)
                             .bind(now)
                             .execute(&mut *tx)
                             .await?;
-                        let dependents = sqlx::query(
-                            "UPDATE tasks SET state = 'failed', error = ?2, updated_at = ?3
-                             WHERE inversion_key = ?1 AND state = 'waiting' RETURNING id",
-                        )
-                        .bind(&key)
-                        .bind(&reason)
-                        .bind(now)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                        let dependents: Vec<Uuid> = dependents
-                            .iter()
-                            .map(|r| uuid_at(r, "task", "id"))
-                            .collect::<Result<_>>()?;
-                        let message = format!("style reference inversion failed: {reason}");
-                        affected.extend(fail_frames(&mut tx, &dependents, &message, now).await?);
+                        affected.extend(fail_waiters(&mut tx, &key, &kind, &reason, now).await?);
                     } else {
                         fail_frames(&mut tx, &task_ids, &reason, now).await?;
                     }
@@ -1011,5 +1257,21 @@ impl MetadataStore for SqliteStore {
         .fetch_optional(&self.pool)
         .await?
         .flatten())
+    }
+
+    async fn job_prerequisites(&self, job_id: JobId) -> Result<Vec<JobPrerequisite>> {
+        let mut tx = self.pool.begin().await?;
+        // Fails as get_job does for an unknown job.
+        job_in(&mut tx, job_id).await?;
+        let rows = sqlx::query(
+            "SELECT p.kind, p.name, p.cache_key, i.state, i.trajectory_key, i.error
+             FROM job_prerequisites p LEFT JOIN inversions i ON i.cache_key = p.cache_key
+             WHERE p.job_id = ?1 ORDER BY p.position",
+        )
+        .bind(text(job_id.0))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(prerequisite_from).collect()
     }
 }

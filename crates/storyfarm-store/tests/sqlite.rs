@@ -101,6 +101,7 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
             &StoredStoryboard {
                 spec: spec.clone(),
                 reference_id: None,
+                character_references: vec![],
             },
         )
         .await
@@ -109,7 +110,7 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
         id: JobId::new(),
         storyboard_id: board.id,
         frames: spec.resolved_frames(),
-        inversion: None,
+        prerequisites: vec![],
         render_tasks: vec![PlannedTask {
             id: TaskId::new(),
             kind: TaskKind::Render,
@@ -117,6 +118,7 @@ async fn read_first_writes_wait_for_another_connections_write_lock() {
             max_attempts: 3,
             frames: vec![0],
             payload: vec![1],
+            needs: vec![],
         }],
     };
     store.submit_job(&job).await.unwrap();
@@ -237,4 +239,182 @@ async fn stores_opening_a_new_file_at_once_all_migrate_it() {
                 .unwrap();
         }
     }
+}
+
+/// A database written by the schema before prerequisites (a render waiting for a pending
+/// inversion, a finished job that used a ready one, a style reference) migrates to it: the
+/// rebuilt tables keep every row and every reference between them, the waiting render waits in
+/// task_waits, each job has its style prerequisite, and the inversion's success releases the
+/// render.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_of_the_previous_schema_migrates() {
+    use sqlx::migrate::Migrator;
+    use storyfarm_core::ReferenceId;
+    use storyfarm_store::{
+        CacheState, EventOutcome, FrameState, PrerequisiteKind, ReferenceKind, RetryPolicy,
+        TaskEventKind, TaskEventRecord, SQLITE_MIGRATOR,
+    };
+
+    const PREREQUISITES: i64 = 20261127000001;
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("old.sqlite");
+    let previous = Migrator {
+        migrations: std::borrow::Cow::Owned(
+            SQLITE_MIGRATOR
+                .iter()
+                .filter(|m| m.version < PREREQUISITES)
+                .cloned()
+                .collect(),
+        ),
+        ..Migrator::DEFAULT
+    };
+    let mut old = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .foreign_keys(true)
+        .connect()
+        .await
+        .unwrap();
+    previous.run(&mut old).await.unwrap();
+    let (project, reference, board) = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+    );
+    let (waiting_job, done_job) = (JobId::new(), JobId::new());
+    let (invert, render, done_render) = (TaskId::new(), TaskId::new(), TaskId::new());
+    let spec = serde_json::to_string(&StoredStoryboard {
+        spec: StoryboardSpec::from_yaml("model: m\nframes:\n  - prompt: a\n").unwrap(),
+        reference_id: Some(ReferenceId(reference)),
+        character_references: vec![],
+    })
+    .unwrap();
+    let statements = [
+        format!("INSERT INTO projects VALUES ('{project}', 'p', 1)"),
+        format!(
+            "INSERT INTO style_references VALUES ('{reference}', '{project}', 'style', 'a lighthouse', 'ab', 'sha256/ab', 640, 480, 5000, 2)"
+        ),
+        format!("INSERT INTO storyboards VALUES ('{board}', '{project}', 'b', '{spec}', 3)"),
+        "INSERT INTO inversions VALUES ('key-old', 'pending', NULL, NULL, 4, 4), ('key-done', 'ready', 'traj-done', NULL, 4, 4)".into(),
+        format!("INSERT INTO jobs VALUES ('{waiting_job}', '{board}', 'queued', 1, NULL, 5, NULL), ('{done_job}', '{board}', 'succeeded', 1, NULL, 5, 9)"),
+        format!(
+            "INSERT INTO tasks (id, job_id, kind, state, family, attempt, max_attempts, inversion_key, payload, created_at, updated_at) VALUES
+             ('{invert}', '{waiting_job}', 'invert', 'queued', 'sd', 1, 3, 'key-old', x'01', 6, 6),
+             ('{render}', '{waiting_job}', 'render', 'waiting', 'sd', 1, 3, 'key-old', x'02', 6, 6),
+             ('{done_render}', '{done_job}', 'render', 'succeeded', 'sd', 1, 3, 'key-done', x'03', 6, 8)"
+        ),
+        format!(
+            "INSERT INTO frames (job_id, frame_index, prompt, negative_prompt, seed, state, task_id, png_key, finished_at) VALUES
+             ('{waiting_job}', 0, 'a', '', 1, 'pending', '{render}', NULL, NULL),
+             ('{done_job}', 0, 'a', '', 1, 'succeeded', '{done_render}', 'png', 8)"
+        ),
+        format!("INSERT INTO outbox (task_id, attempt, created_at) VALUES ('{invert}', 1, 6), ('{done_render}', 1, 6)"),
+        "DELETE FROM outbox WHERE id = 2".into(),
+    ];
+    for statement in &statements {
+        sqlx::query(statement)
+            .execute(&mut old)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    old.close().await.unwrap();
+
+    let store = open(&path).await;
+    let mut check = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    let dangling: Vec<(String,)> = sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(&mut check)
+        .await
+        .unwrap();
+    assert!(dangling.is_empty(), "{dangling:?}");
+    let renders_with_keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE kind = 'render' AND inversion_key IS NOT NULL",
+    )
+    .fetch_one(&mut check)
+    .await
+    .unwrap();
+    assert_eq!(renders_with_keys, 0);
+    // AUTOINCREMENT's high-water mark survived: a deleted row's id is not handed out again.
+    let next: i64 = sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+        .fetch_one(&mut check)
+        .await
+        .unwrap();
+    assert_eq!(next, 2);
+
+    let migrated = store.get_reference(ReferenceId(reference)).await.unwrap();
+    assert_eq!(
+        (
+            migrated.kind,
+            migrated.name.as_str(),
+            migrated.subject_words.len(),
+            migrated
+                .image
+                .map(|i| (i.key, i.width, i.height, i.size_bytes))
+        ),
+        (
+            ReferenceKind::Style,
+            "",
+            0,
+            Some(("sha256/ab".to_string(), 640, 480, 5000))
+        )
+    );
+    for (job, key, state) in [
+        (waiting_job, "key-old", CacheState::Pending),
+        (done_job, "key-done", CacheState::Ready),
+    ] {
+        let prerequisites = store.job_prerequisites(job).await.unwrap();
+        assert_eq!(
+            prerequisites
+                .iter()
+                .map(|p| (p.kind, p.name.as_str(), p.cache_key.as_str(), p.state))
+                .collect::<Vec<_>>(),
+            vec![(PrerequisiteKind::Style, "", key, state)]
+        );
+    }
+    let job = store.get_job(waiting_job).await.unwrap();
+    assert_eq!(
+        (job.inversion_tasks, job.anchor_tasks, job.render_tasks),
+        (1, 0, 1)
+    );
+    let frame = store.get_frame(done_job, 0).await.unwrap();
+    assert_eq!(
+        (frame.state, frame.task_id, frame.png_key.as_deref()),
+        (FrameState::Succeeded, Some(done_render), Some("png"))
+    );
+
+    let out = store.pending_outbox(10).await.unwrap();
+    assert_eq!(
+        out.iter().map(|m| (m.id, m.task_id)).collect::<Vec<_>>(),
+        vec![(1, invert)]
+    );
+    store.mark_published(&[1]).await.unwrap();
+    let done = TaskEventRecord {
+        task_id: invert,
+        attempt: 1,
+        seq: 0,
+        worker_id: "w".into(),
+        kind: TaskEventKind::Succeeded {
+            frames: vec![],
+            trajectory_key: Some("traj-old".into()),
+        },
+    };
+    let outcome = store
+        .record_event(&done, &RetryPolicy::default())
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, EventOutcome::Applied { ref affected_jobs, .. } if affected_jobs == &vec![waiting_job]),
+        "{outcome:?}"
+    );
+    let out = store.pending_outbox(10).await.unwrap();
+    assert_eq!(
+        out.iter()
+            .map(|m| (m.id, m.task_id, m.payload.clone()))
+            .collect::<Vec<_>>(),
+        vec![(3, render, vec![2])],
+        "released, with an id after every one handed out before"
+    );
 }
