@@ -31,7 +31,11 @@ pub fn reference(r: &Reference) -> pb::Reference {
             ReferenceKind::Character => pb::ReferenceKind::Character,
         } as i32,
         prompt: r.prompt.clone(),
-        image_sha256: r.image.as_ref().map(|i| i.sha256.clone()).unwrap_or_default(),
+        image_sha256: r
+            .image
+            .as_ref()
+            .map(|i| i.sha256.clone())
+            .unwrap_or_default(),
         width: r.image.as_ref().map_or(0, |i| i.width),
         height: r.image.as_ref().map_or(0, |i| i.height),
         size_bytes: r.image.as_ref().map_or(0, |i| i.size_bytes),

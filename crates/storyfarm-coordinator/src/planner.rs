@@ -4,7 +4,9 @@
 //! exhaustively.
 
 use prost::Message;
-use storyfarm_core::keys::{style_identity, AnchorInputs, GeneratedReferenceInputs, InversionInputs};
+use storyfarm_core::keys::{
+    style_identity, AnchorInputs, GeneratedReferenceInputs, InversionInputs,
+};
 use storyfarm_core::storyboard::ResolvedFrame;
 use storyfarm_core::{JobId, StoryboardSpec, TaskId};
 use storyfarm_proto::v1 as pb;
@@ -98,72 +100,76 @@ pub fn plan_job(
     let mut prerequisites = Vec::new();
 
     // The style: an inverted picture, or a reference generated from its prompt.
-    let style = spec.style.as_ref().zip(references.style).map(|(style, reference)| {
-        let (cache_key, work) = match &reference.image {
-            Some(image) => {
-                let key = InversionInputs {
-                    image_sha256: &image.sha256,
-                    model: &spec.model,
-                    scheduler: &model.scheduler,
-                    width: spec.width,
-                    height: spec.height,
-                    steps: spec.steps,
-                    prompt: &reference.prompt,
-                    guidance_scale: style.inversion_guidance,
+    let style = spec
+        .style
+        .as_ref()
+        .zip(references.style)
+        .map(|(style, reference)| {
+            let (cache_key, work) = match &reference.image {
+                Some(image) => {
+                    let key = InversionInputs {
+                        image_sha256: &image.sha256,
+                        model: &spec.model,
+                        scheduler: &model.scheduler,
+                        width: spec.width,
+                        height: spec.height,
+                        steps: spec.steps,
+                        prompt: &reference.prompt,
+                        guidance_scale: style.inversion_guidance,
+                    }
+                    .cache_key();
+                    let work = pb::InvertWork {
+                        image_key: image.key.clone(),
+                        prompt: reference.prompt.clone(),
+                        guidance_scale: style.inversion_guidance,
+                        trajectory_key: trajectory_key(&key),
+                        seed: 0,
+                    };
+                    (key, work)
                 }
-                .cache_key();
-                let work = pb::InvertWork {
-                    image_key: image.key.clone(),
-                    prompt: reference.prompt.clone(),
-                    guidance_scale: style.inversion_guidance,
-                    trajectory_key: trajectory_key(&key),
-                    seed: 0,
-                };
-                (key, work)
-            }
-            None => {
-                let seed = spec.style_seed().unwrap_or_default();
-                let key = GeneratedReferenceInputs {
-                    model: &spec.model,
-                    scheduler: &model.scheduler,
-                    width: spec.width,
-                    height: spec.height,
-                    steps: spec.steps,
-                    guidance_scale: spec.guidance,
-                    prompt: &reference.prompt,
-                    seed,
+                None => {
+                    let seed = spec.style_seed().unwrap_or_default();
+                    let key = GeneratedReferenceInputs {
+                        model: &spec.model,
+                        scheduler: &model.scheduler,
+                        width: spec.width,
+                        height: spec.height,
+                        steps: spec.steps,
+                        guidance_scale: spec.guidance,
+                        prompt: &reference.prompt,
+                        seed,
+                    }
+                    .cache_key();
+                    let work = pb::InvertWork {
+                        image_key: String::new(),
+                        prompt: reference.prompt.clone(),
+                        guidance_scale: spec.guidance,
+                        trajectory_key: trajectory_key(&key),
+                        seed,
+                    };
+                    (key, work)
                 }
-                .cache_key();
-                let work = pb::InvertWork {
-                    image_key: String::new(),
-                    prompt: reference.prompt.clone(),
-                    guidance_scale: spec.guidance,
-                    trajectory_key: trajectory_key(&key),
-                    seed,
-                };
-                (key, work)
-            }
-        };
-        let style_work = pb::StyleWork {
-            trajectory_key: work.trajectory_key.clone(),
-            reference_prompt: reference.prompt.clone(),
-            offset: style.offset,
-            options: Some(pb::StyleAlignedOptions::from(&style.options)),
-        };
-        let identity = style_identity(&cache_key, style.offset, &style.options);
-        prerequisites.push(PlannedPrerequisite {
-            cache_key: cache_key.clone(),
-            kind: PrerequisiteKind::Style,
-            name: String::new(),
-            task: task(
-                TaskKind::Invert,
-                Vec::new(),
-                Vec::new(),
-                pb::task::Work::Invert(work),
-            ),
+            };
+            let style_work = pb::StyleWork {
+                trajectory_key: work.trajectory_key.clone(),
+                reference_prompt: reference.prompt.clone(),
+                offset: style.offset,
+                options: Some(pb::StyleAlignedOptions::from(&style.options)),
+            };
+            let identity = style_identity(&cache_key, style.offset, &style.options);
+            prerequisites.push(PlannedPrerequisite {
+                cache_key: cache_key.clone(),
+                kind: PrerequisiteKind::Style,
+                name: String::new(),
+                task: task(
+                    TaskKind::Invert,
+                    Vec::new(),
+                    Vec::new(),
+                    pb::task::Work::Invert(work),
+                ),
+            });
+            (cache_key, style_work, identity)
         });
-        (cache_key, style_work, identity)
-    });
     let style_needs: Vec<String> = style.iter().map(|(key, _, _)| key.clone()).collect();
     let consistory = pb::ConsistoryWork::from(&spec.consistory);
 
@@ -189,7 +195,9 @@ pub fn plan_job(
                 name: character.name.clone(),
                 description: character.description.clone(),
                 subject_words: character.subject_words.clone(),
-                anchor_seeds: (0..generated as u64).map(|k| seed.wrapping_add(k)).collect(),
+                anchor_seeds: (0..generated as u64)
+                    .map(|k| seed.wrapping_add(k))
+                    .collect(),
                 dropout_seed: seed,
                 anchors_key: anchors_key(&cache_key),
                 image_key: image.map(|im| im.key.clone()).unwrap_or_default(),
@@ -413,7 +421,10 @@ mod tests {
         assert_eq!(w.trajectory_key, trajectory_key(&inv.cache_key));
         let render = pb::Task::decode(plan1.render_tasks[1].payload.as_slice()).unwrap();
         assert_eq!(render.traceparent, "00-abc-def-01");
-        assert_eq!(plan1.render_tasks[1].needs, [inv.cache_key.clone()]);
+        assert_eq!(
+            plan1.render_tasks[1].needs,
+            std::slice::from_ref(&inv.cache_key)
+        );
         let Some(pb::task::Work::Render(w)) = render.work else {
             panic!()
         };
@@ -421,7 +432,10 @@ mod tests {
         assert_eq!(w.offset, 1);
         assert!(w.characters.is_empty() && w.consistory.is_none());
         assert_eq!(
-            w.frames.iter().map(|f| (f.index, f.seed)).collect::<Vec<_>>(),
+            w.frames
+                .iter()
+                .map(|f| (f.index, f.seed))
+                .collect::<Vec<_>>(),
             [(2, 12), (3, 13)]
         );
         // The same storyboard planned again reuses the inversion key.
@@ -448,10 +462,16 @@ mod tests {
         // The board's seed minus one, as `generate` seeds its reference.
         assert_eq!(w.seed, 9);
         assert_eq!(w.guidance_scale, board.spec.guidance);
-        assert_eq!(plan(&board, refs).prerequisites[0].cache_key, p.prerequisites[0].cache_key);
+        assert_eq!(
+            plan(&board, refs).prerequisites[0].cache_key,
+            p.prerequisites[0].cache_key
+        );
         // Another seed or prompt is another reference; a picture never shares its key.
         board.spec.style.as_mut().unwrap().seed = Some(3);
-        assert_ne!(plan(&board, refs).prerequisites[0].cache_key, p.prerequisites[0].cache_key);
+        assert_ne!(
+            plan(&board, refs).prerequisites[0].cache_key,
+            p.prerequisites[0].cache_key
+        );
         let pictured = plan(
             &stored(3, 4, true),
             JobReferences {
@@ -459,7 +479,10 @@ mod tests {
                 characters: &[],
             },
         );
-        assert_ne!(pictured.prerequisites[0].cache_key, p.prerequisites[0].cache_key);
+        assert_ne!(
+            pictured.prerequisites[0].cache_key,
+            p.prerequisites[0].cache_key
+        );
     }
 
     fn characters_board(style: bool) -> (StoredStoryboard, Vec<Reference>) {
@@ -509,7 +532,11 @@ mod tests {
                 characters: &refs,
             },
         );
-        let kinds: Vec<_> = p.prerequisites.iter().map(|x| (x.kind, x.name.as_str())).collect();
+        let kinds: Vec<_> = p
+            .prerequisites
+            .iter()
+            .map(|x| (x.kind, x.name.as_str()))
+            .collect();
         assert_eq!(
             kinds,
             [
@@ -521,7 +548,7 @@ mod tests {
         let style_key = p.prerequisites[0].cache_key.clone();
         let (rex, ann) = (&p.prerequisites[1], &p.prerequisites[2]);
         // Styled anchors need the style first.
-        assert_eq!(rex.task.needs, [style_key.clone()]);
+        assert_eq!(rex.task.needs, std::slice::from_ref(&style_key));
         assert_eq!(rex.task.kind, TaskKind::Anchor);
         let pb::task::Work::Anchor(a) = work(&ann.task) else {
             panic!()
@@ -544,7 +571,7 @@ mod tests {
             p.render_tasks[0].needs,
             [style_key.clone(), rex.cache_key.clone()]
         );
-        assert_eq!(p.render_tasks[2].needs, [style_key.clone()]);
+        assert_eq!(p.render_tasks[2].needs, std::slice::from_ref(&style_key));
         assert_eq!(
             p.render_tasks[3].needs,
             [style_key, rex.cache_key.clone(), ann.cache_key.clone()]

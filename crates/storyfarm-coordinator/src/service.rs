@@ -241,7 +241,11 @@ impl Api {
         let (width, height) = match image::load_from_memory(&bytes) {
             Ok(img) => (img.width(), img.height()),
             Err(e) => {
-                let name = if filename.is_empty() { "image" } else { filename };
+                let name = if filename.is_empty() {
+                    "image"
+                } else {
+                    filename
+                };
                 return Err(ApiError::invalid(
                     "chunk",
                     format!("{name} is not a readable PNG or JPEG image: {e}"),

@@ -20,6 +20,14 @@ pub fn anchor_png_key(anchors_key: &str, index: u32) -> String {
     format!("{stem}/{index}.png")
 }
 
+/// Where the picture of a generated style reference is stored beside its trajectory.
+pub fn reference_png_key(trajectory_key: &str) -> String {
+    let stem = trajectory_key
+        .strip_suffix(".safetensors")
+        .unwrap_or(trajectory_key);
+    format!("{stem}.png")
+}
+
 /// Everything that determines a DDIM inversion trajectory.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct InversionInputs<'a> {

@@ -114,19 +114,30 @@ pub fn invert_image(
 /// replayed anchor is the picture itself whatever guidance the frames use.
 pub const CHARACTER_INVERSION_GUIDANCE: f64 = 1.0;
 
-/// Generates a style reference from its prompt and returns its trajectory file, the same file an
-/// inversion makes: frames replay it from the first step (offset 0).
+/// A style reference generated from its prompt: its trajectory file (the same file an inversion
+/// makes: frames replay it from the first step, offset 0) and its picture.
+pub struct GeneratedReference {
+    pub trajectory: Vec<u8>,
+    pub png: Vec<u8>,
+}
+
+/// Generates a style reference from its prompt.
 pub fn generate_reference(
     sd: &StableDiffusion,
     prompt: &str,
     seed: u64,
     settings: &GenerationSettings,
     progress: ProgressFn,
-) -> Result<Vec<u8>> {
+) -> Result<GeneratedReference> {
     settings.validate()?;
     let init = sd.seeded_latents(seed, settings)?;
     let zts = sd.reference_trajectory(settings, prompt, None, &init, progress)?;
-    to_safetensors(TRAJECTORY, &zts)
+    let last = zts.dim(0)? - 1;
+    let picture = encode_frame(sd, 0, &zts.narrow(0, last, 1)?)?;
+    Ok(GeneratedReference {
+        trajectory: to_safetensors(TRAJECTORY, &zts)?,
+        png: picture.png,
+    })
 }
 
 /// A character as a task sees it: what its anchors are made from.
@@ -155,6 +166,19 @@ pub struct CharacterFrameRequest {
     pub characters: Vec<usize>,
 }
 
+/// One ConsiStory set of a task: its characters' anchors, then its frames.
+#[derive(Clone, Copy)]
+pub struct CharacterRenderRequest<'a> {
+    pub options: &'a ConsistoryOptions,
+    /// The style of every image of the set.
+    pub style: Option<&'a StyleRequest<'a>>,
+    /// The anchors' negative prompt (the board's).
+    pub anchor_negative_prompt: &'a str,
+    pub characters: &'a [CharacterRequest],
+    /// Empty for an anchor task.
+    pub frames: &'a [CharacterFrameRequest],
+}
+
 /// What a character render leaves: each character's anchors (latents `[1, 4, h, w]` each, in
 /// anchor order) and the frames.
 pub struct CharacterRender {
@@ -170,13 +194,16 @@ pub struct CharacterRender {
 pub fn render_characters(
     sd: &StableDiffusion,
     settings: &GenerationSettings,
-    options: &ConsistoryOptions,
-    style: Option<&StyleRequest>,
-    anchor_negative_prompt: &str,
-    characters: &[CharacterRequest],
-    frames: &[CharacterFrameRequest],
+    request: &CharacterRenderRequest,
     progress: ProgressFn,
 ) -> Result<CharacterRender> {
+    let CharacterRenderRequest {
+        options,
+        style,
+        anchor_negative_prompt,
+        characters,
+        frames,
+    } = *request;
     settings.validate()?;
     if characters.is_empty() {
         return Err(DiffusionError::invalid_argument(
@@ -258,10 +285,12 @@ pub fn render_characters(
             seeds: characters.iter().map(|c| c.dropout_seed).collect(),
         },
         replays: &replays,
-        style: style.zip(reference.as_ref()).map(|(s, reference)| SetStyle {
-            options: &s.options,
-            reference,
-        }),
+        style: style
+            .zip(reference.as_ref())
+            .map(|(s, reference)| SetStyle {
+                options: &s.options,
+                reference,
+            }),
     };
     let out = sd.consistory(settings, options, &set, progress)?;
     let mut anchors = Vec::with_capacity(characters.len());
@@ -277,7 +306,13 @@ pub fn render_characters(
     let frames = frames
         .iter()
         .enumerate()
-        .map(|(i, f)| encode_frame(sd, f.frame.index, &out.final_latents.narrow(0, first_frame + i, 1)?))
+        .map(|(i, f)| {
+            encode_frame(
+                sd,
+                f.frame.index,
+                &out.final_latents.narrow(0, first_frame + i, 1)?,
+            )
+        })
         .collect::<Result<_>>()?;
     Ok(CharacterRender { anchors, frames })
 }

@@ -400,3 +400,151 @@ fn frames_with_several_characters_are_independent() {
     let mapping = AnchorMapping::characters(&[2, 2], &[vec![0, 1], vec![0]]);
     assert!((0..4).all(|j| mapping.sees(4, j)) && !mapping.sees(5, 2) && !mapping.sees(0, 2));
 }
+
+/// The farm's two task kinds through the bytes-in/bytes-out API: an anchor task (one character's
+/// anchors alone, its picture inverted and replayed, in a style) makes exactly the anchors a
+/// render task recomputes beside its frames with another character present, and a frame renders
+/// the same in a task of its own as beside other frames and characters.
+#[test]
+fn anchor_tasks_make_the_anchors_render_tasks_recompute() {
+    use storyfarm_diffusion::frames::{
+        anchors_file, invert_image, latents_from_bytes, picture_from_anchors_file,
+        render_characters, CharacterFrameRequest, CharacterRenderRequest, CharacterRequest,
+        FrameRequest, StyleRequest, CHARACTER_INVERSION_GUIDANCE,
+    };
+    use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
+
+    let sd = load("tiny-sd15");
+    let settings = GenerationSettings {
+        height: 64,
+        width: 64,
+        steps: 6,
+        guidance_scale: 7.5,
+    };
+    let png = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/sd15/inversion_image.png"),
+    )
+    .unwrap();
+    let style_trajectory = invert_image(
+        &sd,
+        &png,
+        "style",
+        "a colorful pattern",
+        &settings,
+        2.0,
+        &mut no_progress,
+    )
+    .unwrap();
+    let picture = invert_image(
+        &sd,
+        &png,
+        "sailor",
+        "an old sailor",
+        &settings,
+        CHARACTER_INVERSION_GUIDANCE,
+        &mut no_progress,
+    )
+    .unwrap();
+    let style = StyleRequest {
+        trajectory: &style_trajectory,
+        reference_prompt: "a colorful pattern",
+        offset: 0,
+        options: StyleAlignedOptions::default(),
+    };
+    let sailor = CharacterRequest {
+        description: "an old sailor".into(),
+        subject_words: vec!["sailor".into()],
+        anchor_seeds: vec![31],
+        dropout_seed: 31,
+        picture: Some(picture.clone()),
+    };
+    let dog = CharacterRequest {
+        description: "a cute dog".into(),
+        subject_words: vec!["dog".into()],
+        anchor_seeds: vec![41, 42],
+        dropout_seed: 41,
+        picture: None,
+    };
+    let options = ConsistoryOptions::default();
+    let frame = |index, prompt: &str, seed, characters: Vec<usize>| CharacterFrameRequest {
+        frame: FrameRequest {
+            index,
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seed,
+        },
+        characters,
+    };
+    // The anchor task of the sailor.
+    let task = render_characters(
+        &sd,
+        &settings,
+        &CharacterRenderRequest {
+            options: &options,
+            style: Some(&style),
+            anchor_negative_prompt: "",
+            characters: std::slice::from_ref(&sailor),
+            frames: &[],
+        },
+        &mut no_progress,
+    )
+    .unwrap();
+    assert!(task.frames.is_empty());
+    let stored = anchors_file(&task.anchors[0], Some(&picture)).unwrap();
+    assert_eq!(
+        picture_from_anchors_file(&stored).unwrap().as_deref(),
+        Some(picture.as_slice())
+    );
+    // A render task with both characters and two frames, the sailor's picture read back from the
+    // anchors file.
+    let sailor_from_file = CharacterRequest {
+        picture: picture_from_anchors_file(&stored).unwrap(),
+        ..sailor.clone()
+    };
+    let both = render_characters(
+        &sd,
+        &settings,
+        &CharacterRenderRequest {
+            options: &options,
+            style: Some(&style),
+            anchor_negative_prompt: "",
+            characters: &[dog.clone(), sailor_from_file.clone()],
+            frames: &[
+                frame(0, "a dog and a sailor on a boat", 7, vec![0, 1]),
+                frame(1, "a sailor on the pier", 8, vec![1]),
+            ],
+        },
+        &mut no_progress,
+    )
+    .unwrap();
+    let stored_latents = latents_from_bytes(&stored).unwrap();
+    let recomputed = Tensor::cat(&both.anchors[1], 0).unwrap();
+    let tol = 1e-4 * absmax(&stored_latents);
+    assert!(
+        max_abs(&stored_latents, &recomputed) <= tol,
+        "the render task's sailor anchors differ from the anchor task's"
+    );
+    // The sailor-only frame alone, with only its own character, equals it beside the other.
+    let alone = render_characters(
+        &sd,
+        &settings,
+        &CharacterRenderRequest {
+            options: &options,
+            style: Some(&style),
+            anchor_negative_prompt: "",
+            characters: &[sailor_from_file],
+            frames: &[frame(1, "a sailor on the pier", 8, vec![0])],
+        },
+        &mut no_progress,
+    )
+    .unwrap();
+    let a = latents_from_bytes(&alone.frames[0].latents).unwrap();
+    let b = latents_from_bytes(&both.frames[1].latents).unwrap();
+    assert!(
+        max_abs(&a, &b) <= 1e-4 * absmax(&b),
+        "a frame depends on the other frames and characters of its task"
+    );
+    assert_eq!(alone.frames[0].index, 1);
+    assert!(image::load_from_memory(&both.frames[0].png).is_ok());
+}

@@ -60,14 +60,14 @@ pub trait MetadataStore: Send + Sync {
     async fn release_due_retries(&self) -> Result<u32>;
     /// For a queue that does not survive a restart (the local mode's in-process queue): every
     /// delivery it held is gone, so every task in `queued` or `running` whose job is not finished
-    /// (and an inversion of a cancelled job that other jobs' renders wait for) goes back to
+    /// (and a prerequisite task of a cancelled job that other jobs' tasks wait for) goes back to
     /// `queued`, worker and heartbeat cleared, its rendering frames back to `pending`, with an
     /// outbox row for its *current* attempt: an interruption is not the task's fault, so no
     /// attempt is consumed (the frames' `attempts` are given back too). A task that already has
     /// an unpublished outbox row for its current attempt will be delivered anyway and is left
     /// alone. Returns how many tasks were requeued. Call it at start, before the dispatcher.
     ///
-    /// `job` limits it to one job's tasks and the inversion its renders wait for (the local
+    /// `job` limits it to one job's tasks and the prerequisite tasks its tasks wait for (the local
     /// mode resumes one storyboard; other interrupted ones stay paused until they are resumed).
     async fn requeue_lost_deliveries(&self, job: Option<JobId>) -> Result<u32>;
 

@@ -16,8 +16,8 @@ use storyfarm_blob::{BlobKey, BlobStore};
 use storyfarm_diffusion::consistory::ConsistoryOptions;
 use storyfarm_diffusion::frames::{
     anchors_file, generate_reference, invert_image, picture_from_anchors_file, render_characters,
-    render_frames, CharacterFrameRequest, CharacterRequest, FrameRequest, RenderedFrame,
-    StyleRequest, CHARACTER_INVERSION_GUIDANCE,
+    render_frames, CharacterFrameRequest, CharacterRenderRequest, CharacterRequest, FrameRequest,
+    RenderedFrame, StyleRequest, CHARACTER_INVERSION_GUIDANCE,
 };
 use storyfarm_diffusion::pipeline::{GenerationSettings, Progress};
 use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
@@ -567,11 +567,12 @@ impl Worker {
                     Some(self.cached_blob(&work.image_key).await?)
                 };
                 let mut progress = progress;
+                let work_key = work.trajectory_key.clone();
                 tracing::info!(
                     generated = image.is_none(),
                     "computing the style reference's trajectory"
                 );
-                let trajectory = tokio::task::spawn_blocking(move || match image {
+                let (trajectory, picture) = tokio::task::spawn_blocking(move || match image {
                     Some(image) => {
                         let _span = tracing::info_span!("invert").entered();
                         invert_image(
@@ -583,6 +584,7 @@ impl Worker {
                             work.guidance_scale,
                             &mut progress,
                         )
+                        .map(|t| (t, None))
                     }
                     None => {
                         let _span = tracing::info_span!("generate_reference").entered();
@@ -598,6 +600,7 @@ impl Worker {
                             &generation,
                             &mut progress,
                         )
+                        .map(|r| (r.trajectory, Some(r.png)))
                     }
                 })
                 .await
@@ -605,11 +608,16 @@ impl Worker {
                     reason: format!("inversion panicked: {e}"),
                     retryable: false,
                 })??;
-                let key = BlobKey::new(work.trajectory_key.clone())?;
+                // The picture first: the trajectory is what marks the reference complete.
+                if let Some(png) = picture {
+                    let key = BlobKey::new(storyfarm_core::keys::reference_png_key(&work_key))?;
+                    self.blobs.put(&key, Bytes::from(png)).await?;
+                }
+                let key = BlobKey::new(work_key.clone())?;
                 self.blobs.put(&key, Bytes::from(trajectory)).await?;
                 Ok(pb::TaskSucceeded {
                     frames: Vec::new(),
-                    trajectory_key: work.trajectory_key,
+                    trajectory_key: work_key,
                 })
             }
             Some(pb::task::Work::Anchor(work)) => {
@@ -637,60 +645,68 @@ impl Worker {
                 tracing::info!(character = %character.name, picture = image.is_some(), "rendering anchors");
                 let name = character.name.clone();
                 let anchors_key = character.anchors_key.clone();
-                let (anchors, file) = tokio::task::spawn_blocking(move || {
-                    let _span = tracing::info_span!("anchors", character = %character.name).entered();
-                    let picture = match &image {
-                        Some(bytes) => Some(invert_image(
+                let (anchors, file) =
+                    tokio::task::spawn_blocking(move || {
+                        let _span =
+                            tracing::info_span!("anchors", character = %character.name).entered();
+                        let picture = match &image {
+                            Some(bytes) => Some(invert_image(
+                                &model,
+                                bytes,
+                                &character.image_key,
+                                &character.description,
+                                &generation,
+                                CHARACTER_INVERSION_GUIDANCE,
+                                &mut progress,
+                            )?),
+                            None => None,
+                        };
+                        let style = work.style.as_ref().zip(style.as_deref()).map(|(s, bytes)| {
+                            StyleRequest {
+                                trajectory: bytes,
+                                reference_prompt: &s.reference_prompt,
+                                offset: s.offset as usize,
+                                options: style_options.clone(),
+                            }
+                        });
+                        let request = character_request(&character, picture.clone());
+                        let rendered = render_characters(
                             &model,
-                            bytes,
-                            &character.image_key,
-                            &character.description,
                             &generation,
-                            CHARACTER_INVERSION_GUIDANCE,
+                            &CharacterRenderRequest {
+                                options: &options,
+                                style: style.as_ref(),
+                                anchor_negative_prompt: &work.negative_prompt,
+                                characters: std::slice::from_ref(&request),
+                                frames: &[],
+                            },
                             &mut progress,
-                        )?),
-                        None => None,
-                    };
-                    let style = work.style.as_ref().zip(style.as_deref()).map(|(s, bytes)| {
-                        StyleRequest {
-                            trajectory: bytes,
-                            reference_prompt: &s.reference_prompt,
-                            offset: s.offset as usize,
-                            options: style_options.clone(),
-                        }
-                    });
-                    let request = character_request(&character, picture.clone());
-                    let rendered = render_characters(
-                        &model,
-                        &generation,
-                        &options,
-                        style.as_ref(),
-                        &work.negative_prompt,
-                        std::slice::from_ref(&request),
-                        &[],
-                        &mut progress,
-                    )?;
-                    let anchors = rendered.anchors.into_iter().next().unwrap_or_default();
-                    let file = anchors_file(&anchors, picture.as_deref())?;
-                    let encoded = anchors
-                        .iter()
-                        .enumerate()
-                        .map(|(i, l)| storyfarm_diffusion::frames::encode_frame(&model, i as u32, l))
-                        .collect::<storyfarm_diffusion::Result<Vec<_>>>()?;
-                    Ok::<_, DiffusionError>((encoded, file))
-                })
-                .await
-                .map_err(|e| TaskFailure::Failed {
-                    reason: format!("anchor render panicked: {e}"),
-                    retryable: false,
-                })??;
+                        )?;
+                        let anchors = rendered.anchors.into_iter().next().unwrap_or_default();
+                        let file = anchors_file(&anchors, picture.as_deref())?;
+                        let encoded = anchors
+                            .iter()
+                            .enumerate()
+                            .map(|(i, l)| {
+                                storyfarm_diffusion::frames::encode_frame(&model, i as u32, l)
+                            })
+                            .collect::<storyfarm_diffusion::Result<Vec<_>>>()?;
+                        Ok::<_, DiffusionError>((encoded, file))
+                    })
+                    .await
+                    .map_err(|e| TaskFailure::Failed {
+                        reason: format!("anchor render panicked: {e}"),
+                        retryable: false,
+                    })??;
                 // Pictures first: the anchors file is what marks the anchors complete.
                 for anchor in &anchors {
                     let key = BlobKey::new(storyfarm_core::keys::anchor_png_key(
                         &anchors_key,
                         anchor.index,
                     ))?;
-                    self.blobs.put(&key, Bytes::from(anchor.png.clone())).await?;
+                    self.blobs
+                        .put(&key, Bytes::from(anchor.png.clone()))
+                        .await?;
                 }
                 let key = BlobKey::new(anchors_key.clone())?;
                 self.blobs.put(&key, Bytes::from(file)).await?;
@@ -757,11 +773,13 @@ impl Worker {
                     render_characters(
                         &model,
                         &generation,
-                        &options,
-                        style.as_ref(),
-                        &work.anchor_negative_prompt,
-                        &characters,
-                        &frames,
+                        &CharacterRenderRequest {
+                            options: &options,
+                            style: style.as_ref(),
+                            anchor_negative_prompt: &work.anchor_negative_prompt,
+                            characters: &characters,
+                            frames: &frames,
+                        },
                         &mut progress,
                     )
                     .map(|r| r.frames)

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use storyfarm_blob::{BlobKey, BlobStore, LocalDirStore};
 use storyfarm_coordinator::planner::PlanPolicy;
 use storyfarm_coordinator::{Coordinator, DEFAULT_MAX_REFERENCE_BYTES};
-use storyfarm_core::keys::{anchor_png_key, sha256_hex};
+use storyfarm_core::keys::{anchor_png_key, reference_png_key, sha256_hex};
 use storyfarm_core::{JobId, StoryboardSpec};
 use storyfarm_diffusion::device::default_precision;
 use storyfarm_diffusion::device::{DeviceSpec, Precision};
@@ -92,12 +92,18 @@ fn board_key(spec: &StoryboardSpec, images: &BoardImages) -> Result<String> {
         value.get_mut("style").and_then(|s| s.as_object_mut()),
         &images.style,
     ) {
-        style.insert("image".into(), serde_json::Value::String(sha256_hex(&image.bytes)));
+        style.insert(
+            "image".into(),
+            serde_json::Value::String(sha256_hex(&image.bytes)),
+        );
     }
     if let Some(characters) = value.get_mut("characters").and_then(|c| c.as_array_mut()) {
         for (c, image) in characters.iter_mut().zip(&images.characters) {
             if let (Some(c), Some(image)) = (c.as_object_mut(), image) {
-                c.insert("image".into(), serde_json::Value::String(sha256_hex(&image.bytes)));
+                c.insert(
+                    "image".into(),
+                    serde_json::Value::String(sha256_hex(&image.bytes)),
+                );
             }
         }
     }
@@ -359,6 +365,39 @@ struct CharacterOutput {
     manifest: serde_json::Value,
 }
 
+/// A style generated from its prompt has no picture of the user's: its generated picture is
+/// written to `style-generated.png` and shown in the style's cell. Returns its hash and thumbnail.
+async fn write_generated_style(
+    farm: &LocalFarm,
+    spec: &StoryboardSpec,
+    job_id: JobId,
+    out: &Path,
+) -> Result<Option<(String, image::RgbImage)>> {
+    if spec.style.as_ref().is_none_or(|s| s.image.is_some()) {
+        return Ok(None);
+    }
+    let prerequisites = farm.store.job_prerequisites(job_id).await?;
+    let Some(trajectory) = prerequisites
+        .iter()
+        .find(|p| p.kind == PrerequisiteKind::Style)
+        .and_then(|p| p.artifact_key.as_deref())
+    else {
+        return Ok(None);
+    };
+    let key = BlobKey::new(reference_png_key(trajectory))?;
+    let bytes = farm
+        .blobs
+        .get(&key)
+        .await
+        .context("reading the generated style reference from the artifact store")?;
+    let path = out.join("style-generated.png");
+    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    let thumb = image::load_from_memory(&bytes)
+        .map(|im| thumbnail(&im.to_rgb8()))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some((sha256_hex(&bytes), thumb)))
+}
+
 /// Writes every character's anchors to `anchors/<name>-<n>.png` and returns their cells (shown
 /// before the frames on every contact-sheet page) and manifest entries.
 async fn write_anchors(
@@ -382,12 +421,16 @@ async fn write_anchors(
         let mut cells = Vec::new();
         let mut files = Vec::new();
         for n in 0..character.anchors {
-            let label = format!("{} {}", character.name, n + 1);
+            let label = character.name.clone();
             let mut picture = None;
             if let Some(file) = stored.and_then(|p| p.artifact_key.as_deref()) {
                 let key = BlobKey::new(anchor_png_key(file, n))?;
                 let bytes = farm.blobs.get(&key).await.with_context(|| {
-                    format!("reading anchor {} of {} from the artifact store", n + 1, character.name)
+                    format!(
+                        "reading anchor {} of {} from the artifact store",
+                        n + 1,
+                        character.name
+                    )
                 })?;
                 let name = format!("{}-{}.png", character.name.replace(' ', "_"), n + 1);
                 std::fs::write(dir.join(&name), &bytes)
@@ -403,9 +446,9 @@ async fn write_anchors(
             cells.push(Cell {
                 label,
                 caption: if n == 0 && character.image.is_some() {
-                    format!("{} (from its picture)", character.description)
+                    format!("anchor 1, its picture: {}", character.description)
                 } else {
-                    character.description.clone()
+                    format!("anchor {}: {}", n + 1, character.description)
                 },
                 image: picture,
             });
@@ -621,6 +664,7 @@ async fn render_board(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let anchors = write_anchors(farm, spec, images, job_id, out).await?;
+    let generated_style = write_generated_style(farm, spec, job_id, out).await?;
     let sheets = sheet_names(frames.len());
     let mut manifest_frames = Vec::new();
     for (page, (chunk, sheet_name)) in frames.chunks(FRAMES_PER_SHEET).zip(&sheets).enumerate() {
@@ -631,7 +675,11 @@ async fn render_board(
             cells.push(Cell {
                 label: "style".into(),
                 caption: style.prompt.clone(),
-                image: images.style.as_ref().map(|i| i.thumbnail.clone()),
+                image: images
+                    .style
+                    .as_ref()
+                    .map(|i| i.thumbnail.clone())
+                    .or_else(|| generated_style.as_ref().map(|(_, t)| t.clone())),
             });
         }
         cells.extend(anchors.iter().flat_map(|c| c.cells.iter().cloned()));
@@ -693,6 +741,9 @@ async fn render_board(
                 "image": style.image.as_ref().map(|i| i.display().to_string()),
                 "image_sha256": images.style.as_ref().map(|i| sha256_hex(&i.bytes)),
                 "generated_seed": style.image.is_none().then(|| spec.style_seed()),
+                "generated_file": generated_style.as_ref().map(|(sha, _)| {
+                    serde_json::json!({ "file": "style-generated.png", "png_sha256": sha })
+                }),
                 "prompt": style.prompt,
                 "offset": style.offset,
                 "inversion_guidance": style.inversion_guidance,

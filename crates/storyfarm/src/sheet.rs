@@ -193,7 +193,25 @@ pub fn contact_sheet(title: &str, cells: &[Cell]) -> RgbImage {
             }
         }
         let ly = y + th + 6;
-        draw_text(&mut sheet, x, ly, &cell.label, 2, TEXT);
+        // Labels stay in their cell: big when they fit, else small, else cut.
+        let label_scale = if cell.label.chars().count() * 16 <= tw as usize {
+            2
+        } else {
+            1
+        };
+        let label: String = cell
+            .label
+            .chars()
+            .take(tw as usize / (8 * label_scale as usize))
+            .collect();
+        draw_text(
+            &mut sheet,
+            x,
+            ly + (2 - label_scale) * 4,
+            &label,
+            label_scale,
+            TEXT,
+        );
         let per_line = (tw / 8) as usize;
         for (n, line) in wrap(&cell.caption, per_line, CAPTION_LINES)
             .iter()

@@ -943,7 +943,11 @@ async fn bad_input_is_rejected_by_field_and_leaves_nothing_behind() {
     assert_eq!(sb.frames.len(), 1);
     // A style reference is not a character, and a frame's cast must say its subject word.
     let style = references
-        .upload_reference(tokio_stream::iter(upload_messages(&project.id, "style", &png)))
+        .upload_reference(tokio_stream::iter(upload_messages(
+            &project.id,
+            "style",
+            &png,
+        )))
         .await
         .unwrap()
         .into_inner();

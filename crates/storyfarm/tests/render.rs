@@ -387,6 +387,8 @@ fn the_character_example_renders_its_anchors_and_reuses_them() {
     let m = manifest(&out);
     assert_eq!(m["style"]["image"], serde_json::Value::Null);
     assert_eq!(m["style"]["generated_seed"].as_u64(), Some(299));
+    let generated = image::open(out.join("style-generated.png")).unwrap();
+    assert_eq!((generated.width(), generated.height()), (64, 64));
     let characters = m["characters"].as_array().unwrap();
     let names: Vec<&str> = characters
         .iter()
