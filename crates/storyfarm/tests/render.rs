@@ -384,6 +384,14 @@ fn the_character_example_renders_its_anchors_and_reuses_them() {
         "{}",
         text(&o)
     );
+    // The watch stream reports each character's anchors as they become ready.
+    for name in ["Biscuit", "Captain"] {
+        assert!(
+            stderr.contains(&format!("anchors of {name} ready (2)")),
+            "{}",
+            text(&o)
+        );
+    }
     let m = manifest(&out);
     assert_eq!(m["style"]["image"], serde_json::Value::Null);
     assert_eq!(m["style"]["generated_seed"].as_u64(), Some(299));
