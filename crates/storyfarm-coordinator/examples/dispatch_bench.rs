@@ -91,6 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         queue.clone(),
         wake.clone(),
         Duration::from_millis(250),
+        storyfarm_telemetry::CoordinatorMetrics::new(),
     ));
     let project = store.create_project("bench").await?;
     let facts = ModelFacts {

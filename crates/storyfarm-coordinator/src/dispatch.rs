@@ -9,6 +9,7 @@ use prost::Message;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{OutgoingMessage, TaskQueue};
 use storyfarm_store::{MetadataStore, OutboxMessage};
+use storyfarm_telemetry::CoordinatorMetrics;
 use tokio::sync::Notify;
 
 /// Rows published per round.
@@ -16,8 +17,15 @@ const BATCH: u32 = 500;
 
 /// The message for one outbox row: the task at its attempt, with ids and trace context in headers.
 pub fn task_message(row: &OutboxMessage) -> Result<OutgoingMessage, prost::DecodeError> {
+    Ok(stamped_task(row)?.1)
+}
+
+/// The task of an outbox row as published now, and its message.
+fn stamped_task(row: &OutboxMessage) -> Result<(pb::Task, OutgoingMessage), prost::DecodeError> {
     let mut task = pb::Task::decode(row.payload.as_slice())?;
     task.attempt = row.attempt;
+    task.family = row.family.clone();
+    task.published_at_unix_ms = chrono::Utc::now().timestamp_millis();
     let traceparent = task.traceparent.clone();
     let mut message = OutgoingMessage::new(task.encode_to_vec())
         .with_message_id(format!("{}:{}", row.task_id, row.attempt))
@@ -27,7 +35,7 @@ pub fn task_message(row: &OutboxMessage) -> Result<OutgoingMessage, prost::Decod
     if !traceparent.is_empty() {
         message = message.with_traceparent(traceparent);
     }
-    Ok(message)
+    Ok((task, message))
 }
 
 /// One round: release due retries, publish pending rows per family, mark them. Returns how many
@@ -35,8 +43,10 @@ pub fn task_message(row: &OutboxMessage) -> Result<OutgoingMessage, prost::Decod
 pub async fn dispatch_once(
     store: &dyn MetadataStore,
     queue: &dyn TaskQueue,
+    metrics: &CoordinatorMetrics,
 ) -> Result<usize, crate::CoordinatorError> {
-    store.release_due_retries().await?;
+    let released = store.release_due_retries().await?;
+    metrics.retries_released(u64::from(released));
     let rows = store.pending_outbox(BATCH).await?;
     if rows.is_empty() {
         return Ok(0);
@@ -48,10 +58,16 @@ pub async fn dispatch_once(
     for family in families {
         let batch: Vec<&OutboxMessage> = rows.iter().filter(|r| r.family == family).collect();
         let mut messages = Vec::with_capacity(batch.len());
+        let mut kinds = Vec::with_capacity(batch.len());
         for row in &batch {
-            messages.push(task_message(row)?);
+            let (task, message) = stamped_task(row)?;
+            kinds.push(task.kind_name());
+            messages.push(message);
         }
         queue.publish_task_batch(family, messages).await?;
+        for kind in kinds {
+            metrics.task_published(kind, family);
+        }
         let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
         store.mark_published(&ids).await?;
         published += ids.len();
@@ -66,9 +82,10 @@ pub async fn run_dispatcher(
     queue: Arc<dyn TaskQueue>,
     wake: Arc<Notify>,
     tick: Duration,
+    metrics: CoordinatorMetrics,
 ) {
     loop {
-        match dispatch_once(store.as_ref(), queue.as_ref()).await {
+        match dispatch_once(store.as_ref(), queue.as_ref(), &metrics).await {
             Ok(n) if n as u32 == BATCH => continue,
             Ok(_) => {}
             Err(e) => {

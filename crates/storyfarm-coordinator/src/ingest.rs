@@ -12,6 +12,7 @@ use storyfarm_queue::{Delivery, OutgoingMessage, TaskQueue};
 use storyfarm_store::{
     EventOutcome, FrameArtifacts, MetadataStore, RetryPolicy, TaskEventKind, TaskEventRecord,
 };
+use storyfarm_telemetry::CoordinatorMetrics;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
@@ -26,6 +27,30 @@ pub struct Ingestor {
     pub hub: Arc<WatchHub>,
     pub dispatch: Arc<Notify>,
     pub retry: RetryPolicy,
+    pub metrics: CoordinatorMetrics,
+}
+
+/// Counts an event the store applied (once per task, attempt and sequence number, so
+/// redelivered events are not counted twice).
+fn count_applied(metrics: &CoordinatorMetrics, event: &pb::TaskEvent) {
+    let (kind, family) = (event.task_kind.as_str(), event.family.as_str());
+    match &event.event {
+        Some(pb::task_event::Event::Started(s)) => {
+            metrics.task_started(kind, family, s.pickup_seconds)
+        }
+        Some(pb::task_event::Event::Succeeded(s)) => {
+            metrics.task_succeeded(kind, family, s.frames.len())
+        }
+        Some(pb::task_event::Event::Failed(f)) => {
+            let cause = if f.cause.is_empty() {
+                "unknown"
+            } else {
+                f.cause.as_str()
+            };
+            metrics.task_failed(kind, family, cause)
+        }
+        _ => {}
+    }
 }
 
 fn record_from(event: &pb::TaskEvent) -> Result<TaskEventRecord, String> {
@@ -167,6 +192,7 @@ impl Ingestor {
         };
         match &outcome {
             EventOutcome::Applied { affected_jobs, .. } => {
+                count_applied(&self.metrics, &event);
                 for job in affected_jobs {
                     self.hub.signal(*job, Signal::Changed);
                 }
@@ -239,6 +265,7 @@ impl Ingestor {
             };
             match self.store.record_event(&record, &self.retry).await {
                 Ok(EventOutcome::Applied { affected_jobs, .. }) => {
+                    self.metrics.dead_lettered(task.kind_name(), &task.family);
                     for job in affected_jobs {
                         self.hub.signal(job, Signal::Changed);
                     }

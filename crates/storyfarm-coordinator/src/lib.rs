@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod dispatch;
 pub mod ingest;
+pub mod metrics;
 pub mod model_facts;
 pub mod planner;
 pub mod service;
@@ -47,6 +48,8 @@ pub struct Coordinator {
     pub policy: planner::PlanPolicy,
     pub retry: RetryPolicy,
     pub max_reference_bytes: usize,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 /// Default upper bound of an uploaded reference image.
@@ -63,6 +66,7 @@ impl Coordinator {
         self.queue.declare_topology(&families).await?;
         let hub = watch::WatchHub::new();
         let wake = Arc::new(Notify::new());
+        let metrics = storyfarm_telemetry::CoordinatorMetrics::new();
         let api = service::Api {
             store: self.store.clone(),
             blobs: self.blobs.clone(),
@@ -71,6 +75,7 @@ impl Coordinator {
             dispatch: wake.clone(),
             policy: self.policy.clone(),
             max_reference_bytes: self.max_reference_bytes,
+            metrics: metrics.clone(),
         };
         let ingestor = Arc::new(ingest::Ingestor {
             store: self.store.clone(),
@@ -78,6 +83,7 @@ impl Coordinator {
             hub,
             dispatch: wake.clone(),
             retry: self.retry,
+            metrics: metrics.clone(),
         });
         let mut background = tokio::task::JoinSet::new();
         background.spawn(dispatch::run_dispatcher(
@@ -85,7 +91,24 @@ impl Coordinator {
             self.queue.clone(),
             wake,
             Duration::from_millis(250),
+            metrics.clone(),
         ));
+        if let Some(listener) = self.metrics_listener {
+            let scrape = Arc::new(crate::metrics::CoordinatorScrape {
+                metrics: metrics.clone(),
+                store: self.store.clone(),
+                queue: self.queue.clone(),
+                families: self.families.clone(),
+            });
+            background.spawn(async move {
+                if let Err(e) =
+                    storyfarm_telemetry::serve_metrics(listener, scrape, std::future::pending())
+                        .await
+                {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            });
+        }
         let events = ingestor.clone();
         background.spawn(async move {
             if let Err(e) = events.run_events().await {

@@ -85,6 +85,9 @@ pub fn plan_job(
             settings: Some(settings.clone()),
             work: Some(work),
             traceparent: traceparent.to_string(),
+            // Both stamped by the dispatcher when it publishes.
+            family: String::new(),
+            published_at_unix_ms: 0,
         }
         .encode_to_vec();
         PlannedTask {

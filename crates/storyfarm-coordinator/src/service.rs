@@ -21,6 +21,7 @@ use storyfarm_queue::{OutgoingMessage, TaskQueue};
 use storyfarm_store::{
     MetadataStore, PrerequisiteKind, Reference, ReferenceImage, ReferenceKind, StoredStoryboard,
 };
+use storyfarm_telemetry::CoordinatorMetrics;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -43,6 +44,7 @@ pub struct Api {
     pub dispatch: Arc<Notify>,
     pub policy: PlanPolicy,
     pub max_reference_bytes: usize,
+    pub metrics: CoordinatorMetrics,
 }
 
 type ApiResult<T> = Result<Response<T>, Status>;
@@ -590,6 +592,19 @@ impl JobService for Api {
         );
         let job = self.store.submit_job(&plan).await.map_err(ApiError::from)?;
         self.dispatch.notify_one();
+        self.metrics.job_submitted();
+        // A prerequisite this job did not have to compute (ready, or being computed for another
+        // job) is a hit of the content-addressed cache.
+        for (kind, computed) in [
+            (PrerequisiteKind::Style, job.inversion_tasks),
+            (PrerequisiteKind::Anchors, job.anchor_tasks),
+        ] {
+            let planned = plan.prerequisites.iter().filter(|p| p.kind == kind).count() as u32;
+            for i in 0..planned {
+                self.metrics
+                    .prerequisite_lookup(kind.as_str(), i >= computed);
+            }
+        }
         tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, anchor_tasks = job.anchor_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
         Ok(Response::new(convert::job(&job)))
     }

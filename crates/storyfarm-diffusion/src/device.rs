@@ -145,9 +145,48 @@ pub fn default_precision(device: &Device) -> Precision {
     }
 }
 
+/// Reads a GPU's memory figures for metrics; holds the device open so a scrape opens nothing.
+pub struct GpuMemoryProbe {
+    device: Device,
+}
+
+impl GpuMemoryProbe {
+    /// `None` for the CPU.
+    pub fn open(spec: DeviceSpec) -> Result<Option<Self>> {
+        match spec {
+            DeviceSpec::Cpu => Ok(None),
+            spec => Ok(Some(Self {
+                device: spec.device()?,
+            })),
+        }
+    }
+
+    /// (in use, in all) bytes.
+    pub fn read(&self) -> Option<(u64, u64)> {
+        gpu_memory(&self.device)
+    }
+}
+
+/// Memory in use and in all on the device, in bytes, as its driver counts it (every process
+/// on the GPU, which is what an operator sizing workers needs); `None` off CUDA.
+fn gpu_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(((total - free) as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_reports_no_gpu_memory() {
+        assert_eq!(gpu_memory(&Device::Cpu), None);
+    }
 
     #[test]
     fn parses_cpu_in_any_case() {

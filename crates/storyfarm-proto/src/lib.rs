@@ -8,6 +8,18 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet` of every storyfarm proto file, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/storyfarm_descriptor.bin"));
+
+    impl Task {
+        /// The task's kind as the store and the metrics name it.
+        pub fn kind_name(&self) -> &'static str {
+            match &self.work {
+                Some(task::Work::Invert(_)) => "invert",
+                Some(task::Work::Anchor(_)) => "anchor",
+                Some(task::Work::Render(_)) => "render",
+                None => "unknown",
+            }
+        }
+    }
 }
 
 mod convert {

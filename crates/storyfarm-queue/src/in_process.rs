@@ -521,6 +521,31 @@ impl TaskQueue for InProcessQueue {
         .boxed()
     }
 
+    fn queue_stats<'a>(
+        &'a self,
+        families: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<crate::QueueStats>, QueueError>> {
+        async move {
+            let names = &self.names;
+            let mut wanted: Vec<String> = families.iter().map(|f| names.task_queue(f)).collect();
+            wanted.push(names.dead_letter_queue());
+            wanted.push(names.events_queue());
+            let broker = self.lock()?;
+            Ok(wanted
+                .into_iter()
+                .filter_map(|queue| {
+                    let q = broker.queues.get(&queue)?;
+                    Some(crate::QueueStats {
+                        messages: (q.ready.len() + q.returned.len()) as u64,
+                        consumers: q.consumers.len() as u64,
+                        queue,
+                    })
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
     fn consume_control(&self) -> BoxFuture<'_, Result<Consumer, QueueError>> {
         async move {
             if !self.lock()?.exchanges_declared {

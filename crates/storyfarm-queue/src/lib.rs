@@ -159,4 +159,21 @@ pub trait TaskQueue: Send + Sync {
 
     /// Subscribes to control broadcasts sent from now on.
     fn consume_control(&self) -> BoxFuture<'_, Result<Consumer, QueueError>>;
+
+    /// Ready messages and consumers of these families' task queues, the dead-letter queue and
+    /// the events queue, as the broker counts them (metrics). Queues not declared are left out.
+    fn queue_stats<'a>(
+        &'a self,
+        families: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<QueueStats>, QueueError>>;
+}
+
+/// One queue as the broker counts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The queue's name on the broker.
+    pub queue: String,
+    /// Messages ready for delivery (not those delivered and unacknowledged).
+    pub messages: u64,
+    pub consumers: u64,
 }

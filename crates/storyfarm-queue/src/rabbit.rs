@@ -678,6 +678,46 @@ impl TaskQueue for RabbitQueue {
         .boxed()
     }
 
+    fn queue_stats<'a>(
+        &'a self,
+        families: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<crate::QueueStats>, QueueError>> {
+        async move {
+            let names = &self.names;
+            let mut wanted: Vec<String> = families.iter().map(|f| names.task_queue(f)).collect();
+            wanted.push(names.dead_letter_queue());
+            wanted.push(names.events_queue());
+            let mut stats = Vec::with_capacity(wanted.len());
+            for queue in wanted {
+                // A passive declare of a missing queue closes its channel: one channel each.
+                let channel = self.open_channel(Operation::Declare).await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                match channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(declared) => {
+                        stats.push(crate::QueueStats {
+                            queue,
+                            messages: u64::from(declared.message_count()),
+                            consumers: u64::from(declared.consumer_count()),
+                        });
+                        let _ = channel.close(REPLY_SUCCESS, "counted".into()).await;
+                    }
+                    Err(error) if self.connection.status().connected() => {
+                        debug!(queue = %queue, error = %error, "queue not counted (not declared)");
+                    }
+                    Err(error) => return Err(translate_lapin_error(error, Operation::Declare)),
+                }
+            }
+            Ok(stats)
+        }
+        .boxed()
+    }
+
     fn consume_control(&self) -> BoxFuture<'_, Result<Consumer, QueueError>> {
         async move {
             self.consume(

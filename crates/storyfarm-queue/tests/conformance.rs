@@ -455,6 +455,72 @@ async fn batch_of_1000_confirmed_and_consumed_once(queue: Arc<dyn TaskQueue>) {
     assert_eq!(seen, ids);
 }
 
+/// The stats of the queue whose name ends with `suffix`.
+async fn stats_of(queue: &dyn TaskQueue, suffix: &str) -> Option<storyfarm_queue::QueueStats> {
+    queue
+        .queue_stats(&[FAMILY, OTHER_FAMILY, "undeclared"])
+        .await
+        .expect("queue stats")
+        .into_iter()
+        .find(|s| s.queue.ends_with(suffix))
+}
+
+async fn queue_stats_count_ready_messages_and_consumers(queue: Arc<dyn TaskQueue>) {
+    let stats = queue
+        .queue_stats(&[FAMILY, OTHER_FAMILY, "undeclared"])
+        .await
+        .expect("queue stats");
+    let mut names: Vec<&str> = stats.iter().map(|s| s.queue.as_str()).collect();
+    names.sort();
+    // Both families' task queues, the dead letters and the events; the undeclared family is
+    // left out (and does not break the connection: the calls below still work).
+    assert_eq!(names.len(), 4, "{names:?}");
+    for suffix in [
+        format!(".tasks.{FAMILY}"),
+        format!(".tasks.{OTHER_FAMILY}"),
+        ".tasks.dead".to_string(),
+        ".events".to_string(),
+    ] {
+        assert!(
+            names.iter().any(|n| n.ends_with(&suffix)),
+            "{suffix} in {names:?}"
+        );
+    }
+    assert!(
+        stats.iter().all(|s| s.messages == 0 && s.consumers == 0),
+        "{stats:?}"
+    );
+
+    for p in ["a", "b", "c"] {
+        queue.publish_task(FAMILY, task(p)).await.expect("publish");
+    }
+    let own = format!(".tasks.{FAMILY}");
+    let s = stats_of(queue.as_ref(), &own).await.unwrap();
+    assert_eq!((s.messages, s.consumers), (3, 0));
+    let mut consumer = queue.consume_tasks(FAMILY, 1).await.expect("consume");
+    let held = next_delivery(&mut consumer).await;
+    // The broker's counts follow the delivery shortly after it arrives.
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    let s = loop {
+        let s = stats_of(queue.as_ref(), &own).await.unwrap();
+        if (s.messages, s.consumers) == (2, 1) || tokio::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (s.messages, s.consumers),
+        (2, 1),
+        "a held delivery is not ready"
+    );
+    held.acker.ack().await.expect("ack");
+    consumer.close().await.expect("close");
+    let other = stats_of(queue.as_ref(), &format!(".tasks.{OTHER_FAMILY}"))
+        .await
+        .unwrap();
+    assert_eq!((other.messages, other.consumers), (0, 0));
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod in_process {
@@ -489,4 +555,5 @@ conformance!(
     events_round_trip,
     publishing_to_an_undeclared_family_fails,
     batch_of_1000_confirmed_and_consumed_once,
+    queue_stats_count_ready_messages_and_consumers,
 );

@@ -42,6 +42,7 @@ macro_rules! conformance_cases {
             cancel_keeps_prerequisites_other_jobs_wait_for,
             lost_anchor_task_of_a_cancelled_job_still_serves_its_waiters,
             concurrent_workers_dispatcher_and_api,
+            farm_counts_follow_jobs_frames_and_tasks,
         }
     };
 }
@@ -648,6 +649,92 @@ pub async fn inversion_is_claimed_once_and_releases_waiting_renders(store: Store
     let job3 = store.submit_job(&third).await.unwrap();
     assert_eq!(job3.inversion_tasks, 0);
     assert_eq!(store.pending_outbox(100).await.unwrap().len(), 6);
+}
+
+pub async fn farm_counts_follow_jobs_frames_and_tasks(store: Store) {
+    let store = store.as_ref();
+    let job_count =
+        |c: &FarmCounts, state: JobState| c.jobs.iter().find(|(s, _)| *s == state).map(|(_, n)| *n);
+    let frame_count = |c: &FarmCounts, state: FrameState| {
+        c.frames.iter().find(|(s, _)| *s == state).map(|(_, n)| *n)
+    };
+    let task_count = |c: &FarmCounts, kind: TaskKind, state: &str| {
+        c.tasks
+            .iter()
+            .find(|(k, s, _)| *k == kind && *s == state)
+            .map(|(_, _, n)| *n)
+    };
+    let empty = store.farm_counts().await.unwrap();
+    // Every state is listed, at zero.
+    assert_eq!(empty.jobs.len(), 5);
+    assert_eq!(empty.frames.len(), 5);
+    assert_eq!(empty.tasks.len(), 3 * LIVE_TASK_STATES.len());
+    assert!(empty.jobs.iter().all(|(_, n)| *n == 0));
+    assert!(empty.tasks.iter().all(|(_, _, n)| *n == 0));
+    assert_eq!((empty.busy_workers, empty.oldest_heartbeat_age), (0, None));
+
+    let sb = storyboard(store).await;
+    let planned = new_job(sb, Some("key-1"));
+    store.submit_job(&planned).await.unwrap();
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(job_count(&c, JobState::Queued), Some(1));
+    assert_eq!(frame_count(&c, FrameState::Pending), Some(3));
+    assert_eq!(task_count(&c, TaskKind::Invert, "queued"), Some(1));
+    assert_eq!(task_count(&c, TaskKind::Render, "waiting"), Some(2));
+
+    let inv = inversion_of(&planned);
+    store
+        .record_event(&event(inv, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(task_count(&c, TaskKind::Invert, "running"), Some(1));
+    assert_eq!(c.busy_workers, 1);
+    let age = c.oldest_heartbeat_age.expect("a task runs");
+    assert!(age < std::time::Duration::from_secs(60), "{age:?}");
+    let done = TaskEventKind::Succeeded {
+        frames: vec![],
+        trajectory_key: Some("traj".into()),
+    };
+    store
+        .record_event(&event(inv, 1, 1, done), &FAST)
+        .await
+        .unwrap();
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(task_count(&c, TaskKind::Invert, "running"), Some(0));
+    assert_eq!(task_count(&c, TaskKind::Render, "queued"), Some(2));
+    assert_eq!((c.busy_workers, c.oldest_heartbeat_age), (0, None));
+
+    let (a, b) = (planned.render_tasks[0].id, planned.render_tasks[1].id);
+    store
+        .record_event(&event_from("w2", a, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    store
+        .record_event(&event_from("w3", b, 1, 0, TaskEventKind::Started), &FAST)
+        .await
+        .unwrap();
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(c.busy_workers, 2);
+    assert_eq!(job_count(&c, JobState::Running), Some(1));
+    assert_eq!(frame_count(&c, FrameState::Rendering), Some(3));
+    store
+        .record_event(&event_from("w2", a, 1, 1, succeeded(&[0, 1])), &FAST)
+        .await
+        .unwrap();
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(frame_count(&c, FrameState::Succeeded), Some(2));
+    assert_eq!(frame_count(&c, FrameState::Rendering), Some(1));
+    store
+        .record_event(&event_from("w3", b, 1, 1, succeeded(&[2])), &FAST)
+        .await
+        .unwrap();
+    // A finished job's frames are history: only the job itself is still counted.
+    let c = store.farm_counts().await.unwrap();
+    assert_eq!(job_count(&c, JobState::Succeeded), Some(1));
+    assert_eq!(job_count(&c, JobState::Running), Some(0));
+    assert!(c.frames.iter().all(|(_, n)| *n == 0), "{:?}", c.frames);
+    assert!(c.tasks.iter().all(|(_, _, n)| *n == 0), "{:?}", c.tasks);
 }
 
 pub async fn frames_succeed_once_and_the_job_finishes(store: Store) {

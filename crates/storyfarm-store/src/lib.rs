@@ -52,6 +52,9 @@ pub trait MetadataStore: Send + Sync {
     async fn cancel_job(&self, id: JobId) -> Result<(Job, bool)>;
     /// Jobs that are not finished (for watchers after a restart).
     async fn unfinished_jobs(&self) -> Result<Vec<JobId>>;
+    /// Live counts for the coordinator's metrics (read on every scrape, so bounded in cost:
+    /// frames and tasks of unfinished work only).
+    async fn farm_counts(&self) -> Result<FarmCounts>;
 
     /// Outbox rows not yet confirmed by the broker, oldest first.
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>>;

@@ -982,6 +982,45 @@ impl MetadataStore for PgStore {
         Ok(ids.into_iter().map(JobId).collect())
     }
 
+    async fn farm_counts(&self) -> Result<FarmCounts> {
+        let mut tx = self.pool.begin().await?;
+        // One snapshot for all the figures.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let jobs: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+                .fetch_all(&mut *tx)
+                .await?;
+        let frames: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT f.state, count(*) FROM jobs j JOIN frames f ON f.job_id = j.id
+             WHERE j.state IN ('queued', 'running') GROUP BY f.state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, state, count(*) FROM tasks
+             WHERE state IN ('waiting', 'queued', 'running', 'retry_wait') GROUP BY kind, state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let (busy, age): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(DISTINCT worker_id),
+                    EXTRACT(EPOCH FROM now() - min(coalesce(heartbeat_at, updated_at)))::float8
+             FROM tasks WHERE state = 'running'",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(FarmCounts::from_rows(
+            &jobs,
+            &frames,
+            &tasks,
+            busy,
+            age.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+        ))
+    }
+
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
         let rows = sqlx::query(
             "SELECT o.id, o.task_id, o.attempt, t.family, t.payload FROM outbox o JOIN tasks t ON t.id = o.task_id

@@ -963,6 +963,38 @@ impl MetadataStore for SqliteStore {
             .collect()
     }
 
+    async fn farm_counts(&self) -> Result<FarmCounts> {
+        // A read transaction: one snapshot for all the figures.
+        let mut tx = self.pool.begin().await?;
+        let jobs: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+                .fetch_all(&mut *tx)
+                .await?;
+        let frames: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT f.state, count(*) FROM jobs j JOIN frames f ON f.job_id = j.id
+             WHERE j.state IN ('queued', 'running') GROUP BY f.state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let tasks: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT kind, state, count(*) FROM tasks
+             WHERE state IN ('waiting', 'queued', 'running', 'retry_wait') GROUP BY kind, state",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let (busy, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(DISTINCT worker_id), min(coalesce(heartbeat_at, updated_at))
+             FROM tasks WHERE state = 'running'",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let age = oldest.map(|micros| {
+            std::time::Duration::from_micros(now_micros().saturating_sub(micros).max(0) as u64)
+        });
+        Ok(FarmCounts::from_rows(&jobs, &frames, &tasks, busy, age))
+    }
+
     async fn pending_outbox(&self, limit: u32) -> Result<Vec<OutboxMessage>> {
         let rows = sqlx::query(
             "SELECT o.id, o.task_id, o.attempt, t.family, t.payload FROM outbox o JOIN tasks t ON t.id = o.task_id

@@ -428,3 +428,82 @@ mod tests {
         assert_eq!(p.delay(u32::MAX), Duration::from_secs(60));
     }
 }
+
+/// Task states of work not yet finished, in the order the metrics list them.
+pub const LIVE_TASK_STATES: [&str; 4] = ["waiting", "queued", "running", "retry_wait"];
+
+/// What the farm holds now, for the coordinator's metrics. Every state is listed (zero counts
+/// included) so a gauge that empties drops to zero.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FarmCounts {
+    /// Every job by state.
+    pub jobs: Vec<(JobState, i64)>,
+    /// Frames of unfinished (queued or running) jobs by state; finished jobs' frames are history,
+    /// counted by the coordinator's counters instead of a scan on every scrape.
+    pub frames: Vec<(FrameState, i64)>,
+    /// Tasks in a live state ([`LIVE_TASK_STATES`]) by kind and state.
+    pub tasks: Vec<(TaskKind, &'static str, i64)>,
+    /// Distinct workers holding a running task.
+    pub busy_workers: i64,
+    /// Since the stalest running task's last heartbeat (or its start); `None` when none runs.
+    pub oldest_heartbeat_age: Option<std::time::Duration>,
+}
+
+impl FarmCounts {
+    /// Zero-filled lists, then the counts a query returned by their stored names (unknown names
+    /// are ignored: a newer schema's states do not break an older coordinator's metrics).
+    pub fn from_rows(
+        jobs: &[(String, i64)],
+        frames: &[(String, i64)],
+        tasks: &[(String, String, i64)],
+        busy_workers: i64,
+        oldest_heartbeat_age: Option<std::time::Duration>,
+    ) -> Self {
+        const JOB_STATES: [JobState; 5] = [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+        ];
+        const FRAME_STATES: [FrameState; 5] = [
+            FrameState::Pending,
+            FrameState::Rendering,
+            FrameState::Succeeded,
+            FrameState::Failed,
+            FrameState::Cancelled,
+        ];
+        const KINDS: [TaskKind; 3] = [TaskKind::Invert, TaskKind::Anchor, TaskKind::Render];
+        let count = |rows: &[(String, i64)], name: &str| {
+            rows.iter()
+                .filter(|(s, _)| s == name)
+                .map(|(_, n)| *n)
+                .sum::<i64>()
+        };
+        Self {
+            jobs: JOB_STATES
+                .iter()
+                .map(|&s| (s, count(jobs, s.as_str())))
+                .collect(),
+            frames: FRAME_STATES
+                .iter()
+                .map(|&s| (s, count(frames, s.as_str())))
+                .collect(),
+            tasks: KINDS
+                .iter()
+                .flat_map(|&k| {
+                    LIVE_TASK_STATES.iter().map(move |&state| {
+                        let n = tasks
+                            .iter()
+                            .filter(|(kind, st, _)| kind == k.as_str() && st == state)
+                            .map(|(_, _, n)| *n)
+                            .sum::<i64>();
+                        (k, state, n)
+                    })
+                })
+                .collect(),
+            busy_workers,
+            oldest_heartbeat_age,
+        }
+    }
+}

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use prost::Message;
 use storyfarm_blob::{BlobKey, BlobStore};
 use storyfarm_diffusion::consistory::ConsistoryOptions;
+use storyfarm_diffusion::device::{DeviceSpec, GpuMemoryProbe};
 use storyfarm_diffusion::frames::{
     anchors_file, generate_reference, invert_image, picture_from_anchors_file, render_characters,
     render_frames, CharacterFrameRequest, CharacterRenderRequest, CharacterRequest, FrameRequest,
@@ -24,6 +25,7 @@ use storyfarm_diffusion::style_aligned::StyleAlignedOptions;
 use storyfarm_diffusion::DiffusionError;
 use storyfarm_proto::v1 as pb;
 use storyfarm_queue::{Delivery, OutgoingMessage, QueueError, TaskQueue};
+use storyfarm_telemetry::WorkerMetrics;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -88,11 +90,42 @@ pub enum WorkerError {
     },
 }
 
+/// What failed, as the metrics name it (a small fixed set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    /// The task itself is invalid (missing parts, inconsistent artifacts).
+    Task,
+    /// The model would not load.
+    Model,
+    /// The artifact store.
+    Storage,
+    /// The computation.
+    Render,
+    /// The worker could not report to the coordinator.
+    Report,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Model => "model",
+            Self::Storage => "storage",
+            Self::Render => "render",
+            Self::Report => "report",
+        }
+    }
+}
+
 /// Why a task did not produce artifacts.
 #[derive(Debug)]
 enum TaskFailure {
     /// Report it; `retryable` decides whether the coordinator tries again.
-    Failed { reason: String, retryable: bool },
+    Failed {
+        reason: String,
+        retryable: bool,
+        cause: Cause,
+    },
     /// The coordinator said stop (cancelled, or this attempt is stale): ack and move on.
     Stopped,
     /// Shutting down: hand the task back to the queue.
@@ -106,6 +139,7 @@ impl From<DiffusionError> for TaskFailure {
             e => Self::Failed {
                 retryable: e.is_retryable(),
                 reason: e.to_string(),
+                cause: Cause::Render,
             },
         }
     }
@@ -116,6 +150,7 @@ impl From<storyfarm_blob::BlobError> for TaskFailure {
         Self::Failed {
             retryable: e.is_retryable() || e.is_not_found(),
             reason: e.to_string(),
+            cause: Cause::Storage,
         }
     }
 }
@@ -140,6 +175,43 @@ fn character_request(c: &pb::CharacterWork, picture: Option<Vec<u8>>) -> Charact
     }
 }
 
+/// What a worker's `/metrics` endpoint serves: its metrics, with the heartbeat age brought up to
+/// now and, on CUDA, the device's memory.
+pub struct WorkerScrape {
+    metrics: WorkerMetrics,
+    gpu: Option<(String, GpuMemoryProbe)>,
+}
+
+impl WorkerScrape {
+    /// `device`: the worker's; a CUDA device is opened once here for the memory figures.
+    pub fn new(metrics: WorkerMetrics, device: DeviceSpec) -> Self {
+        let gpu = match GpuMemoryProbe::open(device) {
+            Ok(probe) => probe.map(|p| (device.to_string(), p)),
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: no GPU memory figures");
+                None
+            }
+        };
+        Self { metrics, gpu }
+    }
+}
+
+impl storyfarm_telemetry::Scrape for WorkerScrape {
+    fn refresh(&self) -> storyfarm_telemetry::BoxFuture<'_, ()> {
+        self.metrics.refresh_heartbeat_age();
+        if let Some((name, probe)) = &self.gpu {
+            if let Some((used, total)) = probe.read() {
+                self.metrics.set_gpu_memory(name, used, total);
+            }
+        }
+        Box::pin(std::future::ready(()))
+    }
+
+    fn registry(&self) -> &storyfarm_telemetry::Registry {
+        self.metrics.registry()
+    }
+}
+
 pub struct Worker {
     config: WorkerConfig,
     queue: Arc<dyn TaskQueue>,
@@ -148,6 +220,7 @@ pub struct Worker {
     current: Arc<Mutex<Option<Current>>>,
     shutting_down: Arc<AtomicBool>,
     seq: AtomicU64,
+    metrics: WorkerMetrics,
 }
 
 impl Worker {
@@ -164,6 +237,7 @@ impl Worker {
             models,
             current: Arc::new(Mutex::new(None)),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            metrics: WorkerMetrics::new(),
             // Sequence numbers keep growing across restarts of a worker with the same id.
             seq: AtomicU64::new(
                 std::time::SystemTime::now()
@@ -172,6 +246,11 @@ impl Worker {
                     .unwrap_or(0),
             ),
         }
+    }
+
+    /// This worker's metrics (served on `/metrics` by whoever runs the worker).
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
     }
 
     fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<Current>> {
@@ -310,6 +389,8 @@ impl Worker {
             seq,
             event: Some(event),
             job_id: task.job_id.clone(),
+            task_kind: task.kind_name().to_string(),
+            family: task.family.clone(),
         };
         self.queue
             .publish_event(
@@ -382,17 +463,27 @@ impl Worker {
             recorded: recorded_tx,
         });
         tracing::info!("task started");
+        let began = std::time::Instant::now();
+        self.metrics.task_began();
+        let pickup_seconds = (task.published_at_unix_ms > 0).then(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            (now - task.published_at_unix_ms).max(0) as f64 / 1000.0
+        });
         let started = self
             .send_event(
                 &task,
                 self.next_seq(),
-                pb::task_event::Event::Started(pb::TaskStarted {}),
+                pb::task_event::Event::Started(pb::TaskStarted { pickup_seconds }),
             )
             .await;
         let outcome = match started {
             Err(e) => Err(TaskFailure::Failed {
                 reason: format!("cannot report start: {e}"),
                 retryable: true,
+                cause: Cause::Report,
             }),
             Ok(()) => {
                 let heartbeat = self.clone().spawn_heartbeat(task.clone());
@@ -408,9 +499,16 @@ impl Worker {
             }
             other => other,
         };
+        let (kind, family) = (task.kind_name(), task.family.as_str());
+        let ended = |outcome: &str| {
+            self.metrics
+                .task_ended(kind, family, outcome, began.elapsed().as_secs_f64())
+        };
         let settle = match outcome {
             Ok(done) => {
                 tracing::info!(frames = done.frames.len(), "task succeeded");
+                self.metrics.frames_rendered(family, done.frames.len());
+                ended("succeeded");
                 self.send_final(
                     &task,
                     pb::task_event::Event::Succeeded(done),
@@ -419,11 +517,20 @@ impl Worker {
                 .await;
                 delivery.acker.ack().await
             }
-            Err(TaskFailure::Failed { reason, retryable }) => {
-                tracing::warn!(%reason, retryable, "task failed");
+            Err(TaskFailure::Failed {
+                reason,
+                retryable,
+                cause,
+            }) => {
+                tracing::warn!(%reason, retryable, cause = cause.as_str(), "task failed");
+                ended("failed");
                 self.send_final(
                     &task,
-                    pb::task_event::Event::Failed(pb::TaskFailed { reason, retryable }),
+                    pb::task_event::Event::Failed(pb::TaskFailed {
+                        reason,
+                        retryable,
+                        cause: cause.as_str().to_string(),
+                    }),
                     &mut recorded_rx,
                 )
                 .await;
@@ -431,10 +538,12 @@ impl Worker {
             }
             Err(TaskFailure::HandBack) => {
                 tracing::info!("task handed back");
+                ended("handed_back");
                 delivery.acker.nack(true).await
             }
             Err(TaskFailure::Stopped) => {
                 tracing::info!("task stopped at the coordinator's request");
+                ended("stopped");
                 delivery.acker.ack().await
             }
         };
@@ -448,13 +557,16 @@ impl Worker {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(self.config.heartbeat).await;
-                let _ = self
+                let sent = self
                     .send_event(
                         &task,
                         self.next_seq(),
                         pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {}),
                     )
                     .await;
+                if sent.is_ok() {
+                    self.metrics.heartbeat_sent();
+                }
             }
         })
     }
@@ -467,7 +579,9 @@ impl Worker {
             return Ok(bytes);
         }
         let blob_key = BlobKey::new(key)?;
+        let began = std::time::Instant::now();
         let bytes = self.blobs.get(&blob_key).await?;
+        self.metrics.blob_call("get", began.elapsed().as_secs_f64());
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         if tokio::fs::write(&tmp, &bytes).await.is_ok() {
             let _ = tokio::fs::rename(&tmp, &path).await;
@@ -482,6 +596,7 @@ impl Worker {
     ) -> Result<Vec<pb::FrameArtifacts>, TaskFailure> {
         let mut artifacts = Vec::with_capacity(rendered.len());
         for frame in rendered {
+            let began = std::time::Instant::now();
             let png = self
                 .blobs
                 .put_content("png", Bytes::from(frame.png))
@@ -490,6 +605,8 @@ impl Worker {
                 .blobs
                 .put_content("safetensors", Bytes::from(frame.latents))
                 .await?;
+            // One observation per frame: its picture and latents together.
+            self.metrics.blob_call("put", began.elapsed().as_secs_f64());
             artifacts.push(pb::FrameArtifacts {
                 index: frame.index,
                 png_key: png.as_str().into(),
@@ -507,6 +624,7 @@ impl Worker {
         let settings = task.settings.clone().ok_or(TaskFailure::Failed {
             reason: "task without settings".into(),
             retryable: false,
+            cause: Cause::Task,
         })?;
         let generation = GenerationSettings {
             height: settings.height as usize,
@@ -514,7 +632,7 @@ impl Worker {
             steps: settings.steps as usize,
             guidance_scale: settings.guidance_scale,
         };
-        let model = self.models.get(&settings.model).await?;
+        let model = self.models.get(&settings.model, &self.metrics).await?;
         // Progress travels from the compute thread to the event publisher through a channel.
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(u32, u32)>();
         let reporter = {
@@ -545,12 +663,20 @@ impl Worker {
             })
         };
         let every = self.config.progress_every.max(1);
+        let metrics = self.metrics.clone();
+        let family = task.family.clone();
+        let mut last_step = std::time::Instant::now();
         let progress = move |p: Progress| -> storyfarm_diffusion::Result<()> {
             let (step, steps) = match p {
                 Progress::Denoise { step, steps } | Progress::Invert { step, steps } => {
                     (step, steps)
                 }
             };
+            // Step 0 is the call before the first step; after it each call ends a step.
+            if step > 0 {
+                metrics.step(&family, last_step.elapsed().as_secs_f64());
+            }
+            last_step = std::time::Instant::now();
             if stop.load(Ordering::SeqCst) {
                 return Err(DiffusionError::Cancelled { step });
             }
@@ -607,6 +733,7 @@ impl Worker {
                 .map_err(|e| TaskFailure::Failed {
                     reason: format!("inversion panicked: {e}"),
                     retryable: false,
+                    cause: Cause::Render,
                 })??;
                 // The picture first: the trajectory is what marks the reference complete.
                 if let Some(png) = picture {
@@ -624,6 +751,7 @@ impl Worker {
                 let character = work.character.clone().ok_or(TaskFailure::Failed {
                     reason: "anchor task without a character".into(),
                     retryable: false,
+                    cause: Cause::Task,
                 })?;
                 let style = match &work.style {
                     Some(s) => Some(self.cached_blob(&s.trajectory_key).await?),
@@ -697,6 +825,7 @@ impl Worker {
                     .map_err(|e| TaskFailure::Failed {
                         reason: format!("anchor render panicked: {e}"),
                         retryable: false,
+                        cause: Cause::Render,
                     })??;
                 // Pictures first: the anchors file is what marks the anchors complete.
                 for anchor in &anchors {
@@ -735,6 +864,7 @@ impl Worker {
                                     c.anchors_key, c.name
                                 ),
                                 retryable: false,
+                                cause: Cause::Task,
                             }
                         })?)
                     };
@@ -788,6 +918,7 @@ impl Worker {
                 .map_err(|e| TaskFailure::Failed {
                     reason: format!("render panicked: {e}"),
                     retryable: false,
+                    cause: Cause::Render,
                 })??;
                 Ok(pb::TaskSucceeded {
                     frames: self.upload_frames(rendered).await?,
@@ -831,6 +962,7 @@ impl Worker {
                 .map_err(|e| TaskFailure::Failed {
                     reason: format!("render panicked: {e}"),
                     retryable: false,
+                    cause: Cause::Render,
                 })??;
                 Ok(pb::TaskSucceeded {
                     frames: self.upload_frames(rendered).await?,
@@ -840,6 +972,7 @@ impl Worker {
             None => Err(TaskFailure::Failed {
                 reason: "task without work".into(),
                 retryable: false,
+                cause: Cause::Task,
             }),
         };
         reporter.abort();

@@ -8,7 +8,9 @@ use storyfarm_diffusion::model::{HubOptions, ModelFolder};
 use storyfarm_diffusion::pipeline::StableDiffusion;
 use storyfarm_diffusion::DiffusionError;
 
-use crate::TaskFailure;
+use storyfarm_telemetry::WorkerMetrics;
+
+use crate::{Cause, TaskFailure};
 
 /// How models are found and where they run.
 #[derive(Clone, Debug)]
@@ -47,16 +49,22 @@ impl ModelCache {
     }
 
     /// The model, loaded on first use (on a blocking thread).
-    pub(crate) async fn get(&self, model: &str) -> Result<Arc<StableDiffusion>, TaskFailure> {
+    pub(crate) async fn get(
+        &self,
+        model: &str,
+        metrics: &WorkerMetrics,
+    ) -> Result<Arc<StableDiffusion>, TaskFailure> {
         {
             let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = loaded.iter().position(|(id, _)| id == model) {
                 let entry = loaded.remove(i);
                 let sd = entry.1.clone();
                 loaded.push(entry);
+                metrics.model_lookup(true);
                 return Ok(sd);
             }
         }
+        metrics.model_lookup(false);
         let loader = self.loader.clone();
         let id = model.to_string();
         let started = std::time::Instant::now();
@@ -65,7 +73,19 @@ impl ModelCache {
             .map_err(|e| TaskFailure::Failed {
                 reason: format!("model loading panicked: {e}"),
                 retryable: false,
-            })??;
+                cause: Cause::Model,
+            })?
+            .map_err(|e| match TaskFailure::from(e) {
+                TaskFailure::Failed {
+                    reason, retryable, ..
+                } => TaskFailure::Failed {
+                    reason,
+                    retryable,
+                    cause: Cause::Model,
+                },
+                other => other,
+            })?;
+        metrics.model_loaded(started.elapsed().as_secs_f64());
         tracing::info!(
             model,
             seconds = started.elapsed().as_secs_f32(),

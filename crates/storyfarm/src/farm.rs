@@ -12,7 +12,7 @@ use storyfarm_diffusion::device::{DeviceSpec, Precision};
 use storyfarm_diffusion::model::HubOptions;
 use storyfarm_queue::{QueueConfig, RabbitQueue, TaskQueue};
 use storyfarm_store::{MetadataStore, PgStore, RetryPolicy};
-use storyfarm_worker::{ModelCache, ModelLoader, Worker, WorkerConfig};
+use storyfarm_worker::{ModelCache, ModelLoader, Worker, WorkerConfig, WorkerScrape};
 
 /// Where the farm's services are (shared by serve and worker).
 #[derive(Args, Debug, Clone)]
@@ -73,6 +73,28 @@ pub struct ServeArgs {
     /// First retry delay in milliseconds (doubles per attempt, capped at a minute).
     #[arg(long, default_value_t = 2000)]
     retry_base_ms: u64,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+/// Where Prometheus scrapes this process.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9464; off if unset.
+    #[arg(long, env = "STORYFARM_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+}
+
+impl MetricsArgs {
+    async fn bind(&self) -> Result<Option<tokio::net::TcpListener>> {
+        let Some(addr) = &self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        Ok(Some(listener))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +125,8 @@ pub struct WorkerArgs {
     /// Resend a final event when the coordinator has not confirmed it after this long.
     #[arg(long, default_value_t = 30)]
     recorded_timeout_seconds: u64,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 async fn shutdown_signal() {
@@ -144,6 +168,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let metrics_listener = args.metrics.bind().await?;
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let coordinator = Coordinator {
         store,
         blobs,
@@ -157,8 +186,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             max: Duration::from_secs(60),
         },
         max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
+        metrics_listener,
     };
     println!("listening on {}", listener.local_addr()?);
+    if let Some(addr) = metrics_addr {
+        println!("metrics on http://{addr}/metrics");
+    }
     coordinator.serve(listener, shutdown_signal()).await?;
     Ok(())
 }
@@ -193,6 +226,25 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         recorded_timeout: Duration::from_secs(args.recorded_timeout_seconds.max(1)),
     };
     let worker = Arc::new(Worker::new(config, queue, blobs, models));
-    worker.run(shutdown_signal()).await?;
+    let metrics = match args.metrics.bind().await? {
+        Some(listener) => {
+            println!("metrics on http://{}/metrics", listener.local_addr()?);
+            let scrape = Arc::new(WorkerScrape::new(worker.metrics().clone(), args.device));
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    storyfarm_telemetry::serve_metrics(listener, scrape, std::future::pending())
+                        .await
+                {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let result = worker.run(shutdown_signal()).await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    result?;
     Ok(())
 }

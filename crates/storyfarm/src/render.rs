@@ -235,6 +235,7 @@ impl LocalFarm {
                 max: Duration::from_secs(10),
             },
             max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
+            metrics_listener: None,
         };
         let shutdown = stopped(stop_rx.clone());
         let coordinator = tokio::spawn(async move {

@@ -1390,3 +1390,280 @@ async fn characters_and_a_style_render_on_the_farm_like_render_and_anchors_are_r
         "{sequel_job:?}"
     );
 }
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The body of `GET /metrics`, parsed by an independent parser of the Prometheus text format.
+async fn scrape(port: u16) -> (String, prometheus_parse::Scrape) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("metrics endpoint on {port}: {e}"));
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let parsed = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text format: {e}\n{body}"));
+    (body.to_string(), parsed)
+}
+
+/// The sum of the samples of `name` whose labels include every pair of `labels` (histograms:
+/// name their `_count` or `_sum`).
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or_default(),
+            prometheus_parse::Value::Summary(_) => f64::NAN,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_metrics_endpoints_move_during_and_after_a_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    let (coordinator_port, worker_port) = (free_port(), free_port());
+    let mut command = farm.command("serve", "coordinator.log");
+    command.args([
+        "--listen",
+        &format!("127.0.0.1:{}", farm.port),
+        "--metrics-listen",
+        &format!("127.0.0.1:{coordinator_port}"),
+    ]);
+    farm.start_coordinator_with(command);
+    let mut worker = farm.worker_command("worker-m");
+    worker.args(["--metrics-listen", &format!("127.0.0.1:{worker_port}")]);
+    farm.workers.push(worker.spawn().unwrap());
+
+    // Before any job: both endpoints answer, the farm is idle.
+    let (_, c) = scrape(coordinator_port).await;
+    assert_eq!(
+        value(&c, "storyfarm_build_info", &[("role", "coordinator")]),
+        1.0
+    );
+    assert_eq!(value(&c, "storyfarm_jobs", &[]), 0.0);
+    let started = Instant::now();
+    let w = loop {
+        // The worker binds its endpoint after connecting to the broker.
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", worker_port)).await {
+            drop(s);
+            break scrape(worker_port).await.1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker metrics never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value(&w, "storyfarm_worker_tasks_in_progress", &[]), 0.0);
+
+    // Six frames, one per task, on one worker: several seconds of work to watch.
+    const STEPS: u32 = 25;
+    let board = write_board(dir.path(), 6, STEPS, 1);
+    let job_id = farm.submit(&board);
+    let (mut saw_running_job, mut saw_busy_worker, mut saw_running_frames) = (false, false, false);
+    let mut saw_steps_mid_job = false;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, c) = scrape(coordinator_port).await;
+        let (_, w) = scrape(worker_port).await;
+        let finished = value(&c, "storyfarm_jobs", &[("state", "succeeded")]) == 1.0;
+        if finished {
+            break;
+        }
+        saw_running_job |= value(&c, "storyfarm_jobs", &[("state", "running")]) == 1.0;
+        saw_running_frames |= value(&c, "storyfarm_frames", &[("state", "rendering")]) >= 1.0;
+        saw_busy_worker |= value(&w, "storyfarm_worker_tasks_in_progress", &[]) == 1.0
+            && value(&c, "storyfarm_busy_workers", &[]) == 1.0;
+        saw_steps_mid_job |= value(&w, "storyfarm_worker_step_duration_seconds_count", &[]) > 0.0
+            && value(&c, "storyfarm_frames_rendered_total", &[]) < 6.0;
+        assert!(Instant::now() < deadline, "job {job_id} did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        saw_running_job && saw_running_frames && saw_busy_worker && saw_steps_mid_job,
+        "mid-job scrapes: running job {saw_running_job}, rendering frames {saw_running_frames}, \
+         busy worker {saw_busy_worker}, steps observed {saw_steps_mid_job}"
+    );
+    let job = farm.wait_for(&job_id, Duration::from_secs(10)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+
+    // After: the counters add up to the job, and the live gauges are back to idle.
+    let (c_text, c) = scrape(coordinator_port).await;
+    let sd = ("family", "sd");
+    let render = [("kind", "render"), sd];
+    let invert = [("kind", "invert"), sd];
+    assert_eq!(
+        value(&c, "storyfarm_jobs_submitted_total", &[]),
+        1.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_published_total", &render),
+        6.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_published_total", &invert),
+        1.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_started_total", &render),
+        6.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_succeeded_total", &render),
+        6.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_succeeded_total", &invert),
+        1.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_tasks_failed_total", &[]),
+        0.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_frames_rendered_total", &[sd]),
+        6.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_task_pickup_seconds_count", &[]),
+        7.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(
+            &c,
+            "storyfarm_prerequisite_lookups_total",
+            &[("kind", "style"), ("result", "miss")]
+        ),
+        1.0,
+        "{c_text}"
+    );
+    assert_eq!(value(&c, "storyfarm_jobs", &[("state", "succeeded")]), 1.0);
+    assert_eq!(value(&c, "storyfarm_frames", &[]), 0.0, "{c_text}");
+    assert_eq!(value(&c, "storyfarm_tasks", &[]), 0.0, "{c_text}");
+    assert_eq!(value(&c, "storyfarm_busy_workers", &[]), 0.0);
+    assert_eq!(
+        value(&c, "storyfarm_task_heartbeat_age_max_seconds", &[]),
+        0.0
+    );
+    // The broker's view of the family's task queue: drained, one consumer (the worker).
+    let task_queue = [("queue", format!("{}.tasks.sd", farm.name))];
+    let task_queue: Vec<(&str, &str)> = task_queue.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(
+        value(&c, "storyfarm_queue_messages", &task_queue),
+        0.0,
+        "{c_text}"
+    );
+    assert_eq!(
+        value(&c, "storyfarm_queue_consumers", &task_queue),
+        1.0,
+        "{c_text}"
+    );
+
+    let (w_text, w) = scrape(worker_port).await;
+    let ok = [("kind", "render"), sd, ("outcome", "succeeded")];
+    assert_eq!(
+        value(&w, "storyfarm_worker_tasks_total", &ok),
+        6.0,
+        "{w_text}"
+    );
+    assert_eq!(
+        value(&w, "storyfarm_worker_task_duration_seconds_count", &[]),
+        7.0
+    );
+    // Every frame's steps, plus the inversion's.
+    assert!(
+        value(&w, "storyfarm_worker_step_duration_seconds_count", &[sd]) >= f64::from(6 * STEPS),
+        "{w_text}"
+    );
+    assert!(value(&w, "storyfarm_worker_step_duration_seconds_sum", &[sd]) > 0.0);
+    assert_eq!(
+        value(&w, "storyfarm_worker_frames_rendered_total", &[sd]),
+        6.0
+    );
+    assert_eq!(
+        value(
+            &w,
+            "storyfarm_worker_model_lookups_total",
+            &[("result", "miss")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &w,
+            "storyfarm_worker_model_lookups_total",
+            &[("result", "hit")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        value(&w, "storyfarm_worker_model_load_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &w,
+            "storyfarm_worker_blob_seconds_count",
+            &[("operation", "put")]
+        ),
+        6.0
+    );
+    assert!(
+        value(
+            &w,
+            "storyfarm_worker_blob_seconds_count",
+            &[("operation", "get")]
+        ) >= 1.0
+    );
+    assert_eq!(value(&w, "storyfarm_worker_tasks_in_progress", &[]), 0.0);
+    assert_eq!(
+        value(&w, "storyfarm_worker_heartbeat_age_seconds", &[]),
+        0.0
+    );
+
+    // A second board with the same style finds its trajectory computed: a cache hit.
+    let sequel = write_board(dir.path(), 1, STEPS, 1);
+    let sequel_id = farm.submit(&sequel);
+    farm.wait_for(&sequel_id, Duration::from_secs(120)).await;
+    let (c_text, c) = scrape(coordinator_port).await;
+    assert_eq!(
+        value(
+            &c,
+            "storyfarm_prerequisite_lookups_total",
+            &[("kind", "style"), ("result", "hit")]
+        ),
+        1.0,
+        "{c_text}"
+    );
+    assert_eq!(value(&c, "storyfarm_jobs", &[("state", "succeeded")]), 2.0);
+}
