@@ -59,12 +59,18 @@ pub async fn dispatch_once(
         let batch: Vec<&OutboxMessage> = rows.iter().filter(|r| r.family == family).collect();
         let mut messages = Vec::with_capacity(batch.len());
         let mut kinds = Vec::with_capacity(batch.len());
+        // One span per task in its job's trace, from before the publish to the broker's confirm.
+        let mut spans = Vec::with_capacity(batch.len());
         for row in &batch {
             let (task, message) = stamped_task(row)?;
             kinds.push(task.kind_name());
+            let span = tracing::info_span!("dispatch", task_id = %task.task_id, attempt = task.attempt, kind = task.kind_name(), family);
+            storyfarm_telemetry::continue_trace(&span, &task.traceparent);
+            spans.push(span);
             messages.push(message);
         }
         queue.publish_task_batch(family, messages).await?;
+        drop(spans);
         for kind in kinds {
             metrics.task_published(kind, family);
         }

@@ -161,6 +161,9 @@ impl Ingestor {
             }
         };
         let span = tracing::info_span!("ingest_event", task_id = %record.task_id, attempt = record.attempt, seq = record.seq, kind = record.kind.as_str());
+        if let Some(tp) = delivery.traceparent() {
+            storyfarm_telemetry::continue_trace(&span, tp);
+        }
         self.apply_event(delivery, event, record)
             .instrument(span)
             .await

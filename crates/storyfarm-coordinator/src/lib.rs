@@ -134,7 +134,17 @@ impl Coordinator {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let max = self.max_reference_bytes + 1024 * 1024;
         tonic::transport::Server::builder()
-            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+            .trace_fn(|request| {
+                let span = tracing::info_span!("grpc", path = %request.uri().path());
+                if let Some(tp) = request
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    storyfarm_telemetry::continue_trace(&span, tp);
+                }
+                span
+            })
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::project_service_server::ProjectServiceServer::new(

@@ -570,7 +570,10 @@ impl JobService for Api {
             characters.push(self.store.get_reference(id).await.map_err(ApiError::from)?);
         }
         let job_id = JobId::new();
-        let traceparent = storyfarm_core::trace::new_traceparent();
+        // Tasks continue this span's trace when traces are exported; otherwise a fresh trace id
+        // still ties the job's log lines together.
+        let traceparent = storyfarm_telemetry::traceparent_of(&tracing::Span::current())
+            .unwrap_or_else(storyfarm_core::trace::new_traceparent);
         let span = tracing::Span::current();
         span.record("job_id", tracing::field::display(job_id));
         span.record(
@@ -578,18 +581,20 @@ impl JobService for Api {
             storyfarm_core::trace::trace_id(&traceparent).unwrap_or_default(),
         );
         let facts = model_facts(&sb.stored.spec.model);
-        let plan = plan_job(
-            job_id,
-            storyboard_id,
-            &sb.stored,
-            JobReferences {
-                style: reference.as_ref(),
-                characters: &characters,
-            },
-            &facts,
-            &self.policy,
-            &traceparent,
-        );
+        let plan = tracing::info_span!("plan").in_scope(|| {
+            plan_job(
+                job_id,
+                storyboard_id,
+                &sb.stored,
+                JobReferences {
+                    style: reference.as_ref(),
+                    characters: &characters,
+                },
+                &facts,
+                &self.policy,
+                &traceparent,
+            )
+        });
         let job = self.store.submit_job(&plan).await.map_err(ApiError::from)?;
         self.dispatch.notify_one();
         self.metrics.job_submitted();

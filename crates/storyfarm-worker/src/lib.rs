@@ -392,10 +392,12 @@ impl Worker {
             task_kind: task.kind_name().to_string(),
             family: task.family.clone(),
         };
+        // Events continue the task's span (ingestion becomes its child) when traces are exported.
+        let traceparent = storyfarm_telemetry::traceparent_of(&tracing::Span::current())
+            .unwrap_or_else(|| task.traceparent.clone());
         self.queue
             .publish_event(
-                OutgoingMessage::new(message.encode_to_vec())
-                    .with_traceparent(task.traceparent.clone()),
+                OutgoingMessage::new(message.encode_to_vec()).with_traceparent(traceparent),
             )
             .await
     }
@@ -437,7 +439,9 @@ impl Worker {
                 let trace_id = storyfarm_core::trace::trace_id(&task.traceparent)
                     .unwrap_or_default()
                     .to_string();
-                tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, trace_id = %trace_id, redelivered = delivery.redelivered)
+                let span = tracing::info_span!("task", task_id = %task.task_id, attempt = task.attempt, job_id = %task.job_id, kind = task.kind_name(), family = %task.family, trace_id = %trace_id, redelivered = delivery.redelivered);
+                storyfarm_telemetry::continue_trace(&span, &task.traceparent);
+                span
             }
             Err(_) => tracing::info_span!("task"),
         };
@@ -554,21 +558,25 @@ impl Worker {
     }
 
     fn spawn_heartbeat(self: Arc<Self>, task: pb::Task) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(self.config.heartbeat).await;
-                let sent = self
-                    .send_event(
-                        &task,
-                        self.next_seq(),
-                        pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {}),
-                    )
-                    .await;
-                if sent.is_ok() {
-                    self.metrics.heartbeat_sent();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(self.config.heartbeat).await;
+                    let sent = self
+                        .send_event(
+                            &task,
+                            self.next_seq(),
+                            pb::task_event::Event::Heartbeat(pb::TaskHeartbeat {}),
+                        )
+                        .await;
+                    if sent.is_ok() {
+                        self.metrics.heartbeat_sent();
+                    }
                 }
             }
-        })
+            // In the task's span: heartbeats belong to the task's trace.
+            .instrument(tracing::Span::current()),
+        )
     }
 
     /// Fetches a blob through the local cache (trajectories are reused by every render task).
@@ -590,6 +598,7 @@ impl Worker {
     }
 
     /// Uploads rendered frames content-addressed.
+    #[tracing::instrument(name = "upload", skip_all, fields(frames = rendered.len()))]
     async fn upload_frames(
         &self,
         rendered: Vec<RenderedFrame>,
@@ -698,9 +707,10 @@ impl Worker {
                     generated = image.is_none(),
                     "computing the style reference's trajectory"
                 );
+                let parent = tracing::Span::current();
                 let (trajectory, picture) = tokio::task::spawn_blocking(move || match image {
                     Some(image) => {
-                        let _span = tracing::info_span!("invert").entered();
+                        let _span = tracing::info_span!(parent: &parent, "invert").entered();
                         invert_image(
                             &model,
                             &image,
@@ -713,7 +723,8 @@ impl Worker {
                         .map(|t| (t, None))
                     }
                     None => {
-                        let _span = tracing::info_span!("generate_reference").entered();
+                        let _span =
+                            tracing::info_span!(parent: &parent, "generate_reference").entered();
                         // The reference is rendered like a frame, at the board's guidance.
                         let generation = GenerationSettings {
                             guidance_scale: work.guidance_scale,
@@ -773,10 +784,11 @@ impl Worker {
                 tracing::info!(character = %character.name, picture = image.is_some(), "rendering anchors");
                 let name = character.name.clone();
                 let anchors_key = character.anchors_key.clone();
+                let parent = tracing::Span::current();
                 let (anchors, file) =
                     tokio::task::spawn_blocking(move || {
                         let _span =
-                            tracing::info_span!("anchors", character = %character.name).entered();
+                            tracing::info_span!(parent: &parent, "anchors", character = %character.name).entered();
                         let picture = match &image {
                             Some(bytes) => Some(invert_image(
                                 &model,
@@ -892,8 +904,11 @@ impl Worker {
                     styled = style.is_some(),
                     "rendering with characters"
                 );
+                let parent = tracing::Span::current();
                 let rendered = tokio::task::spawn_blocking(move || {
-                    let _span = tracing::info_span!("render", frames = frames.len()).entered();
+                    let _span =
+                        tracing::info_span!(parent: &parent, "render", frames = frames.len())
+                            .entered();
                     let style = style.as_deref().map(|t| StyleRequest {
                         trajectory: t,
                         reference_prompt: &work.reference_prompt,
@@ -948,8 +963,11 @@ impl Worker {
                     styled = trajectory.is_some(),
                     "rendering"
                 );
+                let parent = tracing::Span::current();
                 let rendered = tokio::task::spawn_blocking(move || {
-                    let _span = tracing::info_span!("render", frames = frames.len()).entered();
+                    let _span =
+                        tracing::info_span!(parent: &parent, "render", frames = frames.len())
+                            .entered();
                     let style = trajectory.as_deref().map(|t| StyleRequest {
                         trajectory: t,
                         reference_prompt: &work.reference_prompt,

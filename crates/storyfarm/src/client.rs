@@ -13,6 +13,8 @@ use storyfarm_proto::v1::reference_service_client::ReferenceServiceClient;
 use storyfarm_proto::v1::storyboard_service_client::StoryboardServiceClient;
 use tonic::transport::Channel;
 
+use tracing::Instrument;
+
 use crate::progress::{job_state_name, JobProgress};
 
 #[derive(Args, Debug, Clone)]
@@ -239,10 +241,18 @@ pub async fn submit_spec(
         .await
         .map_err(status_error)?
         .into_inner();
+    let mut request = tonic::Request::new(pb::SubmitJobRequest {
+        storyboard_id: storyboard.id,
+    });
+    // The job's trace continues the caller's: this process's span when it exports traces, else
+    // a TRACEPARENT from the environment (a pipeline that runs `storyfarm submit`).
+    let traceparent = storyfarm_telemetry::traceparent_of(&tracing::Span::current())
+        .or_else(|| std::env::var("TRACEPARENT").ok());
+    if let Some(value) = traceparent.and_then(|tp| tp.parse().ok()) {
+        request.metadata_mut().insert("traceparent", value);
+    }
     let job = JobServiceClient::new(channel)
-        .submit_job(pb::SubmitJobRequest {
-            storyboard_id: storyboard.id,
-        })
+        .submit_job(request)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -250,7 +260,13 @@ pub async fn submit_spec(
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<()> {
-    let job = submit_board(&args.board, args.project.as_deref(), &args.endpoint).await?;
+    let span = tracing::info_span!("storyfarm submit", board = %args.board.display());
+    if let Ok(parent) = std::env::var("TRACEPARENT") {
+        storyfarm_telemetry::continue_trace(&span, &parent);
+    }
+    let job = submit_board(&args.board, args.project.as_deref(), &args.endpoint)
+        .instrument(span)
+        .await?;
     eprintln!(
         "submitted {} frames: {} inversion task(s), {} anchor task(s), {} render task(s)",
         job.frames_total, job.inversion_tasks, job.anchor_tasks, job.render_tasks

@@ -47,27 +47,44 @@ enum Command {
     Models(models::ModelsArgs),
 }
 
+/// The service name a command's spans carry (OTEL_SERVICE_NAME overrides it).
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) | Command::Migrate(_) => "storyfarm-coordinator",
+        Command::Worker(_) => "storyfarm-worker",
+        Command::Render(_) => "storyfarm-render",
+        _ => "storyfarm-cli",
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for people; log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let result: Result<()> = match Cli::parse().command {
-        Command::Generate(args) => generate::run(args),
-        // hf-hub's blocking client: outside the tokio runtime, like `generate`.
-        Command::Models(args) => models::run(args),
+    let command = Cli::parse().command;
+    let service = service_name(&command);
+    let result: Result<()> = match command {
+        // hf-hub's blocking client: outside the tokio runtime, like `generate`; they export no
+        // traces (the OTLP client lives on a runtime).
+        Command::Generate(args) => storyfarm_telemetry::init_tracing(service, "warn", false)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| {
+                let result = generate::run(args);
+                t.shutdown();
+                result
+            }),
+        Command::Models(args) => storyfarm_telemetry::init_tracing(service, "warn", false)
+            .map_err(anyhow::Error::from)
+            .and_then(|t| {
+                let result = models::run(args);
+                t.shutdown();
+                result
+            }),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|runtime| {
                 runtime.block_on(async {
-                    match command {
+                    let tracing = storyfarm_telemetry::init_tracing(service, "warn", true)?;
+                    let result = match command {
                         Command::Render(args) => render::run(args).await,
                         Command::Serve(args) => farm::serve(args).await,
                         Command::Worker(args) => farm::worker(args).await,
@@ -78,7 +95,12 @@ fn main() -> ExitCode {
                         Command::Generate(_) | Command::Models(_) => {
                             unreachable!("handled above")
                         }
-                    }
+                    };
+                    // The exporter's last batch goes out while the runtime still runs.
+                    tokio::task::spawn_blocking(move || tracing.shutdown())
+                        .await
+                        .ok();
+                    result
                 })
             }),
     };

@@ -1667,3 +1667,219 @@ async fn both_metrics_endpoints_move_during_and_after_a_job() {
     );
     assert_eq!(value(&c, "storyfarm_jobs", &[("state", "succeeded")]), 2.0);
 }
+
+/// An OTLP/gRPC trace receiver in the test process: what the farm's processes export.
+#[derive(Clone, Default)]
+struct OtlpReceiver {
+    /// (service.name, span)
+    spans: Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for OtlpReceiver
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push((service.clone(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .map(|v| format!("{:?}", v.value))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_one_trace_from_the_caller_through_the_worker_steps() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let receiver = OtlpReceiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_port = listener.local_addr().unwrap().port();
+    let server = receiver.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(server))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let endpoint: &'static str =
+        Box::leak(format!("http://127.0.0.1:{otlp_port}").into_boxed_str());
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.extra_env.extend(otel);
+    farm.start_coordinator();
+    farm.start_worker("worker-t");
+    // The caller's own trace: a pipeline step that runs `storyfarm submit`.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let board = write_board(dir.path(), 2, 4, 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .args(["submit", "--coordinator", &farm.endpoint()])
+        .arg(&board)
+        .env("TRACEPARENT", format!("00-{caller_trace}-{caller_span}-01"))
+        .envs(otel)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "submit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let job = farm.wait_for(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+
+    // Spans arrive in batches; wait for every task's span and the ingestion of its outcome.
+    let named = |spans: &[(String, opentelemetry_proto::tonic::trace::v1::Span)], name: &str| {
+        spans.iter().filter(|(_, s)| s.name == name).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        if named(&spans, "task") >= 3
+            && named(&spans, "upload") >= 2
+            && named(&spans, "ingest_event") >= 6
+        {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans so far: {:?}",
+            spans
+                .iter()
+                .map(|(svc, s)| format!("{svc} {}", s.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ours: Vec<&(String, opentelemetry_proto::tonic::trace::v1::Span)> = spans
+        .iter()
+        .filter(|(_, s)| hex(&s.trace_id) == caller_trace)
+        .collect();
+    let services: std::collections::BTreeSet<&str> =
+        ours.iter().map(|(svc, _)| svc.as_str()).collect();
+    for service in ["storyfarm-cli", "storyfarm-coordinator", "storyfarm-worker"] {
+        assert!(
+            services.iter().any(|s| s.contains(service)),
+            "no {service} span in the caller's trace: {services:?}"
+        );
+    }
+    let by_id: std::collections::HashMap<String, &opentelemetry_proto::tonic::trace::v1::Span> =
+        ours.iter().map(|(_, s)| (hex(&s.span_id), s)).collect();
+    let ancestors = |span: &opentelemetry_proto::tonic::trace::v1::Span| {
+        let mut names = Vec::new();
+        let mut parent = hex(&span.parent_span_id);
+        while let Some(p) = by_id.get(&parent) {
+            names.push(p.name.clone());
+            parent = hex(&p.parent_span_id);
+        }
+        (names, parent)
+    };
+    let cli = ours
+        .iter()
+        .find(|(_, s)| s.name == "storyfarm submit")
+        .expect("the CLI's span");
+    assert_eq!(
+        hex(&cli.1.parent_span_id),
+        caller_span,
+        "the submit continues the caller's span"
+    );
+    // Every task span (on the worker) descends from the coordinator's submit, which descends from
+    // the CLI's span, which is the caller's child: one connected trace.
+    let tasks: Vec<_> = ours.iter().filter(|(_, s)| s.name == "task").collect();
+    assert_eq!(
+        tasks.len(),
+        3,
+        "an inversion and two render tasks in the caller's trace"
+    );
+    for (service, task) in &tasks {
+        assert!(service.contains("storyfarm-worker"), "{service}");
+        let (names, root_parent) = ancestors(task);
+        assert!(
+            names.contains(&"submit_job".to_string()),
+            "task ancestors {names:?}"
+        );
+        assert!(
+            names.contains(&"storyfarm submit".to_string()),
+            "task ancestors {names:?}"
+        );
+        assert_eq!(root_parent, caller_span, "task ancestors {names:?}");
+    }
+    for name in ["dispatch", "plan"] {
+        let span = ours
+            .iter()
+            .find(|(_, s)| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span"));
+        assert!(
+            ancestors(&span.1).0.contains(&"submit_job".to_string()),
+            "{name}"
+        );
+    }
+    // Denoising steps carry their index and timestep, inside the task that ran them.
+    let steps: Vec<_> = ours
+        .iter()
+        .filter(|(_, s)| s.name.ends_with("_step"))
+        .collect();
+    assert!(steps.len() >= 2 * 4, "step spans: {}", steps.len());
+    for (_, step) in &steps {
+        assert!(attribute(step, "step").is_some(), "{step:?}");
+        assert!(attribute(step, "timestep").is_some(), "{step:?}");
+        assert!(
+            ancestors(step).0.contains(&"task".to_string()),
+            "{:?}",
+            ancestors(step).0
+        );
+    }
+    for name in ["upload", "ingest_event"] {
+        for (_, span) in ours.iter().filter(|(_, s)| s.name == name) {
+            assert!(
+                ancestors(span).0.contains(&"task".to_string()),
+                "{name}: {:?}",
+                ancestors(span).0
+            );
+        }
+    }
+}
