@@ -62,6 +62,8 @@ struct Farm {
     logs: PathBuf,
     /// Variables every process of this farm gets on top of the usual ones.
     extra_env: Vec<(&'static str, &'static str)>,
+    /// Containers started for this farm (removed at the end; killing `docker run` leaves them).
+    containers: Vec<String>,
 }
 
 impl Farm {
@@ -105,7 +107,57 @@ impl Farm {
             workers: Vec::new(),
             logs,
             extra_env: Vec::new(),
+            containers: Vec::new(),
         }
+    }
+
+    /// `docker run` of `image` as one of this farm's processes: host networking (loopback only),
+    /// the same variables as [`Farm::command`], the fixtures mounted read-only at the same path
+    /// (boards name the tiny model by path).
+    fn container(&mut self, image: &str, role: &str, args: &[&str]) -> Command {
+        let name = format!("{}-{role}", self.name);
+        self.containers.push(name.clone());
+        let fixtures = repo().join("tests/fixtures");
+        let mut c = Command::new(require("STORYFARM_DOCKER"));
+        c.args([
+            "run",
+            "--rm",
+            "--init",
+            "--network",
+            "host",
+            "--name",
+            &name,
+        ])
+        .arg("-v")
+        .arg(format!("{0}:{0}:ro", fixtures.display()));
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("STORYFARM_QUEUE_NAMESPACE".into(), self.name.clone()),
+            ("STORYFARM_BLOBS".into(), format!("s3://{}", self.bucket)),
+            ("STORYFARM_FAMILIES".into(), "sd".into()),
+            ("RUST_LOG".into(), "info".into()),
+            ("HF_HUB_OFFLINE".into(), "1".into()),
+            // The images serve metrics on 0.0.0.0:9464; on the host's network every container
+            // (and every concurrent test) needs a port of its own.
+            (
+                "STORYFARM_METRICS_LISTEN".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ];
+        for (k, v) in std::env::vars() {
+            if k == "STORYFARM_AMQP_URL" || k.starts_with("STORYFARM_S3_") || k.starts_with("AWS_")
+            {
+                env.push((k, v));
+            }
+        }
+        for (k, v) in env {
+            c.arg("-e").arg(format!("{k}={v}"));
+        }
+        c.arg(image)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.logs.join(format!("{role}.log"))).unwrap());
+        c
     }
 
     fn endpoint(&self) -> String {
@@ -228,6 +280,12 @@ impl Drop for Farm {
         for child in self.coordinator.iter_mut().chain(self.workers.iter_mut()) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if !self.containers.is_empty() {
+            let _ = Command::new(require("STORYFARM_DOCKER"))
+                .args(["rm", "-f"])
+                .args(&self.containers)
+                .output();
         }
         let _ = Command::new("psql")
             .args([
@@ -1881,5 +1939,100 @@ async fn a_job_is_one_trace_from_the_caller_through_the_worker_steps() {
                 ancestors(span).0
             );
         }
+    }
+}
+
+/// The coordinator and CPU worker images (deploy/docker/Dockerfile, built by
+/// scripts/build-images) render the tiny board as containers against the machine's Postgres,
+/// RabbitMQ and S3 server, and their frames equal the binary's (the farm's invariance test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_images_render_the_tiny_board_as_containers() {
+    let coordinator_image = require("STORYFARM_IMAGE_COORDINATOR");
+    let worker_image = require("STORYFARM_IMAGE_WORKER");
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    let listen = format!("127.0.0.1:{}", farm.port);
+    let coordinator = farm.container(
+        &coordinator_image,
+        "coordinator",
+        &["serve", "--listen", &listen],
+    );
+    farm.start_coordinator_with(coordinator);
+    let mut worker = farm.container(
+        &worker_image,
+        "worker",
+        &[
+            "worker",
+            "--worker-id",
+            "container-worker",
+            "--heartbeat-seconds",
+            "1",
+        ],
+    );
+    farm.workers.push(worker.spawn().unwrap());
+    let board = write_board(dir.path(), 3, 5, 2);
+    let job_id = farm.submit(&board);
+    std::thread::sleep(Duration::from_secs(1));
+    if let Ok(Some(status)) = farm.workers[0].try_wait() {
+        panic!(
+            "the worker container exited ({status}): {}",
+            tail(&farm.log("worker.log"))
+        );
+    }
+    let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
+    assert_eq!(
+        job.state,
+        pb::JobState::Succeeded as i32,
+        "{job:?}\n{}",
+        tail(&farm.log("worker.log"))
+    );
+    assert_eq!(
+        (job.frames_succeeded, job.inversion_tasks, job.render_tasks),
+        (3, 1, 2)
+    );
+    assert!(
+        farm.log("worker.log").contains("container-worker"),
+        "the containerised worker rendered: {}",
+        tail(&farm.log("worker.log"))
+    );
+
+    // The same board rendered by this build's binary on one machine gives the same latents.
+    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
+    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .arg("render")
+        .arg(&board)
+        .arg("--out")
+        .arg(&out)
+        .env("STORYFARM_DATA_DIR", &data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let local_frames = manifest["frames"].as_array().unwrap();
+    let farm_frames = frames_of(&farm, &job_id).await;
+    assert_eq!(local_frames.len(), farm_frames.len());
+    for (l, f) in local_frames.iter().zip(&farm_frames) {
+        let local_latents = std::fs::read(
+            data.join("artifacts")
+                .join(l["latents_key"].as_str().unwrap()),
+        )
+        .unwrap();
+        let farm_latents = farm
+            .blobs
+            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
+            .await
+            .unwrap();
+        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
+        assert!(
+            diff <= 1e-4 * scale,
+            "frame {}: max-abs {diff} > 1e-4 x {scale}",
+            f.index
+        );
     }
 }
