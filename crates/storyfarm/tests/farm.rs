@@ -1943,7 +1943,7 @@ async fn a_job_is_one_trace_from_the_caller_through_the_worker_steps() {
 }
 
 /// The coordinator and CPU worker images (deploy/docker/Dockerfile, built by
-/// scripts/build-images) render the tiny board as containers against the machine's Postgres,
+/// deploy/docker/build-images) render the tiny board as containers against the machine's Postgres,
 /// RabbitMQ and S3 server, and their frames equal the binary's (the farm's invariance test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_images_render_the_tiny_board_as_containers() {
