@@ -497,13 +497,17 @@ fn check_masks(
             }
         ));
     }
-    push(
-        case,
-        &format!("{label} (fraction differing)"),
-        differing as f32 / total.max(1) as f32,
-        1.0,
-        0.0,
-    )?;
+    // The case file states a mask's tolerance under the mask's own name (module docs).
+    let fraction_tol = match case.tolerance(label, Tol::Abs(0.0))? {
+        Tol::Abs(t) => t,
+        _ => 0.0,
+    };
+    case.checks.push(Check {
+        name: format!("{label} (fraction differing)"),
+        max_abs: differing as f32 / total.max(1) as f32,
+        ref_absmax: 1.0,
+        tolerance: fraction_tol,
+    });
     push(
         case,
         &format!("{label} (differing pixels' distance to the threshold, bins)"),
