@@ -1748,8 +1748,22 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         >,
         tonic::Status,
     > {
+        self.record(request.into_inner());
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}
+
+impl OtlpReceiver {
+    fn record(
+        &self,
+        request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    ) {
         let mut spans = self.spans.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let service = resource_spans
                 .resource
                 .iter()
@@ -1764,11 +1778,103 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
                 }
             }
         }
-        Ok(tonic::Response::new(
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
-                partial_success: None,
-            },
-        ))
+    }
+
+    /// Serves OTLP/HTTP (protobuf bodies, any path) on a free port.
+    async fn serve_http(&self) -> u16 {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let receiver = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let receiver = receiver.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let receiver = receiver.clone();
+                            async move {
+                                let body = request.into_body().collect().await?.to_bytes();
+                                let status = match <opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as prost::Message>::decode(body) {
+                                    Ok(export) => {
+                                        receiver.record(export);
+                                        hyper::StatusCode::OK
+                                    }
+                                    Err(_) => hyper::StatusCode::BAD_REQUEST,
+                                };
+                                let mut response = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *response.status_mut() = status;
+                                response.headers_mut().insert(
+                                    "content-type",
+                                    hyper::header::HeaderValue::from_static(
+                                        "application/x-protobuf",
+                                    ),
+                                );
+                                Ok::<_, hyper::Error>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+}
+
+/// OTLP over HTTP/protobuf (the protocol's default): the coordinator's and the worker's spans of
+/// one job reach an HTTP receiver in one trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_also_travel_over_otlp_http() {
+    let receiver = OtlpReceiver::default();
+    let port = receiver.serve_http().await;
+    let endpoint: &'static str = Box::leak(format!("http://127.0.0.1:{port}").into_boxed_str());
+    let dir = tempfile::tempdir().unwrap();
+    let mut farm = Farm::new().await;
+    farm.extra_env.extend([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    farm.start_coordinator();
+    farm.start_worker("worker-h");
+    let job_id = farm.submit(&write_board(dir.path(), 1, 3, 1));
+    let job = farm.wait_for(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let submit = spans
+            .iter()
+            .find(|(svc, s)| svc.contains("storyfarm-coordinator") && s.name == "submit_job");
+        let tasks: Vec<_> = spans
+            .iter()
+            .filter(|(svc, s)| svc.contains("storyfarm-worker") && s.name == "task")
+            .collect();
+        if let Some((_, submit)) = submit {
+            if tasks.len() >= 2 {
+                for (_, task) in tasks {
+                    assert_eq!(
+                        task.trace_id, submit.trace_id,
+                        "the worker's task is in the job's trace"
+                    );
+                }
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans over HTTP so far: {:?}",
+            spans
+                .iter()
+                .map(|(svc, s)| format!("{svc} {}", s.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
