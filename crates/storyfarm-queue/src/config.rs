@@ -114,6 +114,14 @@ impl TopologyNames {
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.tasks.dead", self.namespace)
     }
+    /// The durable queues of these families' topology: each family's task queue, the dead
+    /// letters and the events (what `TaskQueue::queue_stats` counts).
+    pub fn durable_queues(&self, families: &[&str]) -> Vec<String> {
+        let mut queues: Vec<String> = families.iter().map(|f| self.task_queue(f)).collect();
+        queues.push(self.dead_letter_queue());
+        queues.push(self.events_queue());
+        queues
+    }
     /// Quorum queue of worker events, consumed by the coordinator: `<ns>.events`.
     pub fn events_queue(&self) -> String {
         format!("{}.events", self.namespace)

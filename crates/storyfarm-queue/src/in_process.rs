@@ -526,10 +526,7 @@ impl TaskQueue for InProcessQueue {
         families: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Vec<crate::QueueStats>, QueueError>> {
         async move {
-            let names = &self.names;
-            let mut wanted: Vec<String> = families.iter().map(|f| names.task_queue(f)).collect();
-            wanted.push(names.dead_letter_queue());
-            wanted.push(names.events_queue());
+            let wanted = self.names.durable_queues(families);
             let broker = self.lock()?;
             Ok(wanted
                 .into_iter()

@@ -683,10 +683,7 @@ impl TaskQueue for RabbitQueue {
         families: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Vec<crate::QueueStats>, QueueError>> {
         async move {
-            let names = &self.names;
-            let mut wanted: Vec<String> = families.iter().map(|f| names.task_queue(f)).collect();
-            wanted.push(names.dead_letter_queue());
-            wanted.push(names.events_queue());
+            let wanted = self.names.durable_queues(families);
             let mut stats = Vec::with_capacity(wanted.len());
             for queue in wanted {
                 // A passive declare of a missing queue closes its channel: one channel each.

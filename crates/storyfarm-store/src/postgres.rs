@@ -12,6 +12,14 @@ use crate::error::{Result, StoreError};
 use crate::types::*;
 use crate::MetadataStore;
 
+/// `farm_counts`' queries, the same SQL on both backends.
+pub(crate) const COUNT_JOBS: &str = "SELECT state, count(*) FROM jobs GROUP BY state";
+pub(crate) const COUNT_OPEN_FRAMES: &str =
+    "SELECT f.state, count(*) FROM jobs j JOIN frames f ON f.job_id = j.id
+     WHERE j.state IN ('queued', 'running') GROUP BY f.state";
+pub(crate) const COUNT_LIVE_TASKS: &str = "SELECT kind, state, count(*) FROM tasks
+     WHERE state IN ('waiting', 'queued', 'running', 'retry_wait') GROUP BY kind, state";
+
 /// The Postgres migrations (`migrations/postgres/`), embedded at compile time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
@@ -988,22 +996,12 @@ impl MetadataStore for PgStore {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let jobs: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                .fetch_all(&mut *tx)
-                .await?;
-        let frames: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT f.state, count(*) FROM jobs j JOIN frames f ON f.job_id = j.id
-             WHERE j.state IN ('queued', 'running') GROUP BY f.state",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let tasks: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT kind, state, count(*) FROM tasks
-             WHERE state IN ('waiting', 'queued', 'running', 'retry_wait') GROUP BY kind, state",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let jobs: Vec<(String, i64)> = sqlx::query_as(COUNT_JOBS).fetch_all(&mut *tx).await?;
+        let frames: Vec<(String, i64)> = sqlx::query_as(COUNT_OPEN_FRAMES)
+            .fetch_all(&mut *tx)
+            .await?;
+        let tasks: Vec<(String, String, i64)> =
+            sqlx::query_as(COUNT_LIVE_TASKS).fetch_all(&mut *tx).await?;
         let (busy, age): (i64, Option<f64>) = sqlx::query_as(
             "SELECT count(DISTINCT worker_id),
                     EXTRACT(EPOCH FROM now() - min(coalesce(heartbeat_at, updated_at)))::float8

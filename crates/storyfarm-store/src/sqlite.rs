@@ -28,7 +28,10 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
-use crate::postgres::{check_plan, kept_on_cancel, prerequisite_failed, NewTask};
+use crate::postgres::{
+    check_plan, kept_on_cancel, prerequisite_failed, NewTask, COUNT_JOBS, COUNT_LIVE_TASKS,
+    COUNT_OPEN_FRAMES,
+};
 use crate::types::*;
 use crate::MetadataStore;
 
@@ -966,22 +969,12 @@ impl MetadataStore for SqliteStore {
     async fn farm_counts(&self) -> Result<FarmCounts> {
         // A read transaction: one snapshot for all the figures.
         let mut tx = self.pool.begin().await?;
-        let jobs: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                .fetch_all(&mut *tx)
-                .await?;
-        let frames: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT f.state, count(*) FROM jobs j JOIN frames f ON f.job_id = j.id
-             WHERE j.state IN ('queued', 'running') GROUP BY f.state",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let tasks: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT kind, state, count(*) FROM tasks
-             WHERE state IN ('waiting', 'queued', 'running', 'retry_wait') GROUP BY kind, state",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let jobs: Vec<(String, i64)> = sqlx::query_as(COUNT_JOBS).fetch_all(&mut *tx).await?;
+        let frames: Vec<(String, i64)> = sqlx::query_as(COUNT_OPEN_FRAMES)
+            .fetch_all(&mut *tx)
+            .await?;
+        let tasks: Vec<(String, String, i64)> =
+            sqlx::query_as(COUNT_LIVE_TASKS).fetch_all(&mut *tx).await?;
         let (busy, oldest): (i64, Option<i64>) = sqlx::query_as(
             "SELECT count(DISTINCT worker_id), min(coalesce(heartbeat_at, updated_at))
              FROM tasks WHERE state = 'running'",

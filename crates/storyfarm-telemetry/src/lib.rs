@@ -11,6 +11,4 @@ pub use futures::future::BoxFuture;
 pub use metrics::{CoordinatorMetrics, FarmSnapshot, QueueSnapshot, WorkerMetrics, METRIC_NAMES};
 /// The registry a [`Scrape`] encodes (re-exported so callers need no prometheus-client).
 pub use prometheus_client::registry::Registry;
-pub use traces::{
-    continue_trace, init_tracing, otlp_requested, traceparent_of, TraceSetupError, Tracing,
-};
+pub use traces::{continue_trace, init_tracing, traceparent_of, TraceSetupError, Tracing};

@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Every metric family either process exports, as it appears in the exposition (counters with
 /// their `_total`). Dashboards and alert rules may only name these (checked by
@@ -147,6 +147,13 @@ fn blob_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.002, 2.0, 16))
 }
 
+/// Registers `metric` and hands it back (a metric is a shared handle: the registry and the
+/// caller see the same series).
+fn registered<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 fn build_info(registry: &mut Registry, role: &str) {
     let info = Family::<BuildLabels, Gauge>::default();
     info.get_or_create(&BuildLabels {
@@ -221,114 +228,114 @@ impl CoordinatorMetrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
         build_info(&mut r, "coordinator");
-        let jobs_submitted = Counter::default();
-        r.register(
+        let jobs_submitted = registered(
+            &mut r,
             "storyfarm_jobs_submitted",
             "Jobs accepted by SubmitJob",
-            jobs_submitted.clone(),
+            Counter::default(),
         );
-        let jobs = Family::<StateLabels, Gauge>::default();
-        r.register(
+        let jobs = registered(
+            &mut r,
             "storyfarm_jobs",
             "Jobs by state (from the store)",
-            jobs.clone(),
+            Family::<StateLabels, Gauge>::default(),
         );
-        let frames = Family::<StateLabels, Gauge>::default();
-        r.register(
+        let frames = registered(
+            &mut r,
             "storyfarm_frames",
             "Frames by state (from the store)",
-            frames.clone(),
+            Family::<StateLabels, Gauge>::default(),
         );
-        let tasks = Family::<TaskStateLabels, Gauge>::default();
-        r.register(
+        let tasks = registered(
+            &mut r,
             "storyfarm_tasks",
             "Tasks by kind and state (from the store)",
-            tasks.clone(),
+            Family::<TaskStateLabels, Gauge>::default(),
         );
-        let tasks_published = Family::<TaskLabels, Counter>::default();
-        r.register(
+        let tasks_published = registered(
+            &mut r,
             "storyfarm_tasks_published",
             "Task attempts published to the broker",
-            tasks_published.clone(),
+            Family::<TaskLabels, Counter>::default(),
         );
-        let tasks_started = Family::<TaskLabels, Counter>::default();
-        r.register(
+        let tasks_started = registered(
+            &mut r,
             "storyfarm_tasks_started",
             "Task attempts a worker reported started",
-            tasks_started.clone(),
+            Family::<TaskLabels, Counter>::default(),
         );
-        let tasks_succeeded = Family::<TaskLabels, Counter>::default();
-        r.register(
+        let tasks_succeeded = registered(
+            &mut r,
             "storyfarm_tasks_succeeded",
             "Task attempts that succeeded",
-            tasks_succeeded.clone(),
+            Family::<TaskLabels, Counter>::default(),
         );
-        let tasks_failed = Family::<FailureLabels, Counter>::default();
-        r.register(
+        let tasks_failed = registered(
+            &mut r,
             "storyfarm_tasks_failed",
             "Task attempts that failed, by the worker's failure reason",
-            tasks_failed.clone(),
+            Family::<FailureLabels, Counter>::default(),
         );
-        let task_retries = Counter::default();
-        r.register(
+        let task_retries = registered(
+            &mut r,
             "storyfarm_task_retries",
             "New attempts released after a retryable failure",
-            task_retries.clone(),
+            Counter::default(),
         );
-        let dead_letters = Family::<TaskLabels, Counter>::default();
-        r.register(
+        let dead_letters = registered(
+            &mut r,
             "storyfarm_dead_letters",
             "Tasks the broker dead-lettered (delivered too often without an outcome)",
-            dead_letters.clone(),
+            Family::<TaskLabels, Counter>::default(),
         );
-        let frames_rendered = Family::<FamilyLabels, Counter>::default();
-        r.register(
+        let frames_rendered = registered(
+            &mut r,
             "storyfarm_frames_rendered",
             "Frames whose artifacts were recorded",
-            frames_rendered.clone(),
+            Family::<FamilyLabels, Counter>::default(),
         );
-        let prerequisite_lookups = Family::<LookupLabels, Counter>::default();
-        r.register(
+        let prerequisite_lookups = registered(
+            &mut r,
             "storyfarm_prerequisite_lookups",
             "A submitted job's content-addressed prerequisites (style trajectory, character \
              anchors): hit when already computed, miss otherwise",
-            prerequisite_lookups.clone(),
+            Family::<LookupLabels, Counter>::default(),
         );
-        let pickup = Histograms::<TaskLabels>::new_with_constructor(pickup_buckets as fn() -> _);
-        r.register(
+        let pickup = registered(
+            &mut r,
             "storyfarm_task_pickup_seconds",
             "From a task attempt's publication to a worker starting it",
-            pickup.clone(),
+            Histograms::<TaskLabels>::new_with_constructor(pickup_buckets as fn() -> _),
         );
-        let queue_messages = Family::<QueueLabels, Gauge>::default();
-        r.register(
+        let queue_messages = registered(
+            &mut r,
             "storyfarm_queue_messages",
             "Messages ready in each broker queue (from the broker)",
-            queue_messages.clone(),
+            Family::<QueueLabels, Gauge>::default(),
         );
-        let queue_consumers = Family::<QueueLabels, Gauge>::default();
-        r.register(
+        let queue_consumers = registered(
+            &mut r,
             "storyfarm_queue_consumers",
             "Consumers of each broker queue (from the broker)",
-            queue_consumers.clone(),
+            Family::<QueueLabels, Gauge>::default(),
         );
-        let heartbeat_age = Gauge::<f64, AtomicU64>::default();
-        r.register(
+        let heartbeat_age = registered(
+            &mut r,
             "storyfarm_task_heartbeat_age_max_seconds",
             "Seconds since the stalest running task's last heartbeat (0 when none runs)",
-            heartbeat_age.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let busy_workers = Gauge::default();
-        r.register(
+        let busy_workers = registered(
+            &mut r,
             "storyfarm_busy_workers",
             "Distinct workers holding a running task",
-            busy_workers.clone(),
+            Gauge::default(),
         );
-        let refresh_errors = Family::<SourceLabels, Counter>::default();
-        r.register(
+        let refresh_errors = registered(
+            &mut r,
             "storyfarm_metrics_refresh_errors",
             "Scrapes whose store or broker figures could not be read (they keep their last values)",
-            refresh_errors.clone(),
+            Family::<SourceLabels, Counter>::default(),
         );
         Self {
             registry: Arc::new(r),
@@ -510,73 +517,71 @@ impl WorkerMetrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
         build_info(&mut r, "worker");
-        let tasks = Family::<OutcomeLabels, Counter>::default();
-        r.register(
+        let tasks = registered(
+            &mut r,
             "storyfarm_worker_tasks",
             "Tasks this worker finished, by outcome (succeeded, failed, stopped, handed_back)",
-            tasks.clone(),
+            Family::<OutcomeLabels, Counter>::default(),
         );
-        let task_duration =
-            Histograms::<TaskLabels>::new_with_constructor(task_buckets as fn() -> _);
-        r.register(
+        let task_duration = registered(
+            &mut r,
             "storyfarm_worker_task_duration_seconds",
             "Wall time of a task on this worker, from receipt to its final event",
-            task_duration.clone(),
+            Histograms::<TaskLabels>::new_with_constructor(task_buckets as fn() -> _),
         );
-        let step_duration =
-            Histograms::<FamilyLabels>::new_with_constructor(step_buckets as fn() -> _);
-        r.register(
+        let step_duration = registered(
+            &mut r,
             "storyfarm_worker_step_duration_seconds",
             "Wall time of one denoising or inversion step",
-            step_duration.clone(),
+            Histograms::<FamilyLabels>::new_with_constructor(step_buckets as fn() -> _),
         );
-        let frames_rendered = Family::<FamilyLabels, Counter>::default();
-        r.register(
+        let frames_rendered = registered(
+            &mut r,
             "storyfarm_worker_frames_rendered",
             "Frames this worker rendered and uploaded",
-            frames_rendered.clone(),
+            Family::<FamilyLabels, Counter>::default(),
         );
-        let model_lookups = Family::<ResultLabels, Counter>::default();
-        r.register(
+        let model_lookups = registered(
+            &mut r,
             "storyfarm_worker_model_lookups",
             "Model cache lookups: hit when the model was loaded already",
-            model_lookups.clone(),
+            Family::<ResultLabels, Counter>::default(),
         );
-        let model_load = Histogram::new(exponential_buckets(0.05, 2.0, 14));
-        r.register(
+        let model_load = registered(
+            &mut r,
             "storyfarm_worker_model_load_seconds",
             "Time to load a model into memory (cache misses)",
-            model_load.clone(),
+            Histogram::new(exponential_buckets(0.05, 2.0, 14)),
         );
-        let blob = Histograms::<OperationLabels>::new_with_constructor(blob_buckets as fn() -> _);
-        r.register(
+        let blob = registered(
+            &mut r,
             "storyfarm_worker_blob_seconds",
             "Artifact store calls (get, put) of this worker",
-            blob.clone(),
+            Histograms::<OperationLabels>::new_with_constructor(blob_buckets as fn() -> _),
         );
-        let in_progress = Gauge::default();
-        r.register(
+        let in_progress = registered(
+            &mut r,
             "storyfarm_worker_tasks_in_progress",
             "Tasks this worker holds now",
-            in_progress.clone(),
+            Gauge::default(),
         );
-        let heartbeat_age = Gauge::<f64, AtomicU64>::default();
-        r.register(
+        let heartbeat_age = registered(
+            &mut r,
             "storyfarm_worker_heartbeat_age_seconds",
             "Seconds since the task in progress last sent a heartbeat (or started); 0 when idle",
-            heartbeat_age.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let gpu_used = Family::<DeviceLabels, Gauge>::default();
-        r.register(
+        let gpu_used = registered(
+            &mut r,
             "storyfarm_worker_gpu_memory_used_bytes",
             "GPU memory in use on this worker's device (CUDA only)",
-            gpu_used.clone(),
+            Family::<DeviceLabels, Gauge>::default(),
         );
-        let gpu_total = Family::<DeviceLabels, Gauge>::default();
-        r.register(
+        let gpu_total = registered(
+            &mut r,
             "storyfarm_worker_gpu_memory_total_bytes",
             "GPU memory of this worker's device (CUDA only)",
-            gpu_total.clone(),
+            Family::<DeviceLabels, Gauge>::default(),
         );
         Self {
             registry: Arc::new(r),

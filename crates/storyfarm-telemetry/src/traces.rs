@@ -32,11 +32,6 @@ pub struct Tracing {
 }
 
 impl Tracing {
-    /// Whether spans leave the process.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports what is buffered and stops the exporter.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider {
@@ -53,7 +48,7 @@ fn var(name: &str) -> Option<String> {
 
 /// Whether the standard variables ask for OTLP trace export: an endpoint is set and neither
 /// `OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` turns it off.
-pub fn otlp_requested() -> bool {
+fn otlp_requested() -> bool {
     let endpoint =
         var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
     let disabled = var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));

@@ -57,26 +57,22 @@ fn service_name(command: &Command) -> &'static str {
     }
 }
 
+/// Runs a command outside any async runtime, with logs but no trace export.
+fn without_runtime(service: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
+    let tracing = storyfarm_telemetry::init_tracing(service, "warn", false)?;
+    let result = run();
+    tracing.shutdown();
+    result
+}
+
 fn main() -> ExitCode {
     let command = Cli::parse().command;
     let service = service_name(&command);
     let result: Result<()> = match command {
         // hf-hub's blocking client: outside the tokio runtime, like `generate`; they export no
         // traces (the OTLP client lives on a runtime).
-        Command::Generate(args) => storyfarm_telemetry::init_tracing(service, "warn", false)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| {
-                let result = generate::run(args);
-                t.shutdown();
-                result
-            }),
-        Command::Models(args) => storyfarm_telemetry::init_tracing(service, "warn", false)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| {
-                let result = models::run(args);
-                t.shutdown();
-                result
-            }),
+        Command::Generate(args) => without_runtime(service, || generate::run(args)),
+        Command::Models(args) => without_runtime(service, || models::run(args)),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -235,9 +235,15 @@ impl Farm {
     }
 
     fn submit(&self, board: &Path) -> String {
+        self.submit_with(board, &[])
+    }
+
+    /// `storyfarm submit` with `env` on top of this process's environment.
+    fn submit_with(&self, board: &Path, env: &[(&str, &str)]) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
             .args(["submit", "--coordinator", &self.endpoint()])
             .arg(board)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -331,6 +337,61 @@ fn with_model(board: PathBuf, model: &str) -> PathBuf {
     )
     .unwrap();
     board
+}
+
+/// `storyfarm render` of `board` on one machine (SQLite, in-process queue, artifacts under
+/// `dir/data`, output in `dir/out`): the manifest, the data folder and the output folder.
+fn render_locally(dir: &Path, board: &Path) -> (serde_json::Value, PathBuf, PathBuf) {
+    let (data, out) = (dir.join("data"), dir.join("out"));
+    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
+        .arg("render")
+        .arg(board)
+        .arg("--out")
+        .arg(&out)
+        .env("STORYFARM_DATA_DIR", &data)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let manifest =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    (manifest, data, out)
+}
+
+/// The farm job's frames are the local render's: the same seeds, latents within 1e-4 of the
+/// largest value.
+async fn assert_frames_equal_local(
+    farm: &Farm,
+    job_id: &str,
+    manifest: &serde_json::Value,
+    data: &Path,
+) {
+    let local_frames = manifest["frames"].as_array().unwrap();
+    let farm_frames = frames_of(farm, job_id).await;
+    assert_eq!(local_frames.len(), farm_frames.len());
+    for (l, f) in local_frames.iter().zip(&farm_frames) {
+        assert_eq!(l["seed"].as_u64(), Some(f.seed));
+        let local_latents = std::fs::read(
+            data.join("artifacts")
+                .join(l["latents_key"].as_str().unwrap()),
+        )
+        .unwrap();
+        let farm_latents = farm
+            .blobs
+            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
+            .await
+            .unwrap();
+        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
+        assert!(
+            diff <= 1e-4 * scale,
+            "frame {}: max-abs {diff} > 1e-4 x {scale}",
+            f.index
+        );
+    }
 }
 
 async fn frames_of(farm: &Farm, job: &str) -> Vec<pb::Frame> {
@@ -1225,45 +1286,8 @@ async fn render_on_one_machine_equals_the_farm() {
     let job = farm.wait_for(&job_id, Duration::from_secs(300)).await;
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
 
-    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
-    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
-        .arg("render")
-        .arg(&board)
-        .arg("--out")
-        .arg(&out)
-        .env("STORYFARM_DATA_DIR", &data)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        local.status.success(),
-        "{}",
-        String::from_utf8_lossy(&local.stderr)
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    let local_frames = manifest["frames"].as_array().unwrap();
-    let farm_frames = frames_of(&farm, &job_id).await;
-    assert_eq!(local_frames.len(), farm_frames.len());
-    for (l, f) in local_frames.iter().zip(&farm_frames) {
-        assert_eq!(l["seed"].as_u64(), Some(f.seed));
-        let local_latents = std::fs::read(
-            data.join("artifacts")
-                .join(l["latents_key"].as_str().unwrap()),
-        )
-        .unwrap();
-        let farm_latents = farm
-            .blobs
-            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
-            .await
-            .unwrap();
-        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
-        assert!(
-            diff <= 1e-4 * scale,
-            "frame {}: max-abs {diff} > 1e-4 x {scale}",
-            f.index
-        );
-    }
+    let (manifest, data, _) = render_locally(dir.path(), &board);
+    assert_frames_equal_local(&farm, &job_id, &manifest, &data).await;
 }
 
 /// A storyboard with a style and two characters (one from its description, one from a picture):
@@ -1370,23 +1394,7 @@ async fn characters_and_a_style_render_on_the_farm_like_render_and_anchors_are_r
     assert_eq!((picture.width(), picture.height()), (64, 64));
 
     // The same board on one machine: the same frames, the same anchors.
-    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
-    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
-        .arg("render")
-        .arg(&board)
-        .arg("--out")
-        .arg(&out)
-        .env("STORYFARM_DATA_DIR", &data)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        local.status.success(),
-        "{}",
-        String::from_utf8_lossy(&local.stderr)
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let (manifest, data, out) = render_locally(dir.path(), &board);
     let characters = manifest["characters"].as_array().unwrap();
     assert_eq!(characters.len(), 2);
     for (local, farm_anchors) in characters.iter().zip(&anchors) {
@@ -1402,28 +1410,7 @@ async fn characters_and_a_style_render_on_the_farm_like_render_and_anchors_are_r
         }
     }
     assert!(out.join("contact-sheet.png").is_file());
-    let local_frames = manifest["frames"].as_array().unwrap();
-    let farm_frames = frames_of(&farm, &job_id).await;
-    assert_eq!(local_frames.len(), farm_frames.len());
-    for (l, f) in local_frames.iter().zip(&farm_frames) {
-        assert_eq!(l["seed"].as_u64(), Some(f.seed));
-        let local_latents = std::fs::read(
-            data.join("artifacts")
-                .join(l["latents_key"].as_str().unwrap()),
-        )
-        .unwrap();
-        let farm_latents = farm
-            .blobs
-            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
-            .await
-            .unwrap();
-        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
-        assert!(
-            diff <= 1e-4 * scale,
-            "frame {}: max-abs {diff} > 1e-4 x {scale}",
-            f.index
-        );
-    }
+    assert_frames_equal_local(&farm, &job_id, &manifest, &data).await;
 
     // Another storyboard with the same characters and style: nothing is computed twice.
     let sequel = write_character_board(
@@ -1920,19 +1907,10 @@ async fn a_job_is_one_trace_from_the_caller_through_the_worker_steps() {
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let board = write_board(dir.path(), 2, 4, 1);
-    let out = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
-        .args(["submit", "--coordinator", &farm.endpoint()])
-        .arg(&board)
-        .env("TRACEPARENT", format!("00-{caller_trace}-{caller_span}-01"))
-        .envs(otel)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "submit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    let mut env = vec![("TRACEPARENT", traceparent.as_str())];
+    env.extend(otel);
+    let job_id = farm.submit_with(&board, &env);
     let job = farm.wait_for(&job_id, Duration::from_secs(120)).await;
     assert_eq!(job.state, pb::JobState::Succeeded as i32, "{job:?}");
 
@@ -2103,42 +2081,6 @@ async fn the_images_render_the_tiny_board_as_containers() {
     );
 
     // The same board rendered by this build's binary on one machine gives the same latents.
-    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
-    let local = Command::new(env!("CARGO_BIN_EXE_storyfarm"))
-        .arg("render")
-        .arg(&board)
-        .arg("--out")
-        .arg(&out)
-        .env("STORYFARM_DATA_DIR", &data)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        local.status.success(),
-        "{}",
-        String::from_utf8_lossy(&local.stderr)
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    let local_frames = manifest["frames"].as_array().unwrap();
-    let farm_frames = frames_of(&farm, &job_id).await;
-    assert_eq!(local_frames.len(), farm_frames.len());
-    for (l, f) in local_frames.iter().zip(&farm_frames) {
-        let local_latents = std::fs::read(
-            data.join("artifacts")
-                .join(l["latents_key"].as_str().unwrap()),
-        )
-        .unwrap();
-        let farm_latents = farm
-            .blobs
-            .get(&BlobKey::new(f.latents_key.clone()).unwrap())
-            .await
-            .unwrap();
-        let (diff, scale) = compare_latents(&local_latents, &farm_latents).unwrap();
-        assert!(
-            diff <= 1e-4 * scale,
-            "frame {}: max-abs {diff} > 1e-4 x {scale}",
-            f.index
-        );
-    }
+    let (manifest, data, _) = render_locally(dir.path(), &board);
+    assert_frames_equal_local(&farm, &job_id, &manifest, &data).await;
 }
