@@ -605,10 +605,11 @@ impl JobService for Api {
             (PrerequisiteKind::Anchors, job.anchor_tasks),
         ] {
             let planned = plan.prerequisites.iter().filter(|p| p.kind == kind).count() as u32;
-            for i in 0..planned {
-                self.metrics
-                    .prerequisite_lookup(kind.as_str(), i >= computed);
-            }
+            self.metrics.prerequisite_lookups(
+                kind.as_str(),
+                planned.saturating_sub(computed).into(),
+                computed.into(),
+            );
         }
         tracing::info!(frames = job.frames_total, inversion_tasks = job.inversion_tasks, anchor_tasks = job.anchor_tasks, render_tasks = job.render_tasks, family = %facts.family, "job submitted");
         Ok(Response::new(convert::job(&job)))

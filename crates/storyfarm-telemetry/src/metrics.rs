@@ -416,14 +416,19 @@ impl CoordinatorMetrics {
         self.task_failed(kind, family, "dead_letter");
     }
 
-    /// `kind`: `style` or `anchors`.
-    pub fn prerequisite_lookup(&self, kind: &str, hit: bool) {
-        self.prerequisite_lookups
-            .get_or_create(&LookupLabels {
-                kind: kind.to_string(),
-                result: if hit { "hit" } else { "miss" }.to_string(),
-            })
-            .inc();
+    /// A submitted job's prerequisites of `kind` (`style` or `anchors`): `hits` found computed
+    /// or being computed, `misses` the job computes.
+    pub fn prerequisite_lookups(&self, kind: &str, hits: u64, misses: u64) {
+        for (result, n) in [("hit", hits), ("miss", misses)] {
+            if n > 0 {
+                self.prerequisite_lookups
+                    .get_or_create(&LookupLabels {
+                        kind: kind.to_string(),
+                        result: result.to_string(),
+                    })
+                    .inc_by(n);
+            }
+        }
     }
 
     pub fn set_farm(&self, farm: &FarmSnapshot) {
@@ -725,7 +730,7 @@ mod tests {
         c.task_succeeded("render", "sd", 2);
         c.task_failed("render", "sd", "render");
         c.dead_lettered("render", "sd");
-        c.prerequisite_lookup("style", true);
+        c.prerequisite_lookups("style", 1, 0);
         c.set_farm(&FarmSnapshot {
             jobs: vec![("running".into(), 1)],
             frames: vec![("pending".into(), 3)],
