@@ -2,6 +2,8 @@
 //! with `--features openblas`, through OpenBLAS's `cblas_sgemm` (threaded, and single-threaded
 //! calls split across rayon). Prints wall and process CPU seconds per call and GFLOP/s.
 //! `RAYON_NUM_THREADS=2 cargo run -p storyfarm-kernels --example gemm_shapes [--features openblas]`
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -76,6 +78,13 @@ enum Backend {
     BlasSplit,
 }
 
+/// `c = a b` for shape `s` through backend `be`.
+///
+/// # Safety
+/// `a` must be valid for reads of the `s.m x s.k` elements at strides `s.a`, `b` of the
+/// `s.k x s.n` at strides `s.b`, and `c` for writes of `s.m * s.n` contiguous floats (row-major
+/// `[m, n]`) that overlap neither and that nothing else accesses during the call. The OpenBLAS
+/// backends also need one unit stride per operand (see [`blas`]).
 unsafe fn call(be: Backend, s: &Shape, a: *const f32, b: *const f32, c: *mut f32, par: bool) {
     let (m, n, k) = (s.m, s.n, s.k);
     match be {
@@ -85,13 +94,18 @@ unsafe fn call(be: Backend, s: &Shape, a: *const f32, b: *const f32, c: *mut f32
             } else {
                 gemm::Parallelism::None
             };
-            gemm::gemm(
-                m, n, k, c, 1, n as isize, false, a, s.a.1, s.a.0, b, s.b.1, s.b.0, 1.0, 1.0,
-                false, false, false, p,
-            );
+            // SAFETY: the operands and the `[m, n]` destination this function's contract makes
+            // valid, strides given (column, row).
+            unsafe {
+                gemm::gemm(
+                    m, n, k, c, 1, n as isize, false, a, s.a.1, s.a.0, b, s.b.1, s.b.0, 1.0, 1.0,
+                    false, false, false, p,
+                );
+            }
         }
+        // SAFETY: the whole product, under this function's contract.
         #[cfg(feature = "openblas")]
-        Backend::BlasThreaded => blas(s, 0, m, 0, n, a, b, c),
+        Backend::BlasThreaded => unsafe { blas(s, 0, m, 0, n, a, b, c) },
         #[cfg(feature = "openblas")]
         Backend::BlasSplit => {
             // as the library does: one single-threaded call per rayon thread, along the longer of m, n
@@ -102,16 +116,27 @@ unsafe fn call(be: Backend, s: &Shape, a: *const f32, b: *const f32, c: *mut f32
             (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
                 let (s0, sl) = (i * step, step.min(len - i * step));
                 let (a, b, c) = (ap as *const f32, bp as *const f32, cp as *mut f32);
-                if split_m {
-                    blas(s, s0, sl, 0, n, a, b, c)
-                } else {
-                    blas(s, 0, m, s0, sl, a, b, c)
+                // SAFETY: rows s0..s0 + sl (or columns) of the product this function's contract
+                // makes valid; the tasks' blocks of `c` are disjoint.
+                unsafe {
+                    if split_m {
+                        blas(s, s0, sl, 0, n, a, b, c)
+                    } else {
+                        blas(s, 0, m, s0, sl, a, b, c)
+                    }
                 }
             });
         }
     }
 }
 
+/// Rows `m0..m0 + mm`, columns `n0..n0 + nn` of `c = a b` for shape `s` through one
+/// `cblas_sgemm`.
+///
+/// # Safety
+/// As for [`call`], with `m0 + mm <= s.m`, `n0 + nn <= s.n`, and each of `s.a`, `s.b` with a
+/// unit column stride (`(ld, 1)`) or a unit row stride (`(1, ld)`), the sizes fitting a C
+/// `int`. Only the addressed block of `c` is written.
 #[cfg(feature = "openblas")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn blas(
@@ -128,25 +153,30 @@ unsafe fn blas(
     let op = |(rs, cs): (isize, isize)| if cs == 1 { (NO_TRANS, rs) } else { (TRANS, cs) };
     let (ta, lda) = op(s.a);
     let (tb, ldb) = op(s.b);
-    cblas_sgemm(
-        ROW_MAJOR,
-        ta,
-        tb,
-        mm as _,
-        nn as _,
-        s.k as _,
-        1.0,
-        a.offset(m0 as isize * s.a.0),
-        lda as _,
-        b.offset(n0 as isize * s.b.1),
-        ldb as _,
-        0.0,
-        c.add(m0 * s.n + n0),
-        s.n as _,
-    );
+    // SAFETY: the block of the product this function's contract makes valid: `a` from row m0,
+    // `b` from column n0, `c` from element (m0, n0) of the row-major `[m, n]` destination.
+    unsafe {
+        cblas_sgemm(
+            ROW_MAJOR,
+            ta,
+            tb,
+            mm as _,
+            nn as _,
+            s.k as _,
+            1.0,
+            a.offset(m0 as isize * s.a.0),
+            lda as _,
+            b.offset(n0 as isize * s.b.1),
+            ldb as _,
+            0.0,
+            c.add(m0 * s.n + n0),
+            s.n as _,
+        );
+    }
 }
 
 fn main() {
+    // SAFETY: OpenBLAS returns pointers to its static NUL-terminated configuration strings.
     #[cfg(feature = "openblas")]
     unsafe {
         let s = |p: *const std::os::raw::c_char| {
@@ -270,6 +300,7 @@ fn main() {
             .collect();
         let mut reference: Option<Vec<f32>> = None;
         for &(bname, be) in &backends {
+            // SAFETY: a plain setter with no pointer arguments; no product is running.
             #[cfg(feature = "openblas")]
             unsafe {
                 cblas::openblas_set_num_threads(if be == Backend::BlasThreaded && s.calls == 1 {
@@ -283,6 +314,8 @@ fn main() {
             let run = |c: &mut Vec<f32>| {
                 let (ap, bp) = (a.as_ptr() as usize, b.as_ptr() as usize);
                 if s.calls == 1 {
+                    // SAFETY: `a` and `b` hold the largest offset their strides reach for this
+                    // shape (`max` above), and `c` holds `m * n` floats.
                     unsafe {
                         call(
                             be,
@@ -294,6 +327,8 @@ fn main() {
                         )
                     };
                 } else {
+                    // SAFETY: as above; each task writes its own `m * n` chunk of `c`, and `a`
+                    // and `b` are only read.
                     c.par_chunks_mut(s.m * s.n).for_each(|c| unsafe {
                         call(
                             be,

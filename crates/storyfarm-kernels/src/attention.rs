@@ -140,6 +140,11 @@ pub(crate) fn attention_with(
         strides(&v, heads, d)?,
     );
     let n = qs.tokens;
+    // The `gemm` path reads `ks.tokens` value rows through raw pointers: a shorter `v` would be
+    // read out of bounds.
+    if ks.tokens != vs.tokens {
+        bail!("attention: keys {:?} and values {:?}", k.dims(), v.dims());
+    }
     let (qv, kv, vv) = (F32View::new(&q)?, F32View::new(&k)?, F32View::new(&v)?);
 
     let mut extra_t = Vec::with_capacity(extra.len());
@@ -174,7 +179,9 @@ pub(crate) fn attention_with(
                 continue;
             };
             let (eks, evs) = (strides(ek, heads, d)?, strides(ev, heads, d)?);
-            if eks.tokens != evs.tokens {
+            // Row `row` must exist in both: the slices below would otherwise be empty (row ==
+            // dim 0) and the `gemm` path would read past them.
+            if eks.tokens != evs.tokens || row >= ek.dim(0)? || row >= ev.dim(0)? {
                 bail!(
                     "attention: extra keys {:?} and values {:?}",
                     ek.dims(),
@@ -259,7 +266,11 @@ pub(crate) fn attention_with(
             let mut col = 0;
             for bl in blocks {
                 let m = bl.ks.tokens;
-                // SAFETY: logits [len, m] at column `col` of buf; operands in bounds by strides.
+                // SAFETY: `q` rows n0..n0 + len (`< n`) of head `h`, `d` floats each, lie in
+                // `qsl` from `qp`; key rows `< m` of head `h` lie in `bl.k` (this item's row of a
+                // keys tensor with `ks.tokens == m` tokens); the `[len, m]` logits at column
+                // `col` (`col + m <= total`) lie in `buf` (`len * total` floats), which is this
+                // task's own.
                 unsafe {
                     gemm(
                         len,
@@ -305,11 +316,17 @@ pub(crate) fn attention_with(
                 .map(|row| 1.0 / softmax_row(row))
                 .collect();
             let o = out;
-            // SAFETY: rows n0..n0+len, columns h*d..(h+1)*d of this item: this task's alone.
+            // SAFETY: element (item, n0, h * d) of `dst` (`[b, n, c]`): in bounds as `item < b`,
+            // `n0 < n`, `h * d < c`.
             let op = unsafe { o.0.add(item * n * c + n0 * c + h * d) };
             let mut col = 0;
             for (i, bl) in blocks.iter().enumerate() {
                 let m = bl.ks.tokens;
+                // SAFETY: probabilities `[len, m]` at column `col` of `buf`; value rows `< m` of
+                // head `h` lie in `bl.v` (`vs.tokens == ks.tokens`, checked above); the output
+                // is rows n0..n0 + len, columns h * d..(h + 1) * d of this item in `dst` (row
+                // stride `c`), written by this task only, and `dst` is not otherwise accessed
+                // until the loop has ended.
                 unsafe {
                     gemm(
                         len,
@@ -336,7 +353,8 @@ pub(crate) fn attention_with(
                 col += m;
             }
             for (r, s) in inv.iter().enumerate() {
-                // SAFETY: as above.
+                // SAFETY: row n0 + r (`r < len`), columns h * d..(h + 1) * d of this item in
+                // `dst`, this task's alone as above.
                 let row = unsafe { std::slice::from_raw_parts_mut(op.add(r * c), d) };
                 row.iter_mut().for_each(|x| *x *= s);
             }
@@ -453,6 +471,29 @@ mod tests {
             let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
             let plain = attention_with(&q, &k, &v, heads, 0.5, &[], flash).unwrap();
             assert!(max_abs(&got, &plain) < 1e-6, "flash {flash}");
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        // Operands the `gemm` path would read past through raw pointers: values with fewer
+        // tokens than the keys, and an extra block with no row for an item that lists it.
+        for flash in paths() {
+            let (b, n, heads, d) = (2, 20, 2, 8);
+            let q = rand(&[b, n, heads * d], 31);
+            let k = rand(&[b, n, heads * d], 32);
+            let short = rand(&[b, n - 1, heads * d], 33);
+            assert!(attention_with(&q, &k, &short, heads, 0.5, &[], flash).is_err());
+            let ek = rand(&[1, 5, heads * d], 34);
+            let items = [0usize, 1];
+            let extra = [ExtraBlock {
+                items: &items,
+                keys: &ek,
+                values: &ek,
+                logit_bias: 0.0,
+                key_mask: None,
+            }];
+            assert!(attention_with(&q, &k, &k, heads, 0.5, &extra, flash).is_err());
         }
     }
 

@@ -156,7 +156,10 @@ fn conv(
             } else {
                 Rhs::Fill(&fill)
             };
-            // SAFETY: [Cout, K] x [K, H*W] into this item's output.
+            // SAFETY: `pw` is the weight packed by `pack_lhs_all` for (cout, k) (checked by
+            // `for_dims`); the right operand is this item's contiguous `[cin, h * w]` input
+            // (`[k, plane]` when `direct`) or `fill`'s safe im2col panels; `dst_item` is this
+            // item's `[cout, plane]` block of the owned output.
             done &= unsafe {
                 sgemm_ops(
                     cout,
@@ -193,7 +196,8 @@ fn conv(
         let x_item = &xs[item * cin * h * w..][..cin * h * w];
         let dst_item = dst[item * cout * plane..].as_mut_ptr();
         if direct {
-            // SAFETY: [Cout, Cin] x [Cin, H*W] into this item's output.
+            // SAFETY: the contiguous `[cout, cin]` weight (`k == cin` for 1x1) times this item's
+            // contiguous `[cin, plane]` input into its `[cout, plane]` block of the owned output.
             unsafe {
                 gemm(
                     cout,
@@ -240,7 +244,10 @@ fn conv(
                 .for_each(|(c, chunk)| {
                     im2col_channel(&x_item[c * h * w..][..h * w], chunk, &geom);
                 });
-            // SAFETY: [Cout, K] x [K, p] into output rows r0..r0+rows of this item.
+            // SAFETY: the contiguous `[cout, k]` weight times the `[k, p]` im2col tile (`col`
+            // holds `k * rows_per_tile * wo >= k * p` floats) into output rows r0..r0 + rows of
+            // this item's `[cout, plane]` block: element (o, j) at `(r0 * wo + j) + o * plane`,
+            // with `r0 * wo + p <= plane`.
             unsafe {
                 gemm(
                     cout,

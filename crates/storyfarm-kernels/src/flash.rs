@@ -109,6 +109,10 @@ mod imp {
     /// Attention of `rows` query tokens (element (token, head, 0) at `token * q_token + head *
     /// q_head`, `d` floats) of each item over `sources[item]`, written as `[items, rows, heads
     /// * d]` tokens into `out`.
+    ///
+    /// # Panics
+    /// If the CPU lacks AVX-512F (check [`available`] first), or `out` does not hold
+    /// `items * rows * heads * d` floats.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run(
         q: &[f32],
@@ -123,6 +127,13 @@ mod imp {
         out: &mut [f32],
     ) {
         let items = sources.len();
+        // Both are what the unsafe blocks below rely on; once per call, outside the loops.
+        assert!(available(), "flash attention needs AVX-512F");
+        assert_eq!(
+            out.len(),
+            items * rows * heads * d,
+            "flash attention: output of {items} x {rows} tokens of {heads} x {d}"
+        );
         let jobs: Vec<(usize, usize)> = (0..items)
             .flat_map(|i| (0..sources[i].len()).map(move |b| (i, b)))
             .collect();
@@ -173,7 +184,9 @@ mod imp {
                 );
                 #[allow(clippy::redundant_locals)]
                 let qp = qp;
-                // SAFETY: block (item, ci, h) of `qo` is this task's alone.
+                // SAFETY: `qo` holds `items * chunks * heads` blocks of `blk` floats and `task`
+                // maps one-to-one onto (item, ci, h), so block (item, ci, h) is in bounds and
+                // this task's alone; `qo` itself is not touched until the loop has ended.
                 let qt = unsafe {
                     std::slice::from_raw_parts_mut(
                         qp.0.add(((item * chunks + ci) * heads + h) * blk),
@@ -189,8 +202,10 @@ mod imp {
                     while t0 < p.mpad {
                         let tl = TILE.min(p.mpad - t0);
                         let valid = (p.kept - t0).min(tl);
-                        // SAFETY: the CPU has AVX-512F (checked by the caller through `available`);
-                        // the slices hold `tl` rows of `d` floats.
+                        // SAFETY: the CPU has AVX-512F (asserted at the top of `run`); `qt` is the
+                        // task's `[d][QW]` block and `sc` was reset for `d` above; `tl <= TILE`
+                        // is a multiple of `KB` (`TILE`, `mpad` and `t0` are), `valid <= tl`, and
+                        // `kt`/`vt` are sliced to `tl` rows of `d` floats.
                         unsafe {
                             tile(
                                 sc,
@@ -222,7 +237,9 @@ mod imp {
                 let (n0, len) = (ci * QW, QW.min(rows - ci * QW));
                 #[allow(clippy::redundant_locals)]
                 let dst = dst;
-                // SAFETY: rows n0..n0 + len of this item: this chunk's alone.
+                // SAFETY: rows n0..n0 + len of this item in `out` (`[items, rows, c]`, its length
+                // asserted at the top): in bounds, this chunk's alone, and `out` is not otherwise
+                // accessed until the loop has ended.
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(dst.0.add((item * rows + n0) * c), len * c)
                 };
@@ -274,6 +291,14 @@ mod imp {
 
     /// One tile of `tl` packed keys (`valid` of them real, the rest zero padding) for the
     /// task's 48 query rows: logits, online-softmax update and the value product.
+    ///
+    /// # Safety
+    /// - The CPU must support AVX-512F.
+    /// - `qp` must be valid for reads of `d * QW` floats (the task's queries, `[d][QW]`).
+    /// - `sc` must have been [`Scratch::reset`] for this `d`: `sc.s` holds `TILE * QW` floats
+    ///   and `sc.ot` `d * QW`.
+    /// - `tl` must be a multiple of `KB` with `tl <= TILE`, and `valid <= tl`.
+    /// - `kt` and `vt` must hold at least `tl * d` floats (`tl` rows of `d`).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile(
@@ -290,58 +315,77 @@ mod imp {
         let sp = sc.s.as_mut_ptr();
         let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); NQ];
         for j0 in (0..tl).step_by(KB) {
-            qk(
-                qp,
-                d,
-                kt.as_ptr().wrapping_add(j0 * d),
-                sp.wrapping_add(j0 * QW),
-                valid.saturating_sub(j0),
-                &mut mx,
-            );
+            // SAFETY: keys j0..j0 + KB of `kt` and logit rows j0..j0 + KB of `sc.s`, in bounds
+            // as `j0 + KB <= tl <= TILE` (`tl` a multiple of `KB`); `qp` holds `[d][QW]`.
+            unsafe {
+                qk(
+                    qp,
+                    d,
+                    kt.as_ptr().wrapping_add(j0 * d),
+                    sp.wrapping_add(j0 * QW),
+                    valid.saturating_sub(j0),
+                    &mut mx,
+                );
+            }
         }
         let mut alpha = [_mm512_setzero_ps(); NQ];
         let mut m_new = [_mm512_setzero_ps(); NQ];
         let mut sum = [_mm512_setzero_ps(); NQ];
         let b = _mm512_set1_ps(bias);
         for c in 0..NQ {
-            let mx = mx[c];
-            let m_old = load(st.m.as_ptr().wrapping_add(c * LANES));
-            m_new[c] = _mm512_max_ps(m_old, _mm512_add_ps(mx, b));
-            // 2^-inf is 0: the first tile scales the empty output by 0.
-            alpha[c] = exp2_16(_mm512_sub_ps(m_old, m_new[c]));
-            store(st.m.as_mut_ptr().wrapping_add(c * LANES), m_new[c]);
+            // SAFETY: lanes c * LANES..(c + 1) * LANES of the `QW` floats of `st.m` (`c < NQ`);
+            // the CPU has AVX-512F (this function's contract).
+            unsafe {
+                let mx = mx[c];
+                let m_old = load(st.m.as_ptr().wrapping_add(c * LANES));
+                m_new[c] = _mm512_max_ps(m_old, _mm512_add_ps(mx, b));
+                // 2^-inf is 0: the first tile scales the empty output by 0.
+                alpha[c] = exp2_16(_mm512_sub_ps(m_old, m_new[c]));
+                store(st.m.as_mut_ptr().wrapping_add(c * LANES), m_new[c]);
+            }
         }
         let shift: [__m512; NQ] = std::array::from_fn(|c| _mm512_sub_ps(b, m_new[c]));
         for j in 0..valid {
             for c in 0..NQ {
-                let at = sp.wrapping_add(j * QW + c * LANES);
-                let e = exp2_16(_mm512_add_ps(load(at), shift[c]));
-                sum[c] = _mm512_add_ps(sum[c], e);
-                store(at, e);
+                // SAFETY: logit row `j < valid <= tl <= TILE` of `sc.s` (`TILE * QW` floats),
+                // lanes c * LANES.. with `c < NQ`; the CPU has AVX-512F.
+                unsafe {
+                    let at = sp.wrapping_add(j * QW + c * LANES);
+                    let e = exp2_16(_mm512_add_ps(load(at), shift[c]));
+                    sum[c] = _mm512_add_ps(sum[c], e);
+                    store(at, e);
+                }
             }
         }
         for j in valid..tl {
             for c in 0..NQ {
-                store(sp.wrapping_add(j * QW + c * LANES), _mm512_setzero_ps());
+                // SAFETY: as above, rows `j < tl <= TILE`.
+                unsafe { store(sp.wrapping_add(j * QW + c * LANES), _mm512_setzero_ps()) };
             }
         }
         for c in 0..NQ {
             let lp = st.l.as_mut_ptr().wrapping_add(c * LANES);
-            store(lp, _mm512_fmadd_ps(load(lp), alpha[c], sum[c]));
+            // SAFETY: lanes c * LANES.. of the `QW` floats of `st.l` (`c < NQ`).
+            unsafe { store(lp, _mm512_fmadd_ps(load(lp), alpha[c], sum[c])) };
         }
         let op = sc.ot.as_mut_ptr();
         let mut d0 = 0;
         while d0 < d {
             let (v, o) = (vt.as_ptr().wrapping_add(d0), op.wrapping_add(d0 * QW));
-            match d - d0 {
-                1 => pv::<1>(sp, tl, v, d, o, &alpha),
-                2 => pv::<2>(sp, tl, v, d, o, &alpha),
-                3 => pv::<3>(sp, tl, v, d, o, &alpha),
-                4 => pv::<4>(sp, tl, v, d, o, &alpha),
-                5 => pv::<5>(sp, tl, v, d, o, &alpha),
-                6 => pv::<6>(sp, tl, v, d, o, &alpha),
-                7 => pv::<7>(sp, tl, v, d, o, &alpha),
-                _ => pv::<KB>(sp, tl, v, d, o, &alpha),
+            // SAFETY: `ND = min(d - d0, KB)` head dimensions from d0: `v` reads `vt[j * d + d0
+            // + e]`, `j < tl`, `e < ND`, below `tl * d`; `o` is rows d0..d0 + ND of the
+            // `[d][QW]` `sc.ot`; `sp` holds the tile's `tl <= TILE` probability rows.
+            unsafe {
+                match d - d0 {
+                    1 => pv::<1>(sp, tl, v, d, o, &alpha),
+                    2 => pv::<2>(sp, tl, v, d, o, &alpha),
+                    3 => pv::<3>(sp, tl, v, d, o, &alpha),
+                    4 => pv::<4>(sp, tl, v, d, o, &alpha),
+                    5 => pv::<5>(sp, tl, v, d, o, &alpha),
+                    6 => pv::<6>(sp, tl, v, d, o, &alpha),
+                    7 => pv::<7>(sp, tl, v, d, o, &alpha),
+                    _ => pv::<KB>(sp, tl, v, d, o, &alpha),
+                }
             }
             d0 += KB;
         }
@@ -353,27 +397,47 @@ mod imp {
     // would sit in the innermost loops and force spills.
 
     /// `*p` in every lane.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `p` must be valid for reads of one `f32` (any
+    /// alignment).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn bcast(p: *const f32) -> __m512 {
-        _mm512_broadcastss_ps(_mm_load_ss(p))
+        // SAFETY: `p` is readable (this function's contract); `_mm_load_ss` needs no alignment.
+        _mm512_broadcastss_ps(unsafe { _mm_load_ss(p) })
     }
 
+    /// The 16 floats at `p`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `p` must be valid for reads of 16 consecutive `f32`s
+    /// (any alignment).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn load(p: *const f32) -> __m512 {
-        _mm512_maskz_loadu_ps(!0, p)
+        // SAFETY: all 16 lanes of `p` are readable (contract); the load is unaligned.
+        unsafe { _mm512_maskz_loadu_ps(!0, p) }
     }
 
+    /// `a` into the 16 floats at `p`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `p` must be valid for writes of 16 consecutive `f32`s
+    /// (any alignment).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn store(p: *mut f32, a: __m512) {
-        _mm512_mask_storeu_ps(p, !0, a)
+        // SAFETY: all 16 lanes of `p` are writable (contract); the store is unaligned.
+        unsafe { _mm512_mask_storeu_ps(p, !0, a) }
     }
 
     /// `2^x` in every lane (`x <= 0` here, relative error below 2.5e-7): `2^n` by `scalef`
     /// and `2^f`, `|f| <= 1/2`, by a degree-5 polynomial fitted for least maximum relative
     /// error on that interval. Below -200 (and for `-inf`) the result is exactly 0.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn exp2_16(x: __m512) -> __m512 {
@@ -397,6 +461,10 @@ mod imp {
     /// vectors at `a + i * QW` and each `b` element is broadcast: the register-blocked loop
     /// under both products (key elements against queries, value elements against
     /// probabilities).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` must be valid for reads of `n * QW` floats, and `b`
+    /// for reads of the floats at `r * rs + i * is` for every `r < R`, `i < n`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn fma_rows<const R: usize>(
@@ -408,10 +476,13 @@ mod imp {
         is: usize,
     ) {
         for i in 0..n {
+            // SAFETY: floats i * QW..(i + 1) * QW of `a` (`i < n`, `c < NQ`), readable by the
+            // contract.
             let ai: [__m512; NQ] =
-                std::array::from_fn(|c| load(a.wrapping_add(i * QW + c * LANES)));
+                std::array::from_fn(|c| unsafe { load(a.wrapping_add(i * QW + c * LANES)) });
             for (r, acc) in acc.iter_mut().enumerate() {
-                let br = bcast(b.wrapping_add(r * rs + i * is));
+                // SAFETY: `b[r * rs + i * is]` with `r < R`, `i < n`, readable by the contract.
+                let br = unsafe { bcast(b.wrapping_add(r * rs + i * is)) };
                 for c in 0..NQ {
                     acc[c] = _mm512_fmadd_ps(br, ai[c], acc[c]);
                 }
@@ -422,6 +493,10 @@ mod imp {
     /// Logits of `KB` keys (`k`, rows of `d` floats) against the task's queries (`qt`,
     /// `[d][QW]`) into `s` (`[KB][QW]`); the first `real` of them (the others are padding)
     /// also raise the running maximum `mx`, straight from the registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `qt` must be valid for reads of `d * QW` floats, `k` for
+    /// reads of `KB * d` floats, and `s` for writes of `KB * QW` floats.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn qk(
@@ -433,10 +508,13 @@ mod imp {
         mx: &mut [__m512; NQ],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NQ]; KB];
-        fma_rows(&mut acc, qt, d, k, d, 1);
+        // SAFETY: `qt` holds `d` steps of `QW` floats; key `r < KB` is `k[r * d..][..d]`.
+        unsafe { fma_rows(&mut acc, qt, d, k, d, 1) };
         for (j, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
-                store(s.wrapping_add(j * QW + c * LANES), a);
+                // SAFETY: row `j < KB` of the `[KB][QW]` logits at `s`, lanes c * LANES..
+                // with `c < NQ`.
+                unsafe { store(s.wrapping_add(j * QW + c * LANES), a) };
                 if j < real {
                     mx[c] = _mm512_max_ps(mx[c], a);
                 }
@@ -446,6 +524,11 @@ mod imp {
 
     /// `o[e][..] = alpha * o[e][..] + sum_j v[j][e] p[j][..]` for `ND` head dimensions `e`
     /// (`p` `[keys][QW]`, `v` row stride `vs`, `o` `[ND][QW]`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `p` must be valid for reads of `keys * QW` floats, `v`
+    /// for reads of the floats at `j * vs + e` for every `j < keys`, `e < ND`, and `o` for
+    /// reads and writes of `ND * QW` floats.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn pv<const ND: usize>(
@@ -459,13 +542,18 @@ mod imp {
         let mut acc = [[_mm512_setzero_ps(); NQ]; ND];
         for (e, acc) in acc.iter_mut().enumerate() {
             for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_mul_ps(load(o.wrapping_add(e * QW + c * LANES)), alpha[c]);
+                // SAFETY: row `e < ND` of the `[ND][QW]` output at `o`, lanes c * LANES..
+                // with `c < NQ`.
+                let x = unsafe { load(o.wrapping_add(e * QW + c * LANES)) };
+                *a = _mm512_mul_ps(x, alpha[c]);
             }
         }
-        fma_rows(&mut acc, p, keys, v, 1, vs);
+        // SAFETY: `p` holds `keys` steps of `QW` floats; `v[j * vs + e]`, `j < keys`, `e < ND`.
+        unsafe { fma_rows(&mut acc, p, keys, v, 1, vs) };
         for (e, acc) in acc.iter().enumerate() {
             for (c, &a) in acc.iter().enumerate() {
-                store(o.wrapping_add(e * QW + c * LANES), a);
+                // SAFETY: as for the loads above.
+                unsafe { store(o.wrapping_add(e * QW + c * LANES), a) };
             }
         }
     }

@@ -35,7 +35,9 @@ fn gate_tile_body(tile: &[f32], bias: &[f32], gated: &mut [f32]) {
 /// vectorise across the 16 columns).
 ///
 /// # Safety
-/// The CPU must have AVX-512F.
+/// The CPU must support AVX-512F, AVX2 and FMA (the features enabled below; every AVX-512F
+/// CPU has the other two). The slices are only indexed safely: `bias` needs 32 floats, and
+/// short `tile`/`gated` end the loop early.
 #[cfg(target_arch = "x86_64")]
 #[cfg_attr(feature = "openblas", allow(dead_code))]
 #[target_feature(enable = "avx512f,avx2,fma")]

@@ -5,6 +5,10 @@
 //! contiguous-able f32 tensors on the CPU; callers keep their candle-op path for anything else
 //! (see [`supported`]).
 
+// Unsafe operations need their own `unsafe { }` blocks (each with its safety comment) inside
+// `unsafe fn`s too, whose `# Safety` sections state their contracts.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod adain;
 mod attention;
 mod conv;

@@ -10,6 +10,9 @@ use crate::view::{output, F32View};
 use crate::Result;
 
 /// A strided row-major-or-not matrix operand: element (r, c) at `ptr + r * rs + c * cs`.
+///
+/// Only a description: the functions that read through it are `unsafe` and ask their callers
+/// for a `ptr` valid for the rows and columns they read.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat {
     pub ptr: *const f32,
@@ -20,7 +23,12 @@ pub(crate) struct Mat {
 /// `dst[m, n] = (accumulate ? dst : 0) + scale * lhs[m, k] rhs[k, n]`.
 ///
 /// # Safety
-/// All operands must be valid for the given sizes and strides; `dst` must not alias them.
+/// - For every `i < m`, `p < k`, `j < n`: `lhs.ptr + i * lhs.rs + p * lhs.cs` and `rhs.ptr +
+///   p * rhs.rs + j * rhs.cs` must be valid for reads of an `f32`, and `dst + i * dst_rs + j *
+///   dst_cs` for reads and writes, each inside the allocation its base pointer points into.
+/// - Distinct `(i, j)` must address distinct `dst` elements (with `parallel` the product is
+///   written from several threads), and no `dst` element may overlap an operand element.
+/// - Nothing else may write the operands or access the destination until the call returns.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     m: usize,
@@ -35,16 +43,22 @@ pub(crate) unsafe fn gemm(
     scale: f32,
     parallel: bool,
 ) {
+    // SAFETY: the same product under this function's own contract.
     #[cfg(feature = "openblas")]
-    if openblas::sgemm(
-        m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
-    ) {
+    if unsafe {
+        openblas::sgemm(
+            m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
+        )
+    } {
         return;
     }
+    // SAFETY: the same product under this function's own contract.
     #[cfg(target_arch = "x86_64")]
-    if crate::sgemm::sgemm(
-        m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
-    ) {
+    if unsafe {
+        crate::sgemm::sgemm(
+            m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs, scale, parallel,
+        )
+    } {
         return;
     }
     let par = if parallel && rayon::current_num_threads() > 1 {
@@ -52,10 +66,16 @@ pub(crate) unsafe fn gemm(
     } else {
         gemm::Parallelism::None
     };
-    gemm::gemm(
-        m, n, k, dst, dst_cs, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
-        1.0, scale, false, false, false, par,
-    );
+    // SAFETY: `gemm::gemm` computes `dst = 1.0 * dst + scale * lhs rhs` (reading `dst` only
+    // when `accumulate`) through the same elements, strides given (column, row); this
+    // function's contract makes them valid and the destination elements distinct and
+    // separate from the operands.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, dst_cs, dst_rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs,
+            rhs.rs, 1.0, scale, false, false, false, par,
+        );
+    }
 }
 
 /// `cblas_sgemm` from the system OpenBLAS (Debian: `libopenblas-dev`), whose AVX-512 kernels
@@ -116,7 +136,10 @@ mod openblas {
 
     /// Shares the block closure (raw operand pointers) across rayon tasks.
     struct Shared<F>(F);
-    // SAFETY: each task writes its own block of `dst`; the inputs are only read.
+    // SAFETY: only built around `sgemm`'s `call` closure, which captures (by reference) sizes,
+    // flags and the raw operand pointers, none mutated while the tasks run; each task's call
+    // reads the operands and writes its own block of `dst` (the split along m or n is
+    // disjoint), within `sgemm`'s contract.
     unsafe impl<F> Sync for Shared<F> {}
     impl<F> Shared<F> {
         fn get(&self) -> &F {
@@ -124,10 +147,13 @@ mod openblas {
         }
     }
 
-    /// Computes the product if OpenBLAS can express the strides; `false` leaves it to `gemm`.
+    /// Computes the product if OpenBLAS can express the strides; `false` leaves it to `gemm`
+    /// (nothing written).
     ///
     /// # Safety
-    /// As for [`super::gemm`].
+    /// As for [`super::gemm`]. (Only the layouts checked below reach `cblas_sgemm`: unit
+    /// column stride of `dst` with a row stride of at least `n`, operands with one unit stride
+    /// and a leading dimension covering their rows or columns, sizes that fit a C `int`.)
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn sgemm(
         m: usize,
@@ -153,11 +179,14 @@ mod openblas {
             return false;
         };
         static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
-        // SAFETY: a plain setter; the product below runs on the calling thread only.
+        // SAFETY: a plain setter with no pointer arguments, called once before any product.
         SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
         let beta = if accumulate { 1.0 } else { 0.0 };
         let call = |m0: usize, rows: usize, n0: usize, cols: usize| {
-            // SAFETY: a sub-block of the caller's operands; blocks write disjoint outputs.
+            // SAFETY: rows m0..m0 + rows, columns n0..n0 + cols of the product (sub-blocks of
+            // the `m x n` the contract makes valid, with the transpose flags and leading
+            // dimensions `layout` derived from the strides); concurrent calls get disjoint
+            // blocks of `dst`.
             unsafe {
                 cblas_sgemm(
                     ROW_MAJOR,
@@ -244,7 +273,7 @@ impl PackedWeight {
             let (cout, cin, kh, kw) = weight.dims4()?;
             let k = cin * kh * kw;
             let v = F32View::new(weight)?;
-            // SAFETY: a contiguous [cout, k] matrix.
+            // SAFETY: the weight is a contiguous `[cout, k]` view that outlives the call.
             let data = unsafe {
                 crate::sgemm::pack_lhs_all(
                     Mat {
@@ -274,7 +303,8 @@ impl PackedWeight {
         if Self::usable(weight) {
             let (out_f, inp) = weight.dims2()?;
             let v = F32View::new(weight)?;
-            // SAFETY: W^T of a contiguous [out, in] matrix.
+            // SAFETY: `W^T` `[inp, out_f]` of the contiguous `[out_f, inp]` weight view, which
+            // outlives the call.
             let data = unsafe {
                 crate::sgemm::pack_rhs_all(
                     Mat {
@@ -312,7 +342,7 @@ impl PackedWeight {
                 for (dst, src) in permuted.chunks_exact_mut(inp).zip(geglu_order(two)) {
                     dst.copy_from_slice(&w[src * inp..][..inp]);
                 }
-                // SAFETY: W^T of the [two, in] matrix above.
+                // SAFETY: `W^T` `[inp, two]` of the owned `[two, inp]` matrix above.
                 let data = unsafe {
                     crate::sgemm::pack_rhs_all(
                         Mat {
@@ -431,7 +461,8 @@ pub fn linear(
     let w = F32View::new(&weight)?;
     let xv = F32View::new(&x)?;
     let mut dst = linear_prefill(&x, out_f, bias, residual)?;
-    // SAFETY: sizes and strides describe the owned buffers above.
+    // SAFETY: `x` `[rows, inp]` and `W^T` (`weight` `[out_f, inp]` read with strides (1, inp))
+    // are contiguous views that outlive the call; `dst` is the owned `[rows, out_f]` buffer.
     unsafe {
         gemm(
             rows,
@@ -486,7 +517,9 @@ pub fn linear_packed(
             cs: 1,
         };
         let mut dst = linear_prefill(&x, out_f, bias, residual)?;
-        // SAFETY: [rows, in] x [in, out] into the owned buffer.
+        // SAFETY: `x` is a contiguous `[rows, inp]` view, `p` the weight packed by
+        // `pack_rhs_all` for (k, n) = (inp, out_f) (checked by `for_dims`), and `dst` the owned
+        // `[rows, out_f]` buffer.
         if unsafe {
             sgemm_ops(
                 rows,
@@ -546,7 +579,9 @@ pub fn linear_geglu(x: &Tensor, packed: &PackedWeight, bias: Option<&Tensor>) ->
             rs: inp as isize,
             cs: 1,
         };
-        // SAFETY: [rows, in] x [in, two] gated into the owned [rows, two / 2] buffer.
+        // SAFETY: `x` is a contiguous `[rows, inp]` view, `packed.data` the GEGLU-ordered
+        // weight packed by `pack_rhs_all` for (inp, two) (checked above), `b` holds `two`
+        // floats, and `dst` is the owned `[rows, two / 2]` buffer.
         if unsafe {
             crate::sgemm::sgemm_geglu(rows, two, inp, dst.as_mut_ptr(), xm, &packed.data, &b, true)
         } {
@@ -599,7 +634,9 @@ pub fn linear_from_channels(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
         Ok(())
     })?;
     for item in 0..b {
-        // SAFETY: item `item` of input and output, in bounds by construction.
+        // SAFETY: item `item < b` of the contiguous `[b, c, hw]` input (read as `[hw, c]`) and
+        // of the owned `[b, hw, out_f]` output; the weight has `out_f * c` floats (checked),
+        // read as `[c, out_f]`.
         unsafe {
             gemm(
                 hw,
@@ -656,7 +693,8 @@ pub fn linear_to_channels(
         Ok(())
     })?;
     for item in 0..b {
-        // SAFETY: item `item` of input and output, in bounds by construction.
+        // SAFETY: item `item < b` of the contiguous `[b, n, c]` tokens (read as `[c, n]`) and of
+        // the owned `[b, out_f, n]` output; the weight has `out_f * c` floats (checked).
         unsafe {
             gemm(
                 out_f,

@@ -119,7 +119,9 @@ pub fn group_norm_apply(
             // Rebinding captures the whole `Send` wrapper rather than its raw-pointer field.
             #[allow(clippy::redundant_locals)]
             let out = out;
-            // SAFETY: plane `plane` of `dst`, written by this task only.
+            // SAFETY: plane `plane` of `dst` (`x.elem_count()` floats, `plane * spatial +
+            // spatial` at most that, as `src` is that plane of `x`), written by this task only;
+            // `dst` is not otherwise accessed until the loop has ended.
             let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(plane * spatial), spatial) };
             affine(src, d, a, shift, silu);
         });

@@ -32,8 +32,11 @@ mod imp {
 
     #[derive(Clone, Copy)]
     struct Ptr(*mut f32);
-    // SAFETY: threads write disjoint row blocks of the destination.
+    // SAFETY: a `Ptr` is only an address (every write through it is an `unsafe` operation of
+    // its own); the threads of one product write disjoint row blocks of the destination.
     unsafe impl Send for Ptr {}
+    // SAFETY: as for `Send`: shared, it is only copied out, never written through by two
+    // threads at the same element.
     unsafe impl Sync for Ptr {}
     impl Ptr {
         fn get(&self) -> *mut f32 {
@@ -62,8 +65,11 @@ mod imp {
 
     #[derive(Clone, Copy)]
     struct Ops<'a>(Lhs<'a>, Rhs<'a>);
-    // SAFETY: operands are only read (a `Fill` is `Sync`).
+    // SAFETY: the only non-`Send` parts are the operands' raw pointers, which every thread
+    // only reads through while the product runs (the caller of `sgemm_ops` / `sgemm_geglu`
+    // promises that nothing writes them meanwhile); a `Fill` is a `Sync` closure.
     unsafe impl Send for Ops<'_> {}
+    // SAFETY: as for `Send`.
     unsafe impl Sync for Ops<'_> {}
     impl<'a> Ops<'a> {
         // Accessors, so closures capture the `Sync` wrapper rather than its fields.
@@ -89,7 +95,8 @@ mod imp {
     /// `lhs` `[m, k]` in the 12-row panels [`sgemm_ops`] reads for [`Lhs::Packed`].
     ///
     /// # Safety
-    /// `lhs` must be valid for `m x k`.
+    /// `lhs` must be valid for reads of every element (i, p), `i < m`, `p < k` (each inside
+    /// the allocation `lhs.ptr` points into), none of them written during the call.
     #[cfg_attr(feature = "openblas", allow(dead_code))]
     pub(crate) unsafe fn pack_lhs_all(lhs: Mat, m: usize, k: usize) -> Vec<f32> {
         let (kb, rp) = (k_block(k), m.div_ceil(MR));
@@ -98,14 +105,18 @@ mod imp {
             let kc = kb.min(k - pc);
             for r in 0..rp {
                 let i0 = r * MR;
-                pack_lhs(
-                    &mut out[pc * rp * MR + r * kc * MR..][..kc * MR],
-                    lhs,
-                    i0,
-                    MR.min(m - i0),
-                    pc,
-                    kc,
-                );
+                // SAFETY: rows i0..i0 + min(MR, m - i0) (`i0 < m`), columns pc..pc + kc
+                // (`pc + kc <= k`) of `lhs`, valid by the contract.
+                unsafe {
+                    pack_lhs(
+                        &mut out[pc * rp * MR + r * kc * MR..][..kc * MR],
+                        lhs,
+                        i0,
+                        MR.min(m - i0),
+                        pc,
+                        kc,
+                    );
+                }
             }
         }
         out
@@ -114,7 +125,8 @@ mod imp {
     /// `rhs` `[k, n]` in the 32-column panels [`sgemm_ops`] reads for [`Rhs::Packed`].
     ///
     /// # Safety
-    /// `rhs` must be valid for `k x n`.
+    /// `rhs` must be valid for reads of every element (p, j), `p < k`, `j < n` (each inside
+    /// the allocation `rhs.ptr` points into), none of them written during the call.
     #[cfg_attr(feature = "openblas", allow(dead_code))]
     pub(crate) unsafe fn pack_rhs_all(rhs: Mat, k: usize, n: usize) -> Vec<f32> {
         let (kb, np) = (k_block(k), n.div_ceil(NR));
@@ -123,14 +135,18 @@ mod imp {
             let kc = kb.min(k - pc);
             for p in 0..np {
                 let j0 = p * NR;
-                pack_rhs(
-                    &mut out[pc * np * NR + p * kc * NR..][..kc * NR],
-                    rhs,
-                    pc,
-                    kc,
-                    j0,
-                    NR.min(n - j0),
-                );
+                // SAFETY: rows pc..pc + kc (`pc + kc <= k`), columns j0..j0 + min(NR, n - j0)
+                // (`j0 < n`) of `rhs`, valid by the contract.
+                unsafe {
+                    pack_rhs(
+                        &mut out[pc * np * NR + p * kc * NR..][..kc * NR],
+                        rhs,
+                        pc,
+                        kc,
+                        j0,
+                        NR.min(n - j0),
+                    );
+                }
             }
         }
         out
@@ -174,7 +190,7 @@ mod imp {
     /// the caller.
     ///
     /// # Safety
-    /// As for [`crate::matmul::gemm`].
+    /// As for [`crate::matmul::gemm`] (only `dst_cs == 1` is taken).
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn sgemm(
         m: usize,
@@ -192,26 +208,32 @@ mod imp {
         if dst_cs != 1 || m * n * k < MIN_MACS {
             return false;
         }
-        sgemm_ops(
-            m,
-            n,
-            k,
-            dst,
-            dst_rs,
-            accumulate,
-            Lhs::Mat(lhs),
-            Rhs::Mat(rhs),
-            scale,
-            parallel,
-        )
+        // SAFETY: the same product under this function's contract, `dst_cs == 1` checked.
+        unsafe {
+            sgemm_ops(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                Lhs::Mat(lhs),
+                Rhs::Mat(rhs),
+                scale,
+                parallel,
+            )
+        }
     }
 
     /// [`sgemm`] for any operand source and size; `false` (nothing written) when the CPU lacks
     /// AVX-512F, `k == 0` or the destination rows overlap.
     ///
     /// # Safety
-    /// As for [`crate::matmul::gemm`]; packed operands must come from [`pack_lhs_all`] /
-    /// [`pack_rhs_all`] with the same `m`, `k` / `k`, `n`.
+    /// As for [`crate::matmul::gemm`] with `dst_cs == 1`: `dst` valid for reads and writes of
+    /// `m` rows of `n` floats at row stride `dst_rs` (checked `>= n`, so rows never overlap).
+    /// An [`Lhs::Packed`] must be the output of [`pack_lhs_all`] for this `m`, `k` and an
+    /// [`Rhs::Packed`] that of [`pack_rhs_all`] for this `k`, `n`: the micro-kernel reads whole
+    /// panels from offsets computed from these sizes, only the panel starts bounds-checked.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn sgemm_ops(
         m: usize,
@@ -255,14 +277,18 @@ mod imp {
                             let kc = kb.min(k - pc);
                             for r in 0..rpanels {
                                 let i0 = ic + r * MR;
-                                pack_lhs(
-                                    &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
-                                    lhs,
-                                    i0,
-                                    MR.min(m - i0),
-                                    pc,
-                                    kc,
-                                );
+                                // SAFETY: rows i0..i0 + min(MR, m - i0) (`i0 < m`), columns
+                                // pc..pc + kc of `lhs`, valid by the contract.
+                                unsafe {
+                                    pack_lhs(
+                                        &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
+                                        lhs,
+                                        i0,
+                                        MR.min(m - i0),
+                                        pc,
+                                        kc,
+                                    );
+                                }
                             }
                         }
                         (&apack[..rpanels * MR * k], rpanels, 0)
@@ -276,22 +302,31 @@ mod imp {
                     for r in 0..rpanels {
                         let i0 = ic + r * MR;
                         let rows = MR.min(m - i0);
-                        let c = dst.get().add(i0 * ldc + j0);
+                        // SAFETY: element (i0, j0) of the destination (`i0 < m`, `j0 < n`).
+                        let c = unsafe { dst.get().add(i0 * ldc + j0) };
                         let full = rows == MR && cols == NR;
                         let mut tile = [0f32; MR * NR];
                         for pc in (0..k).step_by(kb) {
                             let kc = kb.min(k - pc);
                             let a = ap[pc * a_panels * MR + (r_off + r) * kc * MR..].as_ptr();
                             let b = b_all[pc * panels_all * NR + p * kc * NR..].as_ptr();
-                            // SAFETY: the CPU has AVX-512F; tile (i0, j0) is this block's.
-                            if full {
-                                kernel(kc, a, b, c, ldc, scale, !accumulate && pc == 0);
-                            } else {
-                                kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, pc == 0);
+                            // SAFETY: the CPU has AVX-512F (`available()` above); `a` and `b`
+                            // start `kc x MR` / `kc x NR` panels inside the packed operands (the
+                            // packings' layout, see the contract); a full tile is destination
+                            // rows i0..i0 + MR, columns j0..j0 + NR, this row block's alone, and
+                            // an edge tile goes to the local `tile`.
+                            unsafe {
+                                if full {
+                                    kernel(kc, a, b, c, ldc, scale, !accumulate && pc == 0);
+                                } else {
+                                    kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, pc == 0);
+                                }
                             }
                         }
                         if !full {
-                            store_tile(&tile, c, ldc, rows, cols, !accumulate);
+                            // SAFETY: destination rows i0..i0 + rows, columns j0..j0 + cols,
+                            // in bounds and this row block's alone.
+                            unsafe { store_tile(&tile, c, ldc, rows, cols, !accumulate) };
                         }
                     }
                 }
@@ -318,7 +353,9 @@ mod imp {
                             let j0 = jc + p * NR;
                             let cols = NR.min(n - j0);
                             match ops.rhs() {
-                                Rhs::Mat(rhs) => pack_rhs(panel, rhs, pc, kc, j0, cols),
+                                // SAFETY: rows pc..pc + kc, columns j0..j0 + cols (`j0 < n`) of
+                                // `rhs`, valid by the contract.
+                                Rhs::Mat(rhs) => unsafe { pack_rhs(panel, rhs, pc, kc, j0, cols) },
                                 Rhs::Fill(fill) => fill(panel, pc, kc, j0, cols),
                                 Rhs::Packed(_) => unreachable!(),
                             }
@@ -346,7 +383,9 @@ mod imp {
                             }
                             for (r, panel) in apack.chunks_mut(kc * MR).take(rpanels).enumerate() {
                                 let i0 = ic + r * MR;
-                                pack_lhs(panel, lhs, i0, MR.min(m - i0), pc, kc);
+                                // SAFETY: rows i0..i0 + min(MR, m - i0) (`i0 < m`), columns
+                                // pc..pc + kc of `lhs`, valid by the contract.
+                                unsafe { pack_lhs(panel, lhs, i0, MR.min(m - i0), pc, kc) };
                             }
                             &apack[..rpanels * kc * MR]
                         }
@@ -359,14 +398,20 @@ mod imp {
                             let i0 = ic + r * MR;
                             let rows = MR.min(m - i0);
                             let a = ap[r * kc * MR..].as_ptr();
-                            let c = dst.get().add(i0 * ldc + j0);
-                            // SAFETY: the CPU has AVX-512F; tile (i0, j0) is this block's.
-                            if rows == MR && cols == NR {
-                                kernel(kc, a, b, c, ldc, scale, overwrite);
-                            } else {
-                                let mut tile = [0f32; MR * NR];
-                                kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, true);
-                                store_tile(&tile, c, ldc, rows, cols, overwrite);
+                            // SAFETY: the CPU has AVX-512F (`available()` above); `a` and `b`
+                            // are whole `kc x MR` / `kc x NR` panels of `ap` / `bp` (sliced to
+                            // `rpanels` / `panels` of them); `c` is destination element (i0, j0)
+                            // (`i0 < m`, `j0 < n`), and tile rows i0..i0 + rows, columns
+                            // j0..j0 + cols are this row block's alone.
+                            unsafe {
+                                let c = dst.get().add(i0 * ldc + j0);
+                                if rows == MR && cols == NR {
+                                    kernel(kc, a, b, c, ldc, scale, overwrite);
+                                } else {
+                                    let mut tile = [0f32; MR * NR];
+                                    kernel(kc, a, b, tile.as_mut_ptr(), NR, scale, true);
+                                    store_tile(&tile, c, ldc, rows, cols, overwrite);
+                                }
                             }
                         }
                     }
@@ -383,7 +428,12 @@ mod imp {
     /// `[m, n]` projection never goes through memory. `false` when the CPU lacks AVX-512F.
     ///
     /// # Safety
-    /// As for [`sgemm_ops`]; `n` a multiple of 32, `dst` valid for `m` rows of `n / 2`.
+    /// `lhs` must be valid for reads as for [`crate::matmul::gemm`] (`[m, k]`); `b_all` must
+    /// be the output of [`pack_rhs_all`] for this `k`, `n` (`k * n` floats: the micro-kernel
+    /// reads whole panels from offsets computed from the sizes); `dst` must be valid for
+    /// writes of `m * n / 2` contiguous floats (`[m, n / 2]`), not overlapping the operands
+    /// or accessed by anything else during the call. (`n` a multiple of 32 and `bias.len() ==
+    /// n` are checked.)
     #[cfg_attr(feature = "openblas", allow(dead_code))]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn sgemm_geglu(
@@ -418,14 +468,18 @@ mod imp {
                 let kc = kb.min(k - pc);
                 for r in 0..rpanels {
                     let i0 = ic + r * MR;
-                    pack_lhs(
-                        &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
-                        lhs,
-                        i0,
-                        MR.min(m - i0),
-                        pc,
-                        kc,
-                    );
+                    // SAFETY: rows i0..i0 + min(MR, m - i0) (`i0 < m`), columns pc..pc + kc of
+                    // `lhs`, valid by the contract.
+                    unsafe {
+                        pack_lhs(
+                            &mut apack[pc * rpanels * MR + r * kc * MR..][..kc * MR],
+                            lhs,
+                            i0,
+                            MR.min(m - i0),
+                            pc,
+                            kc,
+                        );
+                    }
                 }
             }
             let mut tile = [0f32; MR * NR];
@@ -438,19 +492,30 @@ mod imp {
                         let kc = kb.min(k - pc);
                         let a = apack[pc * rpanels * MR + r * kc * MR..].as_ptr();
                         let b = b_all[pc * panels * NR + p * kc * NR..].as_ptr();
-                        // SAFETY: the CPU has AVX-512F; the tile is local.
-                        kernel(kc, a, b, tile.as_mut_ptr(), NR, 1.0, pc == 0);
+                        // SAFETY: the CPU has AVX-512F (`available()` above); `a` is a whole
+                        // `kc x MR` panel of `apack`, `b` a `kc x NR` panel of `b_all` (the
+                        // packing's layout, see the contract); the tile is local.
+                        unsafe { kernel(kc, a, b, tile.as_mut_ptr(), NR, 1.0, pc == 0) };
                     }
-                    crate::geglu::gate_tile_avx512(
-                        &tile[..rows * NR],
-                        &bias[p * NR..][..NR],
-                        &mut gated[..rows * NR / 2],
-                    );
-                    for i in 0..rows {
-                        let row = std::slice::from_raw_parts_mut(
-                            dst.get().add((i0 + i) * ldd + p * NR / 2),
-                            NR / 2,
+                    // SAFETY: `available()` above saw AVX-512F, and every AVX-512F CPU has AVX2
+                    // and FMA (rustc's `avx512f` target feature implies both).
+                    unsafe {
+                        crate::geglu::gate_tile_avx512(
+                            &tile[..rows * NR],
+                            &bias[p * NR..][..NR],
+                            &mut gated[..rows * NR / 2],
                         );
+                    }
+                    for i in 0..rows {
+                        // SAFETY: columns p * NR / 2.. + NR / 2 of destination row i0 + i
+                        // (`i0 + i < m`, `p < n / NR`): in the `[m, n / 2]` output and this row
+                        // block's alone.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add((i0 + i) * ldd + p * NR / 2),
+                                NR / 2,
+                            )
+                        };
                         row.copy_from_slice(&gated[i * NR / 2..][..NR / 2]);
                     }
                 }
@@ -481,7 +546,9 @@ mod imp {
     /// The `rows x cols` corner of an edge tile into `c` (row stride `ldc`), written or added.
     ///
     /// # Safety
-    /// `c` must be valid for `rows` rows of `cols` floats at stride `ldc`.
+    /// `c` must be valid for reads and writes of `rows` rows of `cols` floats at row stride
+    /// `ldc`, which nothing else accesses during the call (`rows <= MR` and `cols <= NR` are
+    /// bounds-checked against `tile`).
     unsafe fn store_tile(
         tile: &[f32; MR * NR],
         c: *mut f32,
@@ -491,7 +558,8 @@ mod imp {
         overwrite: bool,
     ) {
         for i in 0..rows {
-            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), cols);
+            // SAFETY: row `i < rows` of the block at `c`, valid by the contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
             let t = &tile[i * NR..][..cols];
             if overwrite {
                 row.copy_from_slice(t);
@@ -502,8 +570,13 @@ mod imp {
     }
 
     /// `panel[kk][r] = lhs[i0 + r][pc + kk]` for `rows` rows (zeros after).
+    ///
+    /// # Safety
+    /// `lhs` must be valid for reads of the elements (i0 + r, pc + kk), `r < rows`, `kk < kc`
+    /// (each inside the allocation `lhs.ptr` points into), none written during the call.
     unsafe fn pack_lhs(panel: &mut [f32], lhs: Mat, i0: usize, rows: usize, pc: usize, kc: usize) {
-        let at = |r: usize| {
+        // SAFETY: only called with `r < rows`: element (i0 + r, pc), in bounds by the contract.
+        let at = |r: usize| unsafe {
             lhs.ptr
                 .offset((i0 + r) as isize * lhs.rs + pc as isize * lhs.cs)
         };
@@ -514,7 +587,10 @@ mod imp {
             for k0 in (0..kc).step_by(16) {
                 let w = 16.min(kc - k0);
                 for (r, t) in tmp.iter_mut().enumerate().take(rows) {
-                    t[..w].copy_from_slice(std::slice::from_raw_parts(at(r).add(k0), w));
+                    // SAFETY: columns pc + k0..pc + k0 + w (`k0 + w <= kc`) of row i0 + r
+                    // (`r < rows`), contiguous as `lhs.cs == 1`.
+                    let src = unsafe { std::slice::from_raw_parts(at(r).add(k0), w) };
+                    t[..w].copy_from_slice(src);
                 }
                 for (kk, o) in panel[k0 * MR..][..w * MR].chunks_exact_mut(MR).enumerate() {
                     let o: &mut [f32; MR] = o.try_into().expect("MR floats");
@@ -528,23 +604,33 @@ mod imp {
         for r in 0..rows {
             let base = at(r);
             for kk in 0..kc {
-                panel[kk * MR + r] = *base.offset(kk as isize * lhs.cs);
+                // SAFETY: element (i0 + r, pc + kk), `r < rows`, `kk < kc`.
+                panel[kk * MR + r] = unsafe { *base.offset(kk as isize * lhs.cs) };
             }
         }
     }
 
     /// `panel[kk][j] = rhs[pc + kk][j0 + j]` for `cols` columns (zeros after).
+    ///
+    /// # Safety
+    /// `rhs` must be valid for reads of the elements (pc + kk, j0 + j), `kk < kc`, `j < cols`
+    /// (each inside the allocation `rhs.ptr` points into), none written during the call.
     unsafe fn pack_rhs(panel: &mut [f32], rhs: Mat, pc: usize, kc: usize, j0: usize, cols: usize) {
-        let at = |j: usize| {
+        // SAFETY: only called with `j < cols`: element (pc, j0 + j), in bounds by the contract.
+        let at = |j: usize| unsafe {
             rhs.ptr
                 .offset(pc as isize * rhs.rs + (j0 + j) as isize * rhs.cs)
         };
         if rhs.cs == 1 {
             for kk in 0..kc {
-                let src = std::slice::from_raw_parts(
-                    rhs.ptr.offset((pc + kk) as isize * rhs.rs + j0 as isize),
-                    cols,
-                );
+                // SAFETY: columns j0..j0 + cols of row pc + kk (`kk < kc`), contiguous as
+                // `rhs.cs == 1`.
+                let src = unsafe {
+                    std::slice::from_raw_parts(
+                        rhs.ptr.offset((pc + kk) as isize * rhs.rs + j0 as isize),
+                        cols,
+                    )
+                };
                 panel[kk * NR..][..cols].copy_from_slice(src);
             }
         } else if rhs.rs == 1 {
@@ -553,7 +639,10 @@ mod imp {
             for k0 in (0..kc).step_by(16) {
                 let w = 16.min(kc - k0);
                 for (j, t) in tmp.iter_mut().enumerate().take(cols) {
-                    t[..w].copy_from_slice(std::slice::from_raw_parts(at(j).add(k0), w));
+                    // SAFETY: rows pc + k0..pc + k0 + w (`k0 + w <= kc`) of column j0 + j
+                    // (`j < cols`), contiguous as `rhs.rs == 1`.
+                    let src = unsafe { std::slice::from_raw_parts(at(j).add(k0), w) };
+                    t[..w].copy_from_slice(src);
                 }
                 for (kk, o) in panel[k0 * NR..][..w * NR].chunks_exact_mut(NR).enumerate() {
                     let o: &mut [f32; NR] = o.try_into().expect("NR floats");
@@ -566,7 +655,8 @@ mod imp {
             for j in 0..cols {
                 let base = at(j);
                 for kk in 0..kc {
-                    panel[kk * NR + j] = *base.offset(kk as isize * rhs.rs);
+                    // SAFETY: element (pc + kk, j0 + j), `kk < kc`, `j < cols`.
+                    panel[kk * NR + j] = unsafe { *base.offset(kk as isize * rhs.rs) };
                 }
             }
         }
@@ -575,14 +665,26 @@ mod imp {
     // Memory goes through masked intrinsics and `wrapping_add` (see flash.rs: the plain forms
     // carry debug-build UB checks in the innermost loop).
 
+    /// `*p` in every lane.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `p` must be valid for reads of one `f32` (any
+    /// alignment).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn bcast(p: *const f32) -> __m512 {
-        _mm512_broadcastss_ps(_mm_load_ss(p))
+        // SAFETY: `p` is readable (this function's contract); `_mm_load_ss` needs no alignment.
+        _mm512_broadcastss_ps(unsafe { _mm_load_ss(p) })
     }
 
     /// `c[12][32] = (overwrite ? 0 : c) + scale * a b` for packed `a` `[kc][12]` and `b`
     /// `[kc][32]`, `c` row stride `ldc`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `a` must be valid for reads of `kc * MR` floats and `b`
+    /// of `kc * NR`; `c` must be valid for writes (and, unless `overwrite`, reads) of `MR` rows
+    /// of `NR` floats at row stride `ldc`, not overlapping `a` or `b` nor accessed by anything
+    /// else during the call. (Any alignment.)
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel(
         kc: usize,
@@ -596,12 +698,16 @@ mod imp {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
-            let b0 = _mm512_maskz_loadu_ps(!0, b);
-            let b1 = _mm512_maskz_loadu_ps(!0, b.wrapping_add(16));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = bcast(a.wrapping_add(r));
-                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            // SAFETY: at step `kk < kc`, `b` is the original `b + kk * NR` (`NR` = 32 readable
+            // floats) and `a` the original `a + kk * MR` (`MR` readable floats), by the contract.
+            unsafe {
+                let b0 = _mm512_maskz_loadu_ps(!0, b);
+                let b1 = _mm512_maskz_loadu_ps(!0, b.wrapping_add(16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = bcast(a.wrapping_add(r));
+                    acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+                }
             }
             a = a.wrapping_add(MR);
             b = b.wrapping_add(NR);
@@ -614,9 +720,12 @@ mod imp {
                 let v = if overwrite {
                     v
                 } else {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(!0, p), v)
+                    // SAFETY: floats h * 16..(h + 1) * 16 (`h < 2`) of row `r < MR` of `c`,
+                    // readable when not `overwrite` (contract).
+                    _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(!0, p) }, v)
                 };
-                _mm512_mask_storeu_ps(p, !0, v);
+                // SAFETY: the same floats, writable (contract).
+                unsafe { _mm512_mask_storeu_ps(p, !0, v) };
             }
         }
     }

@@ -10,10 +10,15 @@ macro_rules! multiversion {
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                /// `inner` compiled with AVX2 and FMA.
+                ///
+                /// # Safety
+                /// The CPU must support AVX2 and FMA.
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { inner($($arg),*) }
                 if crate::simd::has_avx2() {
-                    // SAFETY: the CPU supports the enabled features.
+                    // SAFETY: `has_avx2()` saw both AVX2 and FMA on this CPU
+                    // (`is_x86_feature_detected!`).
                     return unsafe { avx2($($arg),*) };
                 }
             }

@@ -58,5 +58,9 @@ pub(crate) fn output<S: Into<Shape>>(data: Vec<f32>, shape: S) -> Result<Tensor>
 /// A raw pointer that rayon tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: a `SendPtr` is only an address: it owns nothing, and every access through it is an
+// `unsafe` operation whose SAFETY comment shows that the tasks touch disjoint parts of a
+// buffer that outlives them (attention, flash, norm).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: shared, it is only copied out.
 unsafe impl Sync for SendPtr {}
