@@ -950,13 +950,24 @@ pub fn anchor(case: &mut Case) -> Result<()> {
                         .collect();
                     let golden = golden.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
                     let diff = flat.iter().zip(&golden).filter(|(a, b)| a != b).count();
-                    push(
-                        case,
-                        &format!("{final_name} (differing pixels)"),
-                        diff as f32,
-                        0.0,
-                        0.0,
-                    )?;
+                    if diff > 0 {
+                        case.notes.push(format!(
+                            "{final_name}: {diff} of {} mask pixels differ",
+                            golden.len()
+                        ));
+                    }
+                    // As for the batch case's masks: a fraction, its tolerance under the
+                    // mask's own name (module docs).
+                    let fraction_tol = match case.tolerance(&final_name, Tol::Abs(0.0))? {
+                        Tol::Abs(t) => t,
+                        _ => 0.0,
+                    };
+                    case.checks.push(Check {
+                        name: format!("{final_name} (fraction differing)"),
+                        max_abs: diff as f32 / golden.len().max(1) as f32,
+                        ref_absmax: 1.0,
+                        tolerance: fraction_tol,
+                    });
                 }
             }
         }
