@@ -57,7 +57,7 @@ fn main() -> candle_core::Result<()> {
         time(&format!("conv3x3 {c} at {side}"), flops, || {
             storyfarm_kernels::conv2d(&x, &w, Some(&b), 1, 1, None, None)
         })?;
-        // The weight packed at load, as the UNet's layers hold it (no-op without AVX-512).
+        // The weight packed at load, as the UNet's layers hold it (no-op without AVX-512F or AVX2).
         if let Some(pw) = PackedWeight::conv(&w)? {
             time(&format!("conv3x3 {c} at {side} packed"), flops, || {
                 storyfarm_kernels::conv2d_packed(&x, &pw, Some(&b), 1, 1, None, None)

@@ -175,7 +175,7 @@ fn conv(
                 )
             };
         }
-        // Only the first item can fail (no AVX-512F), before anything was written.
+        // Only the first item can fail (no AVX-512F nor AVX2), before anything was written.
         if done {
             return output(dst, (b, cout, ho, wo));
         }

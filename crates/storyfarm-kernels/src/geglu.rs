@@ -45,6 +45,18 @@ pub(crate) unsafe fn gate_tile_avx512(tile: &[f32], bias: &[f32], gated: &mut [f
     gate_tile_body(tile, bias, gated)
 }
 
+/// [`gate_tile_body`] at AVX2 width, for the AVX2 sgemm's tiles.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. The slices are only indexed safely, as for
+/// [`gate_tile_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[cfg_attr(feature = "openblas", allow(dead_code))]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn gate_tile_avx2(tile: &[f32], bias: &[f32], gated: &mut [f32]) {
+    gate_tile_body(tile, bias, gated)
+}
+
 /// `x[.., :inner] * gelu_erf(x[.., inner:])` for `x` `[.., 2 * inner]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;

@@ -14,6 +14,7 @@ mod attention;
 mod conv;
 mod flash;
 mod geglu;
+mod isa;
 mod matmul;
 mod norm;
 mod sgemm;

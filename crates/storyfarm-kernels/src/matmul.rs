@@ -227,10 +227,10 @@ mod openblas {
     }
 }
 
-/// A layer's weight in the panel layout of the AVX-512 sgemm, packed once when the layer is
+/// A layer's weight in the panel layout of our sgemm (the same at AVX-512 and AVX2 width), packed once when the layer is
 /// built: the per-call products then read it as is instead of re-packing it for every call
 /// and every im2col tile, and the layer need not keep the tensor as well. Only exists where
-/// that sgemm runs (x86-64 with AVX-512F, not the `openblas` build); elsewhere the
+/// that sgemm runs (x86-64 with AVX-512F or AVX2+FMA, not the `openblas` build); elsewhere the
 /// constructors return `None` and callers keep the tensor.
 pub struct PackedWeight {
     data: Vec<f32>,

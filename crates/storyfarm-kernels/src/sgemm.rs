@@ -1,9 +1,12 @@
-//! AVX-512 sgemm for stable Rust (chosen at run time): the `gemm` crate reaches its AVX-512
-//! kernels only on nightly, and its AVX2 micro-kernel leaves half of an AVX-512 core's FMA
-//! throughput unused. Goto-style blocking: a `KC x NC` block of the right operand packed into
-//! 32-column panels (shared by the threads), per thread an `MC x KC` block of the left operand
-//! packed into 12-row panels, and a 12 x 32 register-blocked micro-kernel; edges go through a
-//! zero-padded tile.
+//! Packed sgemm for stable Rust at AVX-512 or AVX2+FMA width (chosen at run time): the `gemm`
+//! crate reaches its AVX-512 kernels only on nightly, its AVX2 micro-kernel leaves half of an
+//! AVX-512 core's FMA throughput unused, and on AVX2-only CPUs its blocking (sized per product
+//! from the cache sizes) packs both operands on every call where ours reads weights packed once.
+//! Goto-style blocking: a `KC x NC` block of the right operand packed into 32-column panels
+//! (shared by the threads), per thread an `MC x KC` block of the left operand packed into 12-row
+//! panels, and a 12 x 32 register-blocked micro-kernel; edges go through a zero-padded tile. The
+//! panel layout is the same at both widths (a weight packed once serves either kernel): AVX-512
+//! holds the 12 x 32 tile in 24 registers, AVX2 (16 registers) runs it as four 6 x 16 blocks.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use imp::{sgemm, sgemm_ops, Lhs, Rhs};
@@ -16,10 +19,10 @@ pub(crate) use imp::{
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     use rayon::prelude::*;
 
+    use crate::isa::Isa;
     use crate::matmul::Mat;
 
     const MR: usize = 12;
@@ -82,9 +85,26 @@ mod imp {
     }
 
     pub(crate) fn available() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+        Isa::best().is_some()
     }
+
+    /// The micro-kernel's signature: `c[12][32] = (overwrite ? 0 : c) + scale * a b` (see
+    /// [`kernel_avx512`] for the contract, the same for every width).
+    type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, f32, bool);
+
+    /// The micro-kernel and GEGLU gate for an instruction set.
+    ///
+    /// # Safety
+    /// The CPU must support `isa` (the functions returned assume it).
+    unsafe fn kernels(isa: Isa) -> (Kernel, GateTile) {
+        match isa {
+            Isa::Avx512 => (kernel_avx512, crate::geglu::gate_tile_avx512),
+            Isa::Avx2 => (kernel_avx2, crate::geglu::gate_tile_avx2),
+        }
+    }
+
+    /// `gated[i][l]` from a `[rows][32]` tile (see `geglu.rs`).
+    type GateTile = unsafe fn(&[f32], &[f32], &mut [f32]);
 
     /// The depth of every k block but the last; equal blocks, so no short block pays a full
     /// block's load and store of the destination tile. Packed operands use the same split.
@@ -226,7 +246,7 @@ mod imp {
     }
 
     /// [`sgemm`] for any operand source and size; `false` (nothing written) when the CPU lacks
-    /// AVX-512F, `k == 0` or the destination rows overlap.
+    /// both AVX-512F and AVX2+FMA, `k == 0` or the destination rows overlap.
     ///
     /// # Safety
     /// As for [`crate::matmul::gemm`] with `dst_cs == 1`: `dst` valid for reads and writes of
@@ -247,9 +267,40 @@ mod imp {
         scale: f32,
         parallel: bool,
     ) -> bool {
-        if dst_rs < n as isize || k == 0 || m == 0 || n == 0 || !available() {
+        let Some(isa) = Isa::best() else {
+            return false;
+        };
+        // SAFETY: this function's contract; `Isa::best` only names what the CPU has.
+        unsafe {
+            ops_at(
+                isa, m, n, k, dst, dst_rs, accumulate, lhs, rhs, scale, parallel,
+            )
+        }
+    }
+
+    /// [`sgemm_ops`] at a given width.
+    ///
+    /// # Safety
+    /// As for [`sgemm_ops`], and the CPU must support `isa`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn ops_at(
+        isa: Isa,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: isize,
+        accumulate: bool,
+        lhs: Lhs,
+        rhs: Rhs,
+        scale: f32,
+        parallel: bool,
+    ) -> bool {
+        if dst_rs < n as isize || k == 0 || m == 0 || n == 0 {
             return false;
         }
+        // SAFETY: the CPU supports `isa` (contract).
+        let (kernel, _) = unsafe { kernels(isa) };
         let threads = if parallel {
             rayon::current_num_threads().max(1)
         } else {
@@ -310,8 +361,8 @@ mod imp {
                             let kc = kb.min(k - pc);
                             let a = ap[pc * a_panels * MR + (r_off + r) * kc * MR..].as_ptr();
                             let b = b_all[pc * panels_all * NR + p * kc * NR..].as_ptr();
-                            // SAFETY: the CPU has AVX-512F (`available()` above); `a` and `b`
-                            // start `kc x MR` / `kc x NR` panels inside the packed operands (the
+                            // SAFETY: `kernel` is for an instruction set the CPU has (contract);
+                            // `a` and `b` start `kc x MR` / `kc x NR` panels inside the packed operands (the
                             // packings' layout, see the contract); a full tile is destination
                             // rows i0..i0 + MR, columns j0..j0 + NR, this row block's alone, and
                             // an edge tile goes to the local `tile`.
@@ -398,8 +449,8 @@ mod imp {
                             let i0 = ic + r * MR;
                             let rows = MR.min(m - i0);
                             let a = ap[r * kc * MR..].as_ptr();
-                            // SAFETY: the CPU has AVX-512F (`available()` above); `a` and `b`
-                            // are whole `kc x MR` / `kc x NR` panels of `ap` / `bp` (sliced to
+                            // SAFETY: `kernel` is for an instruction set the CPU has (contract);
+                            // `a` and `b` are whole `kc x MR` / `kc x NR` panels of `ap` / `bp` (sliced to
                             // `rpanels` / `panels` of them); `c` is destination element (i0, j0)
                             // (`i0 < m`, `j0 < n`), and tile rows i0..i0 + rows, columns
                             // j0..j0 + cols are this row block's alone.
@@ -425,7 +476,8 @@ mod imp {
     /// GEGLU straight from the projection: `dst[m, n / 2] = hidden * gelu_erf(gate)` of
     /// `lhs rhs + bias` for `rhs` packed by [`pack_rhs_all`] with its columns interleaved in
     /// 16s (each 32-column panel `[16 hidden | the 16 matching gate]`, `bias` likewise), so the
-    /// `[m, n]` projection never goes through memory. `false` when the CPU lacks AVX-512F.
+    /// `[m, n]` projection never goes through memory. `false` when the CPU lacks both AVX-512F
+    /// and AVX2+FMA.
     ///
     /// # Safety
     /// `lhs` must be valid for reads as for [`crate::matmul::gemm`] (`[m, k]`); `b_all` must
@@ -446,9 +498,34 @@ mod imp {
         bias: &[f32],
         parallel: bool,
     ) -> bool {
-        if k == 0 || m == 0 || !n.is_multiple_of(NR) || bias.len() != n || !available() {
+        let Some(isa) = Isa::best() else {
+            return false;
+        };
+        // SAFETY: this function's contract; `Isa::best` only names what the CPU has.
+        unsafe { geglu_at(isa, m, n, k, dst, lhs, b_all, bias, parallel) }
+    }
+
+    /// [`sgemm_geglu`] at a given width.
+    ///
+    /// # Safety
+    /// As for [`sgemm_geglu`], and the CPU must support `isa`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn geglu_at(
+        isa: Isa,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        lhs: Mat,
+        b_all: &[f32],
+        bias: &[f32],
+        parallel: bool,
+    ) -> bool {
+        if k == 0 || m == 0 || !n.is_multiple_of(NR) || bias.len() != n {
             return false;
         }
+        // SAFETY: the CPU supports `isa` (contract).
+        let (kernel, gate_tile) = unsafe { kernels(isa) };
         let threads = if parallel {
             rayon::current_num_threads().max(1)
         } else {
@@ -492,15 +569,14 @@ mod imp {
                         let kc = kb.min(k - pc);
                         let a = apack[pc * rpanels * MR + r * kc * MR..].as_ptr();
                         let b = b_all[pc * panels * NR + p * kc * NR..].as_ptr();
-                        // SAFETY: the CPU has AVX-512F (`available()` above); `a` is a whole
-                        // `kc x MR` panel of `apack`, `b` a `kc x NR` panel of `b_all` (the
+                        // SAFETY: `kernel` is for an instruction set the CPU has (contract);
+                        // `a` is a whole `kc x MR` panel of `apack`, `b` a `kc x NR` panel of `b_all` (the
                         // packing's layout, see the contract); the tile is local.
                         unsafe { kernel(kc, a, b, tile.as_mut_ptr(), NR, 1.0, pc == 0) };
                     }
-                    // SAFETY: `available()` above saw AVX-512F, and every AVX-512F CPU has AVX2
-                    // and FMA (rustc's `avx512f` target feature implies both).
+                    // SAFETY: `gate_tile` is for an instruction set the CPU has (contract).
                     unsafe {
-                        crate::geglu::gate_tile_avx512(
+                        gate_tile(
                             &tile[..rows * NR],
                             &bias[p * NR..][..NR],
                             &mut gated[..rows * NR / 2],
@@ -686,7 +762,7 @@ mod imp {
     /// of `NR` floats at row stride `ldc`, not overlapping `a` or `b` nor accessed by anything
     /// else during the call. (Any alignment.)
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel(
+    unsafe fn kernel_avx512(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -729,6 +805,98 @@ mod imp {
             }
         }
     }
+
+    /// [`kernel_avx512`]'s tile at AVX2 width: four 6 x 16 blocks (12 accumulators, two
+    /// `b` vectors and a broadcast fit AVX2's 16 registers), each over the whole depth. A
+    /// block reads every other 64 bytes of the `b` panel's 128-byte rows and half of each `a`
+    /// row, so at `KC` = 256 the two panels' touched lines (16 + 12 KiB) stay in a 32 KiB L1
+    /// across the four passes.
+    ///
+    /// # Safety
+    /// As for [`kernel_avx512`], with AVX2 and FMA in place of AVX-512F.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel_avx2(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        scale: f32,
+        overwrite: bool,
+    ) {
+        for col in [0, 16] {
+            for row in [0, 6] {
+                // SAFETY: rows row..row + 6 and columns col..col + 16 of the tile: inside the
+                // panels and the destination block of this function's contract.
+                unsafe {
+                    block_6x16(
+                        kc,
+                        a.wrapping_add(row),
+                        b.wrapping_add(col),
+                        c.wrapping_add(row * ldc + col),
+                        ldc,
+                        scale,
+                        overwrite,
+                    );
+                }
+            }
+        }
+    }
+
+    /// `c[6][16] = (overwrite ? 0 : c) + scale * a b` for `a` the 6 floats at `a + kk * MR`
+    /// and `b` the 16 at `b + kk * NR` for `kk < kc` (a corner of the packed panels).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` must be valid for reads of the 6 floats at
+    /// `a + kk * MR` and `b` of the 16 at `b + kk * NR` for every `kk < kc`; `c` must be valid
+    /// for writes (and, unless `overwrite`, reads) of 6 rows of 16 floats at row stride `ldc`,
+    /// not overlapping `a` or `b` nor accessed by anything else during the call.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_6x16(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        scale: f32,
+        overwrite: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            // SAFETY: at step `kk < kc`, `b` is the original `b + kk * NR` and `a` the original
+            // `a + kk * MR`: 16 and 6 readable floats by the contract. (`_mm256_loadu_ps` and
+            // `_mm256_broadcast_ss` take raw pointers and need no alignment.)
+            unsafe {
+                let b0 = _mm256_loadu_ps(b);
+                let b1 = _mm256_loadu_ps(b.wrapping_add(8));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_broadcast_ss(&*a.wrapping_add(r));
+                    acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+                }
+            }
+            a = a.wrapping_add(MR);
+            b = b.wrapping_add(NR);
+        }
+        let s = _mm256_set1_ps(scale);
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                let p = c.wrapping_add(r * ldc + h * 8);
+                let v = if scale != 1.0 { _mm256_mul_ps(v, s) } else { v };
+                let v = if overwrite {
+                    v
+                } else {
+                    // SAFETY: floats h * 8..(h + 1) * 8 (`h < 2`) of row `r < 6` of `c`,
+                    // readable when not `overwrite` (contract).
+                    _mm256_add_ps(unsafe { _mm256_loadu_ps(p) }, v)
+                };
+                // SAFETY: the same floats, writable (contract).
+                unsafe { _mm256_storeu_ps(p, v) };
+            }
+        }
+    }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -737,9 +905,15 @@ mod tests {
 
     #[test]
     fn sgemm_matches_naive_product() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
+        let isas = crate::isa::Isa::detected();
+        eprintln!("instruction sets tested: {isas:?}");
+        for isa in isas {
+            naive_product_at(isa);
+            geglu_at(isa);
         }
+    }
+
+    fn naive_product_at(isa: crate::isa::Isa) {
         for &(m, n, k, ta, tb, acc, scale) in &[
             (100, 70, 300, false, false, true, 1.0f32),
             (37, 130, 600, true, false, false, 0.5),
@@ -781,23 +955,23 @@ mod tests {
                 }
             };
             let mut c = c0.clone();
-            // SAFETY: buffers sized for the strides above.
+            // SAFETY: buffers sized for the strides above; `isa` was detected on this CPU.
             let done = unsafe {
-                super::sgemm(
+                super::imp::ops_at(
+                    isa,
                     m,
                     n,
                     k,
                     c.as_mut_ptr(),
                     n as isize,
-                    1,
                     acc,
-                    am,
-                    bm,
+                    super::Lhs::Mat(am),
+                    super::Rhs::Mat(bm),
                     scale,
                     true,
                 )
             };
-            assert!(done, "{m}x{n}x{k}");
+            assert!(done, "{isa:?} {m}x{n}x{k}");
             for i in 0..m {
                 for j in 0..n {
                     let mut s = 0f64;
@@ -815,7 +989,110 @@ mod tests {
                     let got = c[i * n + j] as f64;
                     assert!(
                         (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "{m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                        "{isa:?} {m}x{n}x{k} ({i},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A pseudo-random `[rows, cols]` matrix in [-0.5, 0.5).
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| (((i + seed) * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect()
+    }
+
+    fn product(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for p in 0..k {
+                for j in 0..n {
+                    out[i * n + j] += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+            }
+        }
+        out
+    }
+
+    /// Both operands pre-packed (a convolution's weight, a linear layer's), and the GEGLU
+    /// product straight from a packed projection, at one width.
+    fn geglu_at(isa: crate::isa::Isa) {
+        let (m, n, k) = (50, 96, 300);
+        let (a, b) = (matrix(m, k, 1), matrix(k, n, 2));
+        let (am, bm) = (
+            Mat {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            },
+            Mat {
+                ptr: b.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            },
+        );
+        // SAFETY: `a` is `[m, k]` and `b` `[k, n]`, contiguous.
+        let (ap, bp) = unsafe {
+            (
+                super::imp::pack_lhs_all(am, m, k),
+                super::imp::pack_rhs_all(bm, k, n),
+            )
+        };
+        let want = product(&a, &b, m, n, k);
+        for (lhs, rhs) in [
+            (super::Lhs::Packed(&ap), super::Rhs::Mat(bm)),
+            (super::Lhs::Mat(am), super::Rhs::Packed(&bp)),
+            (super::Lhs::Packed(&ap), super::Rhs::Packed(&bp)),
+        ] {
+            let mut c = vec![1f32; m * n];
+            // SAFETY: `c` is `[m, n]`; the packed operands come from the packers for these
+            // sizes; `isa` was detected on this CPU.
+            let done = unsafe {
+                super::imp::ops_at(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    true,
+                    lhs,
+                    rhs,
+                    1.0,
+                    true,
+                )
+            };
+            assert!(done);
+            for (i, (&got, &want)) in c.iter().zip(&want).enumerate() {
+                let want = 1.0 + want;
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{isa:?} packed ({}, {}): {got} vs {want}",
+                    i / n,
+                    i % n
+                );
+            }
+        }
+        let bias: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
+        let mut gated = vec![0f32; m * n / 2];
+        // SAFETY: `gated` is `[m, n / 2]`, `bp` packs `b` for this `k`, `n`; `isa` was
+        // detected on this CPU.
+        let done =
+            unsafe { super::imp::geglu_at(isa, m, n, k, gated.as_mut_ptr(), am, &bp, &bias, true) };
+        assert!(done);
+        for i in 0..m {
+            for p in 0..n / 32 {
+                for l in 0..16 {
+                    let (h, g) = (p * 32 + l, p * 32 + 16 + l);
+                    let hidden = want[i * n + h] as f32 + bias[h];
+                    let gate = want[i * n + g] as f32 + bias[g];
+                    let expect = hidden * crate::simd::gelu_erf(gate);
+                    let got = gated[i * n / 2 + p * 16 + l];
+                    assert!(
+                        (got - expect).abs() < 1e-4 * (1.0 + expect.abs()),
+                        "{isa:?} geglu ({i}, {}): {got} vs {expect}",
+                        p * 16 + l
                     );
                 }
             }
