@@ -738,11 +738,12 @@ fn report_run(
                     })
                     .collect();
                 let got = Tensor::from_vec(counts, golden.dims(), &Device::Cpu)?;
+                let tol = case.tolerance(&count_name, Tol::Abs(0.0))?;
                 case.check_against(
                     &count_name,
                     &got.to_dtype(DType::F32)?,
                     &golden.to_dtype(DType::F32)?,
-                    Tol::Abs(0.0),
+                    tol,
                 )?;
             }
             let final_name = format!("{prefix}pass{pass}_subject_mask_{}_final", res_names[k]);
