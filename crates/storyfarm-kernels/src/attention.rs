@@ -8,6 +8,7 @@ use candle_core::{bail, DType, Tensor};
 use rayon::prelude::*;
 
 use crate::flash;
+use crate::isa::Isa;
 use crate::matmul::{gemm, Mat};
 use crate::simd::{exp, multiversion};
 use crate::view::{output, F32View, SendPtr};
@@ -105,10 +106,11 @@ pub fn attention(
     scale: f32,
     extra: &[ExtraBlock],
 ) -> Result<Tensor> {
-    attention_with(q, k, v, heads, scale, extra, flash::available())
+    attention_with(q, k, v, heads, scale, extra, flash::isa())
 }
 
-/// [`attention`], through the AVX-512 kernel when `use_flash` (the CPU must have AVX-512F).
+/// [`attention`], through the queries-in-lanes kernel (`flash.rs`) at width `flash_isa` when
+/// given (the CPU must have it), else through `gemm`.
 pub(crate) fn attention_with(
     q: &Tensor,
     k: &Tensor,
@@ -116,7 +118,7 @@ pub(crate) fn attention_with(
     heads: usize,
     scale: f32,
     extra: &[ExtraBlock],
-    use_flash: bool,
+    flash_isa: Option<Isa>,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let b = q.dim(0)?;
@@ -203,7 +205,7 @@ pub(crate) fn attention_with(
     }
 
     #[cfg(target_arch = "x86_64")]
-    if use_flash {
+    if let Some(isa) = flash_isa {
         let sources: Vec<Vec<flash::Source>> = per_item
             .iter()
             .map(|blocks| {
@@ -225,6 +227,7 @@ pub(crate) fn attention_with(
             .collect();
         let mut dst = vec![0f32; b * n * c];
         flash::run(
+            isa,
             qv.slice(),
             qs.item,
             qs.token,
@@ -239,7 +242,7 @@ pub(crate) fn attention_with(
         return output(dst, (b, n, c));
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = use_flash;
+    let _ = flash_isa;
     let max_keys = per_item
         .iter()
         .map(|bl| bl.iter().map(|x| x.ks.tokens).sum::<usize>())
@@ -389,13 +392,11 @@ mod tests {
         o.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
     }
 
-    /// Both kernels where the CPU has AVX-512, the `gemm` path elsewhere.
-    fn paths() -> Vec<bool> {
-        if flash::available() {
-            vec![false, true]
-        } else {
-            vec![false]
-        }
+    /// The `gemm` path, then the flash kernel at every width this CPU has.
+    fn paths() -> Vec<Option<Isa>> {
+        std::iter::once(None)
+            .chain(Isa::detected().into_iter().map(Some))
+            .collect()
     }
 
     #[test]
@@ -405,7 +406,7 @@ mod tests {
         }
     }
 
-    fn token_layout_case(flash: bool) {
+    fn token_layout_case(flash: Option<Isa>) {
         let attention = |q: &Tensor, k: &Tensor, v: &Tensor, h: usize, s: f32, e: &[ExtraBlock]| {
             attention_with(q, k, v, h, s, e, flash)
         };
@@ -470,7 +471,7 @@ mod tests {
             }];
             let got = attention_with(&q, &k, &v, heads, 0.5, &extra, flash).unwrap();
             let plain = attention_with(&q, &k, &v, heads, 0.5, &[], flash).unwrap();
-            assert!(max_abs(&got, &plain) < 1e-6, "flash {flash}");
+            assert!(max_abs(&got, &plain) < 1e-6, "flash {flash:?}");
         }
     }
 
@@ -497,7 +498,7 @@ mod tests {
         }
     }
 
-    fn extra_blocks_case(flash: bool, n: usize, m: usize, heads: usize, d: usize) {
+    fn extra_blocks_case(flash: Option<Isa>, n: usize, m: usize, heads: usize, d: usize) {
         let b = 3;
         let q = split(&rand(&[b, n, heads * d], 4), heads);
         let k = split(&rand(&[b, n, heads * d], 5), heads);
@@ -551,7 +552,7 @@ mod tests {
             let err = max_abs(&got.narrow(0, item, 1).unwrap(), &want);
             assert!(
                 err < 1e-5,
-                "flash {flash}, n {n} m {m} d {d}, item {item}: {err}"
+                "flash {flash:?}, n {n} m {m} d {d}, item {item}: {err}"
             );
         }
         let zero = Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
@@ -564,7 +565,7 @@ mod tests {
         );
         assert!(
             max_abs(&got.narrow(0, 1, 1).unwrap(), &want) < 1e-5,
-            "flash {flash}, n {n} m {m} d {d}"
+            "flash {flash:?}, n {n} m {m} d {d}"
         );
     }
 }
