@@ -467,8 +467,8 @@ mod imp {
     /// the 2 query vectors and the broadcast scalar take 15 of the 16 registers. 3 x 4 would
     /// reuse each key and value element more, but needs all 16, and LLVM's allocator then
     /// spills an accumulator and shuffles the others through `vmovaps` in every step of both
-    /// loops (1.9x slower on Zen 3). 3 x 3 (13 registers) ties at d = 64 and is up to 10%
-    /// slower at 40, 80 and 160; 2 x 4, 2 x 5 and tiles of 96 or 128 keys were slower too.
+    /// loops (1.9x slower on Zen 3). 3 x 3 (13 registers) was 5-18% slower at d = 40, 80 and
+    /// 160 and within noise at 64; 2 x 4, 2 x 5 and tiles of 96 or 128 keys were slower too.
     const AVX2_NQ: usize = 2;
     const AVX2_KQ: usize = 6;
     const AVX2_KD: usize = 6;
