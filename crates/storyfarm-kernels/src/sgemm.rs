@@ -84,6 +84,7 @@ mod imp {
         }
     }
 
+    #[cfg_attr(feature = "openblas", allow(dead_code))]
     pub(crate) fn available() -> bool {
         Isa::best().is_some()
     }
